@@ -1,0 +1,61 @@
+"""`megatron-sc2 <command>`: one entry point, each command a module with `main(argv)`.
+
+Commands are imported lazily so that `megatron-sc2 preprocess` does not pay for importing
+torch or megatron-core. A `UserError` (bad input, impossible setting) prints one line and
+exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from megatron_sc2.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("megatron_sc2.data.preprocess", "tokenize a corpus into Megatron .bin/.idx"),
+    "train-tokenizer": ("megatron_sc2.data.train_tokenizer", "train a byte-level BPE tokenizer with StarCoder2's special tokens"),
+    "merge": ("megatron_sc2.data.merge", "merge several .bin/.idx datasets into one"),
+    "inspect": ("megatron_sc2.data.inspect", "summarize a .bin/.idx dataset and decode documents"),
+    "train": ("megatron_sc2.training.main", "train StarCoder2 (single process, torchrun or srun)"),
+    "convert": ("megatron_sc2.convert.main", "convert checkpoints to and from Hugging Face format"),
+    "submit": ("megatron_sc2.launch.submit", "write an sbatch script for a training run and submit it"),
+    "demo": ("megatron_sc2.demo", "the end-to-end CPU demo behind `make demo`"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: megatron-sc2 <command> [options]", "", "commands:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"megatron-sc2: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return run_user_main(module.main, rest, prog=f"megatron-sc2 {name}")
+
+
+def run_user_main(fn, argv: Sequence[str], prog: str) -> int:
+    """Call a command's main; user errors become one line on stderr and exit status 2."""
+    try:
+        rc = fn(list(argv))
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

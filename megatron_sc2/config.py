@@ -1,0 +1,331 @@
+"""Model presets and training settings, validated before anything starts.
+
+`ModelConfig` carries StarCoder2's architecture (the released Hugging Face values for the
+3B/7B/15B presets). `TrainConfig` carries every training flag, named as Megatron names them;
+`parse_train_args` reads a YAML `--config FILE` and lets command-line flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from megatron_sc2.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """StarCoder2's architecture. `sliding_window` has the HF meaning (None = plain causal):
+    the query at position i sees keys j with i - w < j <= i."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 3072
+    ffn_hidden_size: int = 12288
+    num_layers: int = 30
+    num_attention_heads: int = 24
+    num_query_groups: int = 2
+    max_position_embeddings: int = 16384
+    sliding_window: Optional[int] = 4096
+    rope_theta: float = 999999.4420358813
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.018042
+    tie_word_embeddings: bool = True
+    use_bias: bool = True
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> "ModelConfig":
+        positive = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
+                    "num_attention_heads", "num_query_groups", "max_position_embeddings")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden size {self.hidden_size} is not divisible by the number of attention heads "
+                f"{self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"attention heads ({self.num_attention_heads}) are not divisible by kv heads "
+                f"(--num-query-groups {self.num_query_groups})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if self.sliding_window is not None:
+            if self.sliding_window <= 0:
+                raise ConfigError(f"--sliding-window must be positive (or 0 for none), got {self.sliding_window}")
+            if self.sliding_window > self.max_position_embeddings:
+                raise ConfigError(
+                    f"--sliding-window {self.sliding_window} is larger than the context "
+                    f"(--max-position-embeddings {self.max_position_embeddings})")
+        return self
+
+    def num_params(self) -> int:
+        """Parameter count (tied head counted once)."""
+        h, f, v, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
+        kv = self.num_query_groups * self.head_dim
+        b = 1 if self.use_bias else 0
+        attn = h * h + b * h + 2 * (h * kv + b * kv) + h * h + b * h
+        mlp = h * f + b * f + f * h + b * h
+        norms = 2 * 2 * h
+        per_layer = attn + mlp + norms
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + L * per_layer + 2 * h + head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "starcoder2-3b": ModelConfig(
+        hidden_size=3072, ffn_hidden_size=12288, num_layers=30, num_attention_heads=24,
+        num_query_groups=2, rope_theta=999999.4420358813, tie_word_embeddings=True,
+        init_method_std=0.018042),
+    "starcoder2-7b": ModelConfig(
+        hidden_size=4608, ffn_hidden_size=18432, num_layers=32, num_attention_heads=36,
+        num_query_groups=4, rope_theta=1000000.0, tie_word_embeddings=True,
+        init_method_std=0.018042),
+    "starcoder2-15b": ModelConfig(
+        hidden_size=6144, ffn_hidden_size=24576, num_layers=40, num_attention_heads=48,
+        num_query_groups=4, rope_theta=100000.0, tie_word_embeddings=False,
+        init_method_std=0.01275),
+    # Small presets for tests and the CPU demo: same architecture, tiny sizes.
+    "starcoder2-tiny": ModelConfig(
+        vocab_size=512, hidden_size=64, ffn_hidden_size=256, num_layers=2, num_attention_heads=4,
+        num_query_groups=2, max_position_embeddings=256, sliding_window=16, rope_theta=10000.0,
+        init_method_std=0.02),
+    "starcoder2-demo": ModelConfig(
+        vocab_size=8192, hidden_size=256, ffn_hidden_size=1024, num_layers=4,
+        num_attention_heads=8, num_query_groups=2, max_position_embeddings=1024,
+        sliding_window=128, rope_theta=10000.0, init_method_std=0.02),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return dataclasses.replace(PRESETS[name])
+
+
+@dataclass
+class TrainConfig:
+    """Every training flag (Megatron's names with underscores). None = not set."""
+
+    # model
+    model: Optional[str] = None
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    seq_length: int = 256
+    max_position_embeddings: Optional[int] = None
+    sliding_window: Optional[int] = None
+    rotary_base: Optional[float] = None
+    untie_embeddings_and_output_weights: bool = False
+    init_method_std: Optional[float] = None
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    # data
+    data_path: list[str] = field(default_factory=list)
+    train_data_path: list[str] = field(default_factory=list)
+    valid_data_path: list[str] = field(default_factory=list)
+    test_data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer_model: Optional[str] = None
+    seed: int = 1234
+    data_cache_path: Optional[str] = None
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    num_workers: int = 0
+    # batch
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None
+    train_iters: int = 100
+    eval_interval: int = 0
+    eval_iters: int = 0
+    # optimizer
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    bf16: bool = False
+    # parallel
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    recompute_granularity: Optional[str] = None
+    distributed_timeout_minutes: float = 10.0
+    # checkpoints and logs
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: int = 0
+    log_interval: int = 1
+    log_dir: Optional[str] = None
+    keep_last: int = 0
+    finetune: bool = False
+    exit_duration_in_mins: Optional[float] = None
+    nan_policy: str = "stop"
+    device: Optional[str] = None
+
+    def model_config(self, tokenizer_vocab_size: Optional[int] = None) -> ModelConfig:
+        """The model this run trains: a preset, then explicit flags on top."""
+        cfg = preset(self.model) if self.model else ModelConfig()
+        overrides = {
+            "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+            "ffn_hidden_size": self.ffn_hidden_size, "num_attention_heads": self.num_attention_heads,
+            "num_query_groups": self.num_query_groups,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rotary_base, "init_method_std": self.init_method_std,
+        }
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        if self.sliding_window is not None:
+            cfg.sliding_window = self.sliding_window or None
+        if self.untie_embeddings_and_output_weights:
+            cfg.tie_word_embeddings = False
+        if self.vocab_size is not None:
+            cfg.vocab_size = self.vocab_size
+        elif tokenizer_vocab_size is not None:
+            m = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+            cfg.vocab_size = int(math.ceil(tokenizer_vocab_size / m) * m)
+        if self.seq_length > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
+                f"{cfg.max_position_embeddings}")
+        return cfg.validate()
+
+    def validate(self) -> "TrainConfig":
+        if self.seq_length <= 0:
+            raise ConfigError(f"--seq-length must be positive, got {self.seq_length}")
+        if self.micro_batch_size <= 0:
+            raise ConfigError(f"--micro-batch-size must be positive, got {self.micro_batch_size}")
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            raise ConfigError(f"--global-batch-size must be positive, got {self.global_batch_size}")
+        if self.train_iters <= 0:
+            raise ConfigError(f"--train-iters must be positive, got {self.train_iters}")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
+        if not 0.0 <= self.fim_rate <= 1.0 or not 0.0 <= self.fim_spm_rate <= 1.0:
+            raise ConfigError("--fim-rate and --fim-spm-rate must lie in [0, 1]")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ConfigError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.nan_policy not in ("skip", "stop"):
+            raise ConfigError(f"--nan-policy must be skip or stop, got {self.nan_policy!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-sc2 train", description="Train a StarCoder2 model (Megatron's flag names).",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file setting the same keys (dashes or underscores)")
+    for f in fields(TrainConfig):
+        flag = _flag(f.name)
+        default = TrainConfig.__dataclass_fields__[f.name]
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true")
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false")
+        elif kind.startswith("list"):
+            parser.add_argument(flag, dest=f.name, nargs="+")
+        else:
+            parser.add_argument(flag, dest=f.name, type=_caster(kind))
+        del default
+    return parser
+
+
+def _caster(kind: str):
+    if "int" in kind:
+        return int
+    if "float" in kind:
+        return float
+    return str
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Coerce a YAML value to the dataclass field's type, naming the key when it cannot."""
+    kind = TrainConfig.__dataclass_fields__[name].type
+    kind = kind if isinstance(kind, str) else str(kind)
+    if value is None:
+        return None
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                return value.split()
+            return [str(v) for v in value]
+        return _caster(kind)(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key {name!r}: cannot read {value!r} ({e})") from None
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of flag names to values")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in TrainConfig.__dataclass_fields__:
+            raise ConfigError(f"{path}: unknown key {key!r}")
+        out[name] = _coerce(name, value)
+    return out
+
+
+def parse_train_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """`--config FILE` first, then command-line flags override it."""
+    parser = _build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown argument(s): {' '.join(unknown)}")
+    values: dict[str, Any] = {}
+    cli = vars(ns)
+    if "config" in cli:
+        values.update(load_yaml_config(cli.pop("config")))
+    values.update(cli)
+    # `--data-path "0.3 A 0.7 B"` arrives as one string; split it like Megatron does.
+    for key in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        if key in values and values[key] is not None:
+            values[key] = [tok for item in values[key] for tok in str(item).split()]
+    if "sliding_window" in values and values["sliding_window"] == 0:
+        values["sliding_window"] = 0
+    return TrainConfig(**values).validate()
