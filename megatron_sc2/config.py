@@ -148,6 +148,7 @@ class TrainConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     num_workers: int = 0
+    mock_data: bool = False
     # batch
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = None
@@ -182,6 +183,7 @@ class TrainConfig:
     keep_last: int = 0
     finetune: bool = False
     exit_duration_in_mins: Optional[float] = None
+    exit_interval: int = 0
     nan_policy: str = "stop"
     device: Optional[str] = None
 

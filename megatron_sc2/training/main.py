@@ -1,0 +1,16 @@
+"""`megatron-sc2 train --config FILE [--flag value ...]`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from megatron_sc2.config import parse_train_args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
+    from megatron_sc2.training.trainer import train
+
+    train(cfg)
+    return 0
