@@ -1,0 +1,229 @@
+"""`megatron-sc2 preprocess` / `tools/preprocess_data.py`: a corpus to Megatron `.bin/.idx`.
+
+Megatron's flags keep their meaning (`--input --output-prefix --json-keys --tokenizer-model
+--append-eod --workers`): for JSON lines each line is one document whose `--json-keys` text is
+tokenized as is, so the same input and tokenizer give the same bytes as Megatron's tool.
+Documents are read as a stream, encoded in ordered chunks by `--workers` threads (the
+encoders release the GIL) and written by one writer, so the output does not depend on the
+worker count. Outputs appear under their final names only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.data.corpus import Repository
+from megatron_sc2.data.indexed import IndexedWriter, optimal_dtype
+from megatron_sc2.data.repo_format import format_repository
+from megatron_sc2.data.sources import Document, FileFilters, ReadStats, iter_documents
+from megatron_sc2.data.tokenizer import Tokenizer, load_tokenizer
+
+CHUNK_CHARS = 1 << 20   # about 1 MB of text per encode task
+CHUNK_DOCS = 1024
+
+
+@dataclass
+class PreprocessSummary:
+    outputs: dict[str, str]
+    documents: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    read: ReadStats = field(default_factory=ReadStats)
+    encoder: str = ""
+
+    def lines(self) -> list[str]:
+        r = self.read
+        mb = r.input_bytes / 1e6
+        rate = mb / self.seconds if self.seconds > 0 else float("inf")
+        out = [f"documents: {self.documents:,}   tokens: {self.tokens:,}   input: {mb:.2f} MB in "
+               f"{self.seconds:.1f} s ({rate:.2f} MB/s, encoder: {self.encoder})"]
+        skipped = {k: v for k, v in asdict(r).items()
+                   if k not in ("input_files", "input_bytes") and v}
+        out.append("skipped: " + (", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in skipped.items())
+                                  if skipped else "none"))
+        for key, prefix in self.outputs.items():
+            out.append(f"wrote {prefix}.bin / .idx")
+        return out
+
+
+def _chunks(docs: Iterable[Document]) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
+    size = 0
+    for d in docs:
+        chunk.append(d)
+        size += sum(len(t) for t in d.fields.values())
+        if size >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _repositories_as_documents(repos: Iterable[Repository], seed: int, filters: FileFilters,
+                               stats: ReadStats) -> Iterator[Document]:
+    for name, files in repos:
+        kept = []
+        for path, text in files:
+            stats.input_bytes += len(text)
+            reason = filters.reject_reason(text) if filters.active() else None
+            if reason:
+                setattr(stats, reason, getattr(stats, reason) + 1)
+            else:
+                kept.append((path, text))
+        if kept:
+            yield Document(f"repository {name}", {"text": format_repository(name, kept, seed)})
+
+
+def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[str] = (),
+               repositories: Optional[Iterable[Repository]] = None, json_keys: Sequence[str] = ("text",),
+               append_eod: bool = False, workers: int = 1, repo_context: bool = False, seed: int = 1234,
+               skip_malformed: bool = False, filters: Optional[FileFilters] = None,
+               progress: bool = True, use_fast_encoder: bool = True) -> PreprocessSummary:
+    """Tokenize `inputs` (paths/globs) or `repositories` into `{prefix}_{key}_document.bin/.idx`.
+
+    Repository documents (directories, `repositories`, `repo_context`) always end in the
+    end-of-document token, as StarCoder2's format has it."""
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    tok.use_fast = use_fast_encoder
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if not inputs and repositories is None:
+        raise ConfigError("nothing to preprocess: give --input")
+    filters = filters or FileFilters()
+    stats = ReadStats()
+    repo_like = repositories is not None or repo_context or any(Path(s).is_dir() for s in inputs)
+    if repo_like:
+        missing = [n for n in ("repo_name", "file_sep") if n not in tok.special_ids]
+        if missing:
+            raise ConfigError(f"{tok.path}: repository documents need the tokens <repo_name> and "
+                              f"<file_sep>, which this tokenizer lacks")
+    keys = ["text"] if (repositories is not None or repo_context) else list(json_keys)
+    if repositories is not None:
+        docs: Iterable[Document] = _repositories_as_documents(repositories, seed, filters, stats)
+    else:
+        docs = iter_documents(inputs, keys, repo_context, seed, skip_malformed, filters, stats)
+    dtype = optimal_dtype(tok.vocab_size)
+    outputs = {k: f"{output_prefix}_{k}_document" for k in keys}
+    summary = PreprocessSummary(outputs=outputs, read=stats)
+    fast = tok.fast_encoder()
+    summary.encoder = "tiktoken (exact)" if fast is not None else tok.backend
+    eod_always = repo_like
+
+    def encode(chunk: list[Document]) -> list[list[list[int]]]:
+        per_key = [tok.encode_batch([d.fields[k] for d in chunk]) for k in keys]
+        return [[per_key[j][i] for j in range(len(keys))] for i in range(len(chunk))]
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
+               disable=not progress, mininterval=0.5)
+    t0 = time.perf_counter()
+    writers = {k: IndexedWriter(outputs[k], dtype) for k in keys}
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
+            last_bytes = 0
+
+            def drain_one() -> None:
+                nonlocal last_bytes
+                chunk, fut = pending.popleft()
+                for doc, ids_per_key in zip(chunk, fut.result()):
+                    if all(len(ids) == 0 for ids in ids_per_key):
+                        if skip_malformed:
+                            stats.empty_documents += 1
+                            continue
+                        raise DataError(f"{doc.where}: empty document (no text to tokenize); "
+                                        "pass --skip-malformed to skip such documents")
+                    for k, ids in zip(keys, ids_per_key):
+                        if ids and (append_eod or eod_always):
+                            ids = ids + [tok.eod]
+                        writers[k].add_document(ids)
+                        summary.tokens += len(ids)
+                    summary.documents += 1
+                bar.update(stats.input_bytes - last_bytes)
+                last_bytes = stats.input_bytes
+
+            for chunk in _chunks(docs):
+                pending.append((chunk, pool.submit(encode, chunk)))
+                while len(pending) > 2 * workers:
+                    drain_one()
+            while pending:
+                drain_one()
+        if summary.documents == 0:
+            raise DataError(f"no documents to write from {', '.join(map(str, inputs)) or 'the repositories'} "
+                            "(all inputs empty, malformed or filtered)")
+        for w in writers.values():
+            w.finalize()
+    finally:
+        bar.close()
+        for w in writers.values():
+            if not w._done:
+                w.abort()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-sc2 preprocess", description=__doc__.splitlines()[0])
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", nargs="+", required=True,
+                   help="JSONL (plain/.gz/.zst), parquet, directories of repositories; globs allowed")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from JSON lines")
+    g.add_argument("--split-sentences", action="store_true", help="(Megatron) not supported here")
+    g.add_argument("--keep-newlines", action="store_true", help="(Megatron) accepted; newlines are always kept")
+    g.add_argument("--repo-context", action="store_true",
+                   help="group consecutive JSON lines with the same repo_name into StarCoder2 repository documents")
+    g.add_argument("--seed", type=int, default=1234, help="seed of the repository-document layout")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-model", required=True, help="tokenizer.json, HF tokenizer directory or SentencePiece .model")
+    g.add_argument("--tokenizer-type", default=None,
+                   help="(Megatron) accepted: HuggingFaceTokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer")
+    g.add_argument("--vocab-file", default=None, help="(Megatron) use --tokenizer-model instead")
+    g.add_argument("--merge-file", default=None, help="(Megatron) use --tokenizer-model instead")
+    g.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to each document")
+    g.add_argument("--no-fast-encoder", action="store_true", help="always encode with `tokenizers`")
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="encoder threads")
+    g.add_argument("--partitions", type=int, default=1, help="(Megatron) accepted, output is one file")
+    g.add_argument("--log-interval", type=int, default=1000, help="(Megatron) accepted")
+    g.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("filters (off by default)")
+    g.add_argument("--skip-malformed", action="store_true",
+                   help="skip malformed/non-UTF-8 lines and empty documents (counted) instead of stopping")
+    g.add_argument("--max-file-size", type=int, default=None, help="drop files larger than this many bytes")
+    g.add_argument("--max-line-length", type=int, default=None, help="drop files with a longer line")
+    g.add_argument("--min-alphanum-fraction", type=float, default=None,
+                   help="drop files with a smaller fraction of alphanumeric characters")
+    g.add_argument("--dedup", action="store_true", help="drop exact duplicate files (content hash)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.split_sentences:
+        raise ConfigError("--split-sentences is not supported (code has no sentences)")
+    if args.vocab_file or args.merge_file:
+        if not args.tokenizer_model:
+            raise ConfigError("--vocab-file/--merge-file: pass the tokenizer directory with --tokenizer-model")
+    if args.tokenizer_type not in (None, "HuggingFaceTokenizer", "SentencePieceTokenizer",
+                                   "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        raise ConfigError(f"--tokenizer-type {args.tokenizer_type} is not supported; "
+                          "use HuggingFaceTokenizer or SentencePieceTokenizer with --tokenizer-model")
+    filters = FileFilters(args.max_file_size, args.max_line_length, args.min_alphanum_fraction, args.dedup)
+    summary = preprocess(args.output_prefix, args.tokenizer_model, inputs=args.input, json_keys=args.json_keys,
+                         append_eod=args.append_eod, workers=args.workers, repo_context=args.repo_context,
+                         seed=args.seed, skip_malformed=args.skip_malformed, filters=filters,
+                         progress=not args.no_progress, use_fast_encoder=not args.no_fast_encoder)
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    return 0
