@@ -1,0 +1,93 @@
+// pybind11 module megatron_sc2.ops._attn_cpu: raw pointers (as integers) and sizes in, no torch
+// headers. Picks the AVX2+FMA build of the kernel when the CPU has it, else the baseline build.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "attn_cpu_api.h"
+
+namespace py = pybind11;
+
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+std::string g_isa = cpu_has_avx2() ? "avx2" : "baseline";
+
+void run(const AttnArgs& a, bool fwd) {
+  py::gil_scoped_release release;
+#if defined(__x86_64__)
+  if (g_isa == "avx2") {
+    fwd ? sc2_cpu_avx2::attn_forward(a) : sc2_cpu_avx2::attn_backward(a);
+    return;
+  }
+#endif
+  fwd ? sc2_cpu_baseline::attn_forward(a) : sc2_cpu_baseline::attn_backward(a);
+}
+
+void check(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dtype) {
+  if (B < 1 || S < 1 || H < 1 || KV < 1 || D < 1 || H % KV)
+    throw std::invalid_argument("bad attention sizes: B=" + std::to_string(B) + " S=" +
+                                std::to_string(S) + " H=" + std::to_string(H) + " KV=" +
+                                std::to_string(KV) + " D=" + std::to_string(D));
+  if (S > INT32_MAX) throw std::invalid_argument("sequence too long");
+  if (dtype != 0 && dtype != 1) throw std::invalid_argument("dtype code must be 0 (fp32) or 1 (bf16)");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_attn_cpu, m) {
+  m.doc() = "Sliding-window GQA attention, C++ CPU kernels (flash-style tiles, online softmax)";
+  m.def("isa", [] { return g_isa; }, "Instruction-set variant in use: 'avx2' or 'baseline'.");
+  m.def("available_isas", [] {
+    py::list out;
+    out.append("baseline");
+    if (cpu_has_avx2()) out.append("avx2");
+    return out;
+  });
+  m.def("set_isa", [](const std::string& name) {
+    if (name != "baseline" && !(name == "avx2" && cpu_has_avx2()))
+      throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU");
+    g_isa = name;
+  });
+  m.def("forward",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t doc,
+           int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int64_t window, double scale,
+           int dtype, int nthreads) {
+          check(B, S, H, KV, D, dtype);
+          AttnArgs a;
+          a.q = reinterpret_cast<const void*>(q); a.k = reinterpret_cast<const void*>(k);
+          a.v = reinterpret_cast<const void*>(v); a.o = reinterpret_cast<const void*>(o);
+          a.lse = reinterpret_cast<float*>(lse); a.doc = reinterpret_cast<const int64_t*>(doc);
+          a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D; a.window = window;
+          a.scale = static_cast<float>(scale); a.dtype = dtype; a.nthreads = nthreads < 1 ? 1 : nthreads;
+          run(a, true);
+        },
+        "o, lse <- attention(q, k, v); pointers to contiguous (B,S,H,D) / (B,S,KV,D) / (B,H,S) fp32");
+  m.def("backward",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t dout, uintptr_t lse,
+           uintptr_t doc, uintptr_t dq, uintptr_t dk, uintptr_t dv, int64_t B, int64_t S, int64_t H,
+           int64_t KV, int64_t D, int64_t window, double scale, int dtype, int nthreads) {
+          check(B, S, H, KV, D, dtype);
+          AttnArgs a;
+          a.q = reinterpret_cast<const void*>(q); a.k = reinterpret_cast<const void*>(k);
+          a.v = reinterpret_cast<const void*>(v); a.o = reinterpret_cast<const void*>(o);
+          a.dout = reinterpret_cast<const void*>(dout); a.lse = reinterpret_cast<float*>(lse);
+          a.doc = reinterpret_cast<const int64_t*>(doc);
+          a.dq = reinterpret_cast<void*>(dq); a.dk = reinterpret_cast<void*>(dk);
+          a.dv = reinterpret_cast<void*>(dv);
+          a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D; a.window = window;
+          a.scale = static_cast<float>(scale); a.dtype = dtype; a.nthreads = nthreads < 1 ? 1 : nthreads;
+          run(a, false);
+        },
+        "dq, dk, dv <- gradients, recomputing scores from the saved log-sum-exp");
+}

@@ -1,0 +1,49 @@
+"""Loads the compiled attention modules (built by kernels/build.py into this package).
+
+Each module is optional: when one is missing the attention entry point uses the PyTorch
+reference instead and says so once in the log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+_cache: dict[str, Optional[ModuleType]] = {}
+_errors: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name not in _cache:
+        try:
+            _cache[name] = importlib.import_module(f"megatron_sc2.ops.{name}")
+        except ImportError as exc:  # not built (or built for another Python)
+            _cache[name] = None
+            _errors[name] = str(exc)
+    return _cache[name]
+
+
+def cpu_module() -> Optional[ModuleType]:
+    """The C++ kernel module `_attn_cpu`, or None when it was not built."""
+    return _load("_attn_cpu")
+
+
+def cuda_module() -> Optional[ModuleType]:
+    """The CUDA kernel module `_attn_cuda`, or None when it was not built."""
+    return _load("_attn_cuda")
+
+
+def load_error(name: str) -> str:
+    return _errors.get(name, "")
+
+
+def warn_once(key: str, message: str) -> None:
+    """Logs a fallback reason once per process (per key)."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
