@@ -1,0 +1,240 @@
+"""The seam between the trainer and the parallel engine.
+
+`ParallelModel.build(cfg, layout, mesh)` turns a StarCoder2 configuration into this rank's
+share of the model (pipeline chunks, tensor/sequence-parallel shards, FSDP2 data-parallel
+shards with sharded optimizer state), and `forward_backward(tokens, labels)` runs one step's
+micro-batches through the pipeline schedule, leaving gradients equal to those of one process
+on the whole global batch (mean token loss). The trainer then calls `clip_grad_norm_` and its
+optimizer on `parameters()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from megatron_sc2.config import ModelConfig
+from megatron_sc2.model.starcoder2 import StarCoder2
+from megatron_sc2.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_sc2.parallel.layout import ParallelLayout, split_layers
+from megatron_sc2.parallel.stage import RankModel, StageModule
+from megatron_sc2.parallel.tensor_parallel import apply_tensor_parallel, vocab_range
+
+
+@dataclass
+class ParallelModel:
+    cfg: ModelConfig
+    layout: ParallelLayout
+    mesh: DeviceMesh
+    chunks: list[StageModule]
+    chunk_ids: list[int]
+    rank_model: RankModel
+    device: torch.device
+    embedding_group: Optional[dist.ProcessGroup] = None
+    _schedule: object = None
+    _stages: list = field(default_factory=list)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, cfg: ModelConfig, layout: ParallelLayout, mesh: DeviceMesh,
+              model: Optional[StarCoder2] = None, device: Optional[torch.device] = None,
+              param_dtype: Optional[torch.dtype] = None) -> "ParallelModel":
+        """`model`: a full StarCoder2 (the same weights on every rank, e.g. built from one
+        seed, or on the meta device); built here from `cfg` if not given."""
+        device = device or torch.device(mesh.device_type)
+        if model is None:
+            model = StarCoder2(cfg)
+        pp_rank = mesh["pp"].get_local_rank()
+        ranges = split_layers(cfg.num_layers, layout.num_model_chunks)
+        chunk_ids = [pp_rank + i * layout.pp for i in range(layout.virtual_stages)]
+        last = layout.num_model_chunks - 1
+        tied = cfg.tie_word_embeddings
+        chunks: list[StageModule] = []
+        for c in chunk_ids:
+            embed = model.embed_tokens if c == 0 else None
+            norm = model.norm if c == last else None
+            head = model.lm_head if c == last else None
+            if head is not None and tied and embed is None:
+                # The last stage keeps its own copy of the tied embedding; their gradients are
+                # summed over the embedding group so the two copies stay equal.
+                head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
+                                 device=model.lm_head.weight.device,
+                                 dtype=model.lm_head.weight.dtype)
+                with torch.no_grad():
+                    if head.weight.device.type != "meta":
+                        head.weight.copy_(model.lm_head.weight)
+            layers = {str(i): model.layers[str(i)] for i in ranges[c]}
+            chunk = StageModule(cfg, embed, layers, norm, head,
+                                seq_shards=layout.tp if layout.sequence_parallel else 1,
+                                recompute=layout.recompute_granularity)
+            chunks.append(chunk)
+        del model
+        for chunk in chunks:
+            apply_tensor_parallel(chunk, cfg, mesh["tp"], layout.sequence_parallel)
+        if param_dtype is not None or device.type != "cpu":
+            for chunk in chunks:
+                chunk.to(device=device, dtype=param_dtype)
+        if layout.dp > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            for chunk in chunks:
+                for layer in chunk.layers.values():
+                    fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=False)
+                fully_shard(chunk, mesh=mesh["dp"], reshard_after_forward=False)
+        embedding_group = _embedding_group(mesh) if (tied and layout.pp > 1) else None
+        pm = cls(cfg=cfg, layout=layout, mesh=mesh, chunks=chunks, chunk_ids=chunk_ids,
+                 rank_model=RankModel(chunks), device=device, embedding_group=embedding_group)
+        return pm
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.rank_model.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.rank_model.named_parameters()
+
+    @property
+    def holds_tied_copy(self) -> bool:
+        """True on the last pipeline stage when lm_head is a copy of the tied embedding."""
+        return (self.embedding_group is not None and self.rank_model.lm_head is not None
+                and self.rank_model.embed_tokens is None)
+
+    # ---------------------------------------------------------------- one step
+    def _loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        tp_mesh = self.mesh["tp"]
+        group = tp_mesh.get_group() if self.layout.tp > 1 else None
+        start, _ = vocab_range(self.cfg.vocab_size, tp_mesh.get_local_rank(), self.layout.tp)
+
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return vocab_parallel_cross_entropy(logits, labels, start, group).mean()
+        return loss_fn
+
+    def forward_backward(self, tokens: Optional[torch.Tensor],
+                         labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """Run this data-parallel rank's share of the global batch (local_batch, seq) as
+        micro-batches, accumulating gradients of the global mean loss. Every rank returns the
+        step's global mean loss (fp32 scalar)."""
+        n_mb = self.layout.num_microbatches
+        loss_fn = self._loss_fn()
+        if self.layout.pp == 1:
+            chunk = self.chunks[0]
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            for i, (t, l) in enumerate(zip(tokens.chunk(n_mb), labels.chunk(n_mb))):
+                if self.layout.dp > 1:
+                    chunk.set_requires_gradient_sync(i == n_mb - 1)
+                loss = loss_fn(chunk(t), l)
+                (loss / n_mb).backward()
+                total += loss.detach()
+            mean = total / n_mb
+        else:
+            mean = self._pipeline_step(tokens, labels, loss_fn)
+        self._reduce_tied_grads()
+        if self.layout.dp > 1:
+            dist.all_reduce(mean, group=self.mesh["dp"].get_group())
+            mean /= self.layout.dp
+        return mean
+
+    def _pipeline_step(self, tokens, labels, loss_fn) -> torch.Tensor:
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
+                                                  ScheduleInterleaved1F1B)
+
+        pp_mesh = self.mesh["pp"]
+        if self._schedule is None:
+            group = pp_mesh.get_group()
+            self._stages = [PipelineStage(chunk, c, self.layout.num_model_chunks, self.device,
+                                          group=group)
+                            for chunk, c in zip(self.chunks, self.chunk_ids)]
+            n_mb = self.layout.num_microbatches
+            if self.layout.virtual_stages == 1:
+                self._schedule = Schedule1F1B(self._stages[0], n_mb, loss_fn=loss_fn)
+            else:
+                self._schedule = ScheduleInterleaved1F1B(self._stages, n_mb, loss_fn=loss_fn)
+        first = any(c.is_first for c in self.chunks)
+        last = any(c.is_last for c in self.chunks)
+        losses: list[torch.Tensor] = []
+        args = (tokens,) if first else ()
+        kwargs = {"target": labels, "losses": losses} if last else {}
+        self._schedule.step(*args, **kwargs)
+        if last:
+            mean = torch.stack([l.detach().float() for l in losses]).mean()
+        else:
+            mean = torch.zeros((), dtype=torch.float32, device=self.device)
+        # The loss lives on the last stage; share it along the pipeline.
+        src = dist.get_global_rank(pp_mesh.get_group(), self.layout.pp - 1)
+        dist.broadcast(mean, src=src, group=pp_mesh.get_group())
+        return mean
+
+    def _reduce_tied_grads(self) -> None:
+        if self.embedding_group is None:
+            return
+        m = self.rank_model
+        p = m.embed_tokens.weight if m.embed_tokens is not None else (
+            m.lm_head.weight if m.lm_head is not None else None)
+        if p is None:
+            return
+        g = p.grad
+        if g is None:
+            g = torch.zeros_like(p)
+            p.grad = g
+        local = g._local_tensor if isinstance(g, DTensor) else g
+        dist.all_reduce(local, group=self.embedding_group)
+
+    # ---------------------------------------------------------------- gradients
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of the gradients, each logical parameter counted once."""
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        skip = self.rank_model.lm_head.weight if self.holds_tied_copy else None
+        for p in self.rank_model.parameters():
+            if p.grad is None or p is skip:
+                continue
+            g = p.grad
+            if isinstance(g, DTensor):
+                n = g.float().norm(2).full_tensor()
+            else:
+                n = g.float().norm(2)
+            sq += n * n
+        if self.layout.pp > 1:
+            dist.all_reduce(sq, group=self.mesh["pp"].get_group())
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale gradients so that their global norm is at most max_norm (torch's formula);
+        returns the norm before clipping."""
+        total = self.grad_norm()
+        if max_norm and max_norm > 0:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for p in self.rank_model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return total
+
+
+def _embedding_group(mesh: DeviceMesh) -> Optional[dist.ProcessGroup]:
+    """Groups {first stage, last stage} for each (dp, tp) coordinate; returns this rank's."""
+    ranks = mesh.mesh  # (pp, dp, tp) tensor of global ranks
+    pp = ranks.shape[0]
+    mine = None
+    me = dist.get_rank()
+    for d in range(ranks.shape[1]):
+        for t in range(ranks.shape[2]):
+            members = sorted({int(ranks[0, d, t]), int(ranks[pp - 1, d, t])})
+            group = dist.new_group(members)
+            if me in members:
+                mine = group
+    return mine
+
+
+def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> DeviceMesh:
+    """The (pp, dp, tp) device mesh over the initialized world (tp fastest, as Megatron)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (layout.pp, layout.dp, layout.tp),
+                            mesh_dim_names=("pp", "dp", "tp"))

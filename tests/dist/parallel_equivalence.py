@@ -1,0 +1,180 @@
+"""Worker for tests/test_parallel.py: launched once per world size (gloo, CPU), it trains a
+tiny StarCoder2 (window smaller than the sequence) under each layout it is given and compares
+per-step losses and first-step gradients with a single-process run computed in the same
+process. Prints one JSON line per layout on rank 0; exits non-zero on any mismatch."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import traceback
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_sc2.config import ModelConfig
+from megatron_sc2.model.starcoder2 import StarCoder2
+from megatron_sc2.parallel.engine import ParallelModel, build_mesh
+from megatron_sc2.parallel.layout import ParallelLayout
+from torch.distributed.tensor import DTensor
+
+STEPS = 5
+SEQ = 24
+GLOBAL_BATCH = 8
+LR = 1e-3
+CLIP = 1.0
+
+
+def tiny_config(tied: bool, kv_heads: int = 2, layers: int = 4) -> ModelConfig:
+    # Window 8 < sequence 24; kv_heads=1 makes TP2 replicate the kv head; 3 layers on 2
+    # stages is an uneven split.
+    return ModelConfig(vocab_size=128, hidden_size=32, ffn_hidden_size=64, num_layers=layers,
+                       num_attention_heads=4, num_query_groups=kv_heads, max_position_embeddings=64,
+                       sliding_window=8, rope_theta=10000.0, init_method_std=0.05,
+                       tie_word_embeddings=tied).validate()
+
+
+def make_batches(cfg: ModelConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(STEPS):
+        t = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
+        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+    return out
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                             foreach=False)
+
+
+def reference_run(cfg: ModelConfig, batches):
+    torch.manual_seed(0)
+    model = StarCoder2(cfg)
+    opt = make_optimizer(model.parameters())
+    losses, first_grads, norms = [], None, []
+    for step, (t, l) in enumerate(batches):
+        opt.zero_grad()
+        logits = model(t)
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), l.reshape(-1))
+        loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        opt.step()
+        losses.append(float(loss))
+    return losses, first_grads, norms
+
+
+def full_grad(p: torch.Tensor) -> torch.Tensor:
+    g = p.grad
+    return g.full_tensor() if isinstance(g, DTensor) else g
+
+
+def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches):
+    mesh = build_mesh(layout)
+    torch.manual_seed(0)
+    model = StarCoder2(cfg)
+    pm = ParallelModel.build(cfg, layout, mesh, model=model)
+    opt = make_optimizer(pm.parameters())
+    dp_rank = mesh["dp"].get_local_rank()
+    losses, first_grads, norms = [], None, []
+    for step, (t, l) in enumerate(batches):
+        opt.zero_grad()
+        n = layout.local_batch_size
+        loss = pm.forward_backward(t[dp_rank * n:(dp_rank + 1) * n], l[dp_rank * n:(dp_rank + 1) * n])
+        if step == 0:
+            first_grads = {name: full_grad(p).detach().clone()
+                           for name, p in pm.named_parameters() if p.grad is not None}
+        norms.append(float(pm.clip_grad_norm_(CLIP)))
+        opt.step()
+        losses.append(float(loss))
+    del pm, opt, model, mesh
+    gc.collect()
+    return losses, first_grads, norms
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def parse_layout(spec: str) -> tuple[ParallelLayout, ModelConfig]:
+    """'tp2.pp2.dp1.v2.sp.untied.full.kv1.layers3' -> layout, model config."""
+    vals = {"tp": 1, "pp": 1, "dp": 1, "v": 1, "mbs": 1, "kv": 2, "layers": 4}
+    sp, tied, recompute = False, True, None
+    for part in spec.split("."):
+        if part == "sp":
+            sp = True
+        elif part == "untied":
+            tied = False
+        elif part in ("full", "selective"):
+            recompute = part
+        else:
+            key = part.rstrip("0123456789")
+            vals[key] = int(part[len(key):])
+    layout = ParallelLayout(tp=vals["tp"], pp=vals["pp"], dp=vals["dp"],
+                            micro_batch_size=vals["mbs"], global_batch_size=GLOBAL_BATCH,
+                            sequence_parallel=sp, virtual_stages=vals["v"],
+                            recompute_granularity=recompute)
+    return layout, tiny_config(tied, vals["kv"], vals["layers"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("layouts", nargs="+")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    refs = {}
+    failed = False
+    for spec in args.layouts:
+        layout, cfg = parse_layout(spec)
+        layout.validate(cfg, SEQ)
+        batches = make_batches(cfg)
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key not in refs:
+            refs[key] = reference_run(cfg, batches)
+        ref_losses, ref_grads, ref_norms = refs[key]
+        try:
+            losses, grads, norms = parallel_run(cfg, layout, batches)
+            loss_err = max(rel(a, b) for a, b in zip(losses, ref_losses))
+            norm_err = max(rel(a, b) for a, b in zip(norms, ref_norms))
+            grad_err = 0.0
+            for name, g in grads.items():
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    name = "embed_tokens.weight"  # the last stage's copy of the tied weight
+                r = ref_grads[name]
+                grad_err = max(grad_err, float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)))
+            ok = loss_err <= 1e-5 and grad_err <= 1e-5 and norm_err <= 1e-5 and len(grads) > 0
+            result = {"layout": spec, "ok": ok, "loss_rel_err": loss_err, "grad_rel_err": grad_err,
+                      "norm_rel_err": norm_err, "grads_checked": len(grads), "losses": losses,
+                      "ref_losses": ref_losses}
+        except Exception as e:  # report and go on to the next layout
+            result = {"layout": spec, "ok": False, "error": f"{type(e).__name__}: {e}",
+                      "trace": traceback.format_exc()[-3000:]}
+        results = [None] * dist.get_world_size()
+        dist.all_gather_object(results, result)
+        if rank == 0:
+            worst = dict(results[0])
+            worst["ok"] = all(r["ok"] for r in results)
+            for r in results:
+                if not r["ok"]:
+                    worst = dict(r, ok=False)
+                    break
+            worst["grads_checked"] = sum(r.get("grads_checked", 0) for r in results)
+            print(json.dumps(worst), flush=True)
+        failed |= not all(r["ok"] for r in results)
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
