@@ -184,6 +184,8 @@ class TrainConfig:
     finetune: bool = False
     exit_duration_in_mins: Optional[float] = None
     exit_interval: int = 0
+    exit_signal: str = "SIGUSR1"  # slurm's --signal: save, exit and requeue (SIGTERM: save, exit)
+    requeue: bool = True          # `scontrol requeue` after an exit-signal/duration stop under slurm
     nan_policy: str = "stop"
     device: Optional[str] = None
 
@@ -232,6 +234,9 @@ class TrainConfig:
             raise ConfigError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         if self.nan_policy not in ("skip", "stop"):
             raise ConfigError(f"--nan-policy must be skip or stop, got {self.nan_policy!r}")
+        from megatron_sc2.training.signals import parse_signal
+
+        parse_signal(self.exit_signal)
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         return self

@@ -27,6 +27,7 @@ from megatron_sc2.model import StarCoder2
 from megatron_sc2.training import checkpoint as ckpt
 from megatron_sc2.training.metrics import MetricsLog
 from megatron_sc2.training.optimizer import build_optimizer, learning_rate
+from megatron_sc2.training.signals import StopRequests
 
 # Fields of ModelConfig that must agree between a checkpoint and the run that loads it.
 _ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
@@ -92,6 +93,7 @@ class Trainer:
         self.metrics = MetricsLog(self.log_dir, resume_from_step=self.state.iteration,
                                   enabled=self.rank == 0)
         self.start_time = time.time()
+        self.stop_requests = StopRequests.from_config(cfg, self.start_time)  # exit signal, SIGTERM
 
     # ----------------------------------------------------------------------------------- set-up
     def _load_tokenizer(self):
@@ -226,6 +228,7 @@ class Trainer:
                 if cfg.save:
                     self.save()
                 print(f"stopping after step {it}: {reason}", flush=True)
+                self.stop_requests.after_save(self.rank, resumable=bool(cfg.save) and it < cfg.train_iters)
                 return records
         if cfg.save:
             self.save()
@@ -235,10 +238,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.exit_interval > 0 and it % cfg.exit_interval == 0 and it != cfg.train_iters:
             return f"--exit-interval {cfg.exit_interval}"
-        limit = cfg.exit_duration_in_mins
-        if limit is not None and (time.time() - self.start_time) / 60.0 >= limit:
-            return f"--exit-duration-in-mins {limit} reached"
-        return None
+        stop = self.stop_requests.poll(self.device)  # signals and --exit-duration-in-mins, all ranks agree
+        return stop.reason if stop else None
 
     # ------------------------------------------------------------------------------ checkpoints
     def _state_dicts(self):

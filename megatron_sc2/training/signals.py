@@ -1,0 +1,162 @@
+"""Stop requests from outside the process, turned into "save a checkpoint, exit, maybe requeue".
+
+A slurm job learns that its time is nearly up from `#SBATCH --signal=USR1@120`: slurm sends the
+exit signal (`--exit-signal`, SIGUSR1 by default) to every task of the job's steps. Preemption and
+`scancel` send SIGTERM, then SIGKILL after the cluster's KillWait. The handlers only record what
+arrived; the training loop polls `StopRequests.poll()` once per step, where every rank agrees (an
+all-reduce of MAX) so that all ranks stop after the same step and write the same checkpoint. After
+that checkpoint is finished, rank 0 requeues the job (`scontrol requeue`) when the stop came from
+the exit signal or from `--exit-duration-in-mins`, and training had not finished yet; the
+requeued job resumes from the latest complete checkpoint in `--save`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_sc2.errors import ConfigError
+
+# Bits of the flag vector the ranks all-reduce (MAX): which stop causes some rank has seen.
+EXIT_SIGNAL, TERMINATE, DURATION = 0, 1, 2
+
+
+def parse_signal(name: str, setting: str = "--exit-signal") -> signal.Signals:
+    """'USR1', 'SIGUSR1' or '10' -> signal.SIGUSR1; anything else is a ConfigError naming the flag."""
+    text = str(name).strip().upper()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text))
+        except ValueError:
+            pass
+    else:
+        sig = getattr(signal.Signals, text if text.startswith("SIG") else "SIG" + text, None)
+        if isinstance(sig, signal.Signals):
+            return sig
+    raise ConfigError(f"{setting} {name!r} is not a signal name (e.g. SIGUSR1, USR2, TERM)")
+
+
+@dataclass
+class StopRequest:
+    """Why the run stops early, and whether the job should run again to finish."""
+
+    reason: str
+    requeue: bool
+
+
+@dataclass
+class StopRequests:
+    """Records stop signals and decides, with every rank, when and how the run stops."""
+
+    exit_signal: signal.Signals = signal.SIGUSR1
+    requeue: bool = True
+    exit_duration_in_mins: Optional[float] = None
+    start_time: float = field(default_factory=time.time)
+    received: list[int] = field(default_factory=list)
+    pending: Optional[StopRequest] = None
+    _previous: dict[int, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg, start_time: Optional[float] = None) -> "StopRequests":
+        """Handlers for `cfg.exit_signal` and SIGTERM, installed now (main thread only)."""
+        stops = cls(exit_signal=parse_signal(getattr(cfg, "exit_signal", "SIGUSR1")),
+                    requeue=bool(getattr(cfg, "requeue", True)),
+                    exit_duration_in_mins=cfg.exit_duration_in_mins,
+                    start_time=time.time() if start_time is None else start_time)
+        stops.install()
+        return stops
+
+    # ------------------------------------------------------------------------------- handlers
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal() only works there; a trainer in a thread (tests) polls time only
+        for sig in {self.exit_signal, signal.SIGTERM}:
+            self._previous[sig] = signal.signal(sig, self._record)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _record(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        # Only remember it: printing or saving inside a handler can re-enter I/O half-way.
+        self.received.append(signum)
+
+    # ---------------------------------------------------------------------------------- polling
+    def _local_flags(self) -> list[int]:
+        flags = [0, 0, 0]
+        if self.exit_signal in self.received:
+            flags[EXIT_SIGNAL] = 1
+        if signal.SIGTERM in self.received and self.exit_signal != signal.SIGTERM:
+            flags[TERMINATE] = 1
+        limit = self.exit_duration_in_mins
+        if limit is not None and (time.time() - self.start_time) / 60.0 >= limit:
+            flags[DURATION] = 1
+        return flags
+
+    def poll(self, device=None) -> Optional[StopRequest]:
+        """Called by every rank once per step: the stop all ranks agree on, or None."""
+        flags = _agree(self._local_flags(), device)
+        if not any(flags):
+            return None
+        if flags[TERMINATE]:
+            # Preemption or scancel: save while there is time; the cluster decides about requeue.
+            self.pending = StopRequest("SIGTERM received (preemption or scancel)", requeue=False)
+        elif flags[EXIT_SIGNAL]:
+            self.pending = StopRequest(f"{self.exit_signal.name} received (time limit near)",
+                                       requeue=self.requeue)
+        else:
+            self.pending = StopRequest(f"--exit-duration-in-mins {self.exit_duration_in_mins} reached",
+                                       requeue=self.requeue)
+        return self.pending
+
+    def after_save(self, rank: int, resumable: bool) -> bool:
+        """After the final checkpoint of a stopped run: rank 0 requeues the slurm job when asked
+        for and a requeued run has something left to do and a checkpoint to resume from.
+        Returns True when the requeue was accepted."""
+        stop = self.pending
+        if stop is None or not stop.requeue or not resumable or rank != 0:
+            return False
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job:
+            return False
+        return requeue_job(job)
+
+
+def requeue_job(job_id: str) -> bool:
+    """`scontrol requeue JOB`: slurm ends this run and queues the job again (same id, with
+    SLURM_RESTART_COUNT + 1). Failures are reported, not raised: the checkpoint is safe anyway."""
+    try:
+        out = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"warning: could not requeue slurm job {job_id}: {e}", file=sys.stderr, flush=True)
+        return False
+    if out.returncode != 0:
+        msg = (out.stderr or out.stdout).strip().replace("\n", " ")
+        print(f"warning: `scontrol requeue {job_id}` failed: {msg} (submit with --requeue to allow it)",
+              file=sys.stderr, flush=True)
+        return False
+    print(f"requeued slurm job {job_id}; it will resume from the latest checkpoint", flush=True)
+    return True
+
+
+def _agree(flags: list[int], device=None) -> list[int]:
+    """Element-wise MAX of `flags` over all ranks (unchanged when not distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flags
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(flags, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
