@@ -10,6 +10,9 @@ from megatron_sc2.config import parse_train_args
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
+    from megatron_sc2.training.signals import install_early
+
+    install_early(cfg)  # a stop signal during start-up is kept for the first step, not fatal
     from megatron_sc2.training.trainer import train
 
     train(cfg)

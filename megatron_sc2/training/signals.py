@@ -26,6 +26,27 @@ from megatron_sc2.errors import ConfigError
 # Bits of the flag vector the ranks all-reduce (MAX): which stop causes some rank has seen.
 EXIT_SIGNAL, TERMINATE, DURATION = 0, 1, 2
 
+# Signals received by this process, in order (the handlers only append here).
+_RECEIVED: list[int] = []
+# Set by install_early(): where the run's own signals start in _RECEIVED.
+_early_mark: Optional[int] = None
+
+
+def _record(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    # Only remember it: printing or saving inside a handler can re-enter I/O half-way.
+    _RECEIVED.append(signum)
+
+
+def install_early(cfg) -> None:
+    """Record the stop signals from the very start of `megatron-sc2 train` (importing torch and
+    building the model take seconds; a signal then must not kill the process unsaved)."""
+    global _early_mark
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in {parse_signal(getattr(cfg, "exit_signal", "SIGUSR1")), signal.SIGTERM}:
+        signal.signal(sig, _record)
+    _early_mark = len(_RECEIVED)
+
 
 def parse_signal(name: str, setting: str = "--exit-signal") -> signal.Signals:
     """'USR1', 'SIGUSR1' or '10' -> signal.SIGUSR1; anything else is a ConfigError naming the flag."""
@@ -58,7 +79,7 @@ class StopRequests:
     requeue: bool = True
     exit_duration_in_mins: Optional[float] = None
     start_time: float = field(default_factory=time.time)
-    received: list[int] = field(default_factory=list)
+    first_signal: int = 0  # index into _RECEIVED of the first signal that belongs to this run
     pending: Optional[StopRequest] = None
     _previous: dict[int, object] = field(default_factory=dict)
 
@@ -69,6 +90,9 @@ class StopRequests:
                     requeue=bool(getattr(cfg, "requeue", True)),
                     exit_duration_in_mins=cfg.exit_duration_in_mins,
                     start_time=time.time() if start_time is None else start_time)
+        global _early_mark
+        stops.first_signal = len(_RECEIVED) if _early_mark is None else _early_mark
+        _early_mark = None
         stops.install()
         return stops
 
@@ -77,16 +101,16 @@ class StopRequests:
         if threading.current_thread() is not threading.main_thread():
             return  # signal.signal() only works there; a trainer in a thread (tests) polls time only
         for sig in {self.exit_signal, signal.SIGTERM}:
-            self._previous[sig] = signal.signal(sig, self._record)
+            self._previous[sig] = signal.signal(sig, _record)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def _record(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
-        # Only remember it: printing or saving inside a handler can re-enter I/O half-way.
-        self.received.append(signum)
+    @property
+    def received(self) -> list[int]:
+        return _RECEIVED[self.first_signal:]
 
     # ---------------------------------------------------------------------------------- polling
     def _local_flags(self) -> list[int]:
