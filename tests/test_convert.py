@@ -167,3 +167,133 @@ def _tiny_cfg(tie: bool):
     from megatron_sc2.config import preset
 
     return dataclasses.replace(preset("starcoder2-tiny"), tie_word_embeddings=tie)
+
+
+def _train_args(save: Path, *extra: str) -> list[str]:
+    return ["--model", "starcoder2-tiny", "--mock-data", "--seq-length", "64",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4",
+            "--save", str(save), *extra]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_trained_checkpoint_exports_with_the_training_models_logits(tmp_path, tokenizer_dir, tie):
+    from megatron_sc2.training.trainer import Trainer
+
+    extra = () if tie else ("--untie-embeddings-and-output-weights",)
+    trainer = Trainer(parse_train_args(_train_args(tmp_path / "ck", "--train-iters", "3", *extra)))
+    trainer.train()
+    out = tmp_path / "hf"
+    assert _cli("to-hf", "--load", tmp_path / "ck", "--save", out, "--tokenizer", tokenizer_dir,
+                "--verify-logits") == 0
+    hf = _load_hf(out)
+    model = trainer.model.eval()
+    assert max_logit_diff(model, hf, model.cfg, seq_len=100) <= 1e-4
+    cfg_json = json.loads((out / "config.json").read_text())
+    for key in ("sliding_window", "rope_theta", "tie_word_embeddings", "hidden_act", "use_bias",
+                "norm_epsilon", "num_key_value_heads", "max_position_embeddings", "vocab_size"):
+        assert key in cfg_json, key
+    assert cfg_json["tie_word_embeddings"] is tie and cfg_json["sliding_window"] == 16
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token == "<|endoftext|>"
+    assert tok.decode(tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
+
+
+def test_from_hf_then_training_continues_from_the_hf_weights(tmp_path):
+    """The first step's loss (before the update) is transformers' loss on the same samples."""
+    from megatron_sc2.training.mock_data import MockDataset
+    from megatron_sc2.training.trainer import Trainer
+
+    src, ck = tmp_path / "src", tmp_path / "ck"
+    hf = make_hf_dir(src, True, torch.float32, seed=5)
+    assert _cli("from-hf", "--load", src, "--save", ck) == 0
+    trainer = Trainer(parse_train_args(_train_args(tmp_path / "run", "--load", str(ck), "--train-iters", "2")))
+    assert trainer.state.iteration == 0  # fresh optimizer and step counter
+    records = trainer.train()
+    samples = torch.from_numpy(__import__("numpy").stack([MockDataset(512, 64, 1234)[i] for i in range(4)]))
+    with torch.no_grad():
+        logits = hf(samples[:, :-1]).logits
+    expect = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), samples[:, 1:].reshape(-1)).item()
+    assert abs(records[0]["loss"] - expect) <= 1e-5 * expect
+    assert records[1]["loss"] < records[0]["loss"] + 1.0 and len(records) == 2
+
+
+def test_save_streams_one_tensor_at_a_time(tmp_path):
+    """When the writer asks for tensor k, every tensor before k-1 has been released."""
+    specs = [TensorSpec(f"layers.{i}.w", (64, 64), torch.float32) for i in range(8)]
+    refs: list[weakref.ref] = []
+    alive_at_fetch: list[int] = []
+
+    def fetch(name: str) -> torch.Tensor:
+        alive_at_fetch.append(sum(r() is not None for r in refs))
+        t = torch.full((64, 64), float(len(refs)))
+        refs.append(weakref.ref(t))
+        return t
+
+    save_model_streaming(tmp_path / "dcp", specs, fetch)
+    assert len(alive_at_fetch) == 8 and max(alive_at_fetch) <= 1, alive_at_fetch
+    got = dict(iter_model_tensors(tmp_path / "dcp", specs, budget_bytes=20_000))
+    assert [float(got[s.name][0, 0]) for s in specs] == [float(i) for i in range(8)]
+
+
+def _one_line_error(capsys, argv, expect: str) -> None:
+    capsys.readouterr()  # drop what earlier (successful) calls printed
+    assert _cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+
+
+def _leftovers(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+def test_refusals_name_the_problem_and_leave_nothing(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_hf_dir(src, False, torch.float32)
+    capsys.readouterr()  # transformers' own progress output while saving the source
+    cfg_path = src / "config.json"
+    original = cfg_path.read_text()
+
+    cfg_path.write_text(original.replace('"starcoder2"', '"llama"'))
+    _one_line_error(capsys, ["from-hf", "--load", src, "--save", tmp_path / "c1"], "not a StarCoder2 model")
+    cfg_path.write_text(original.replace('"intermediate_size": 256', '"intermediate_size": 128'))
+    _one_line_error(capsys, ["from-hf", "--load", src, "--save", tmp_path / "c2"],
+                    "tensor model.layers.0.mlp.c_fc.weight has shape [256, 64], but the config needs [128, 64]")
+    cfg_path.write_text(original)
+    _one_line_error(capsys, ["from-hf", "--load", src, "--save", tmp_path / "c3",
+                             "--tensor-model-parallel-size", "3"], "does not divide the attention heads (4)")
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.rename(tmp_path / "moved")
+    _one_line_error(capsys, ["from-hf", "--load", src, "--save", tmp_path / "c4"],
+                    f"missing shard(s) {shard.name}")
+    (tmp_path / "moved").rename(shard)
+    for c in ("c1", "c2", "c3", "c4"):
+        assert not (tmp_path / c / "iter_0000000").exists()
+
+    # A save directory with only an unfinished checkpoint (no `complete` marker).
+    ck = tmp_path / "ck"
+    assert _cli("from-hf", "--load", src, "--save", ck) == 0
+    half = tmp_path / "half"
+    (half / "iter_0000007").mkdir(parents=True)
+    for f in (ck / "iter_0000000").iterdir():
+        if f.is_file() and f.name != "complete":
+            (half / "iter_0000007" / f.name).write_bytes(f.read_bytes())
+    _one_line_error(capsys, ["to-hf", "--load", half, "--save", tmp_path / "h1"], "no finished checkpoint")
+    _one_line_error(capsys, ["from-hf", "--load", src, "--save", ck], "already holds checkpoints")
+    # A failure after the shards were written (unknown tokenizer) leaves no output behind.
+    _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h2", "--tokenizer",
+                             tmp_path / "nope.json"], "tokenizer not found")
+    assert not (tmp_path / "h2").exists() and not _leftovers(tmp_path)
+    assert _cli("to-hf", "--load", ck, "--save", tmp_path / "h3") == 0
+    _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h3"], "already exists")
+    assert _cli("to-hf", "--load", ck, "--save", tmp_path / "h3", "--force", "--dtype", "bf16") == 0
+    assert {t.dtype for t in _tensors(tmp_path / "h3").values()} == {torch.bfloat16}
+    _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h4", "--max-shard-size", "5XB"],
+                    "--max-shard-size")
+    assert not _leftovers(tmp_path)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("100KB") == 100_000
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("1234") == 1234
+    with pytest.raises(ConfigError):
+        parse_size("lots")
