@@ -182,6 +182,10 @@ class ParallelModel:
         if g is None:
             g = torch.zeros_like(p)
             p.grad = g
+        if isinstance(g, DTensor) and g.placements != p.placements:
+            # e.g. the vocabulary-parallel embedding's gradient arrives unsharded.
+            g = g.redistribute(p.device_mesh, p.placements)
+            p.grad = g
         local = g._local_tensor if isinstance(g, DTensor) else g
         dist.all_reduce(local, group=self.embedding_group)
 
