@@ -1,0 +1,138 @@
+"""Benchmark: HF conversion of a 3B-shaped StarCoder2 (random weights, real shapes).
+
+    .venv/bin/python bench/convert.py [--model starcoder2-3b] [--work DIR] [--dtype bf16]
+
+Writes a random fp32 checkpoint in our DCP format (as the trainer stores it), then runs, each in
+its own process so its peak RSS is its own:
+  to-hf    ours (fp32) -> HF safetensors (--dtype, default bf16, 5GB shards), verified
+  from-hf  that HF directory -> ours (keeps the HF dtype), verified
+and prints seconds, peak RSS, the interpreter's own RSS, the largest output shard, and two ratios:
+  rss_ratio   (peak RSS - interpreter) / largest output shard   (target < 1.5)
+  disk_ratio  conversion seconds / seconds to copy the same input files with fsync (the floor
+              set by the disk; 1.0 = disk-bound)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from megatron_sc2.config import preset  # noqa: E402
+from megatron_sc2.convert.dcp_io import TensorSpec, save_model_streaming  # noqa: E402
+from megatron_sc2.convert.layout import expected_shapes  # noqa: E402
+from megatron_sc2.training import checkpoint as ckpt  # noqa: E402
+
+
+def make_source(save: Path, model: str) -> int:
+    """A random-weight fp32 checkpoint, written one tensor at a time."""
+    cfg = preset(model)
+    specs = [TensorSpec(n, s, torch.float32) for n, s in expected_shapes(cfg).items()]
+    gen = torch.Generator().manual_seed(0)
+    tmp = ckpt.temporary_dir(save, 1, str(os.getpid()))
+    tmp.mkdir(parents=True)
+
+    def fetch(name: str) -> torch.Tensor:
+        shape = next(s.shape for s in specs if s.name == name)
+        return torch.empty(shape).normal_(0.0, cfg.init_method_std, generator=gen)
+
+    save_model_streaming(tmp, specs, fetch)
+    ckpt.write_meta(tmp, {"iteration": 1, "consumed_samples": 0, "model_config": cfg.to_dict(),
+                          "train_config": None, "tokenizer": None, "has_optimizer": False})
+    ckpt.finalize(tmp, save, 1)
+    return sum(s.nbytes for s in specs)
+
+
+def measured(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss * 1024 / 1e9
+
+
+def copy_seconds(src: Path, dst: Path) -> float:
+    """Copy every file of src with fsync: the disk floor for reading and writing those bytes."""
+    t0 = time.perf_counter()
+    dst.mkdir(parents=True)
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            out = dst / f.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, out)
+            fd = os.open(out, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    secs = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return secs
+
+
+def largest_file(d: Path, pattern: str) -> int:
+    return max(f.stat().st_size for f in d.rglob(pattern))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="starcoder2-3b")
+    ap.add_argument("--work", default="/tmp/megatron_sc2_bench_convert")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--max-shard-size", default="5GB")
+    args = ap.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    src, hf, back = work / "ckpt", work / "hf", work / "ckpt_back"
+    py = sys.executable
+
+    t0 = time.perf_counter()
+    nbytes = make_source(src, args.model)
+    print(f"source: {args.model} fp32 random weights, {nbytes / 1e9:.2f} GB, written in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    _, interp = measured([py, "-c", "import megatron_sc2.convert.to_hf, megatron_sc2.convert.from_hf, "
+                                    "megatron_sc2.convert.main, safetensors"])
+
+    cli = [py, "-m", "megatron_sc2.cli", "convert"]
+    to_s, to_rss = measured(cli + ["to-hf", "--load", str(src), "--save", str(hf), "--dtype", args.dtype,
+                                   "--max-shard-size", args.max_shard_size, "--no-progress"])
+    to_shard = largest_file(hf, "*.safetensors")
+    to_copy = copy_seconds(src, work / "copy_src")
+    from_s, from_rss = measured(cli + ["from-hf", "--load", str(hf), "--save", str(back), "--no-progress"])
+    from_shard = largest_file(back, "*.distcp")
+    from_copy = copy_seconds(hf, work / "copy_hf")
+
+    rows = {
+        "to-hf": dict(seconds=to_s, peak_rss_gb=to_rss, largest_output_shard_gb=to_shard / 1e9,
+                      rss_ratio=(to_rss - interp) / (to_shard / 1e9), copy_seconds=to_copy,
+                      disk_ratio=to_s / to_copy,
+                      gb_per_s=(nbytes + sum(f.stat().st_size for f in hf.glob("*.safetensors"))) / 1e9 / to_s),
+        "from-hf": dict(seconds=from_s, peak_rss_gb=from_rss, largest_output_shard_gb=from_shard / 1e9,
+                        rss_ratio=(from_rss - interp) / (from_shard / 1e9), copy_seconds=from_copy,
+                        disk_ratio=from_s / from_copy,
+                        gb_per_s=2 * sum(f.stat().st_size for f in hf.glob("*.safetensors")) / 1e9 / from_s),
+    }
+    print(f"interpreter + imports peak RSS: {interp:.2f} GB")
+    print(f"{'direction':<9} {'seconds':>8} {'peak RSS GB':>11} {'largest shard GB':>16} "
+          f"{'rss_ratio':>9} {'copy s':>7} {'disk_ratio':>10} {'GB/s r+w':>8}")
+    for k, r in rows.items():
+        print(f"{k:<9} {r['seconds']:>8.1f} {r['peak_rss_gb']:>11.2f} {r['largest_output_shard_gb']:>16.2f} "
+              f"{r['rss_ratio']:>9.2f} {r['copy_seconds']:>7.1f} {r['disk_ratio']:>10.2f} {r['gb_per_s']:>8.2f}")
+    print(json.dumps({"model": args.model, "dtype": args.dtype, "interpreter_rss_gb": interp, **rows}))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
