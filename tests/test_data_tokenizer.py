@@ -1,0 +1,125 @@
+"""Tokenizer loading and training: HF files and directories, SentencePiece, the missing
+end-of-document error, StarCoder2's special tokens, and the files `transformers` loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_sc2.data.corpus import iter_stdlib_repositories
+from megatron_sc2.data.special_tokens import STARCODER2_SPECIAL_TOKENS
+from megatron_sc2.data.tokenizer import load_tokenizer
+from megatron_sc2.data.train_tokenizer import main as train_main, train_tokenizer
+from megatron_sc2.errors import ConfigError, DataError
+
+SNIPPETS = ["def f(x):\n    return x + 12345\n", "x =  12\n", "print('héllo wörld')  # ☃\n",
+            "class A:\n\tpass\n\n\n", "<fim_prefix>a<fim_suffix>b<fim_middle>c", "  \n \t 99 bottles"]
+
+
+def _small_corpus(limit_bytes: int = 400_000) -> list[str]:
+    texts, n = [], 0
+    for _, files in iter_stdlib_repositories():
+        for _, text in files:
+            texts.append(text)
+            n += len(text)
+            if n > limit_bytes:
+                return texts
+    return texts
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(_small_corpus(), 800, out)
+    return out
+
+
+def test_starcoder2_tokenizer_loads(starcoder2_tokenizer_path):
+    import tokenizers
+
+    tok = load_tokenizer(starcoder2_tokenizer_path)
+    ref = tokenizers.Tokenizer.from_file(str(starcoder2_tokenizer_path))
+    assert tok.vocab_size == 49152 and tok.eod == 0
+    assert tok.special_ids == {"eod": 0, "fim_prefix": 1, "fim_middle": 2, "fim_suffix": 3, "fim_pad": 4,
+                               "repo_name": 5, "file_sep": 6}
+    for s in SNIPPETS:
+        assert tok.encode(s) == ref.encode(s, add_special_tokens=False).ids
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.encode_batch(SNIPPETS) == [tok.encode(s) for s in SNIPPETS]
+    # the directory form loads the same tokenizer
+    assert load_tokenizer(starcoder2_tokenizer_path.parent).encode(SNIPPETS[0]) == tok.encode(SNIPPETS[0])
+
+
+def test_trained_tokenizer_has_starcoder2_specials(trained):
+    data = json.loads((trained / "tokenizer.json").read_text())
+    assert [(a["id"], a["content"]) for a in data["added_tokens"]] == list(enumerate(STARCODER2_SPECIAL_TOKENS))
+    tok = load_tokenizer(trained)
+    assert tok.vocab_size == 800 and tok.eod == 0 and tok.special_ids["file_sep"] == 6
+    # single digits are split: no learned token holds two digits
+    vocab = tok.hf.get_vocab()
+    assert not any(sum(c.isdigit() for c in t) > 1 for t in vocab)
+    for s in SNIPPETS:
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.encode("<repo_name>x<file_sep>y")[0] == 5
+
+
+def test_save_hf_loads_in_transformers(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(trained)
+    tok.save_hf(tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.eos_token == "<|endoftext|>" and hf.bos_token == "<|endoftext|>" and hf.eos_token_id == 0
+    for s in SNIPPETS:
+        assert hf.encode(s, add_special_tokens=False) == tok.encode(s)
+        assert hf(s)["input_ids"] == tok.encode(s)  # no BOS/EOS added by default
+
+
+def test_train_tokenizer_cli_and_errors(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in SNIPPETS * 20))
+    assert train_main(["--input", str(corpus), "--output", str(tmp_path / "t"), "--vocab-size", "400"]) == 0
+    assert load_tokenizer(tmp_path / "t").vocab_size <= 400
+    with pytest.raises(ConfigError, match="too small"):
+        train_tokenizer(["abc"], 100, tmp_path / "u")
+    with pytest.raises(DataError, match="empty"):
+        train_tokenizer([], 400, tmp_path / "v")
+    assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
+
+
+def test_tokenizer_without_eod_is_an_error(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    t = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match="no end-of-document token"):
+        load_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(DataError, match="not found"):
+        load_tokenizer(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a readable"):
+        load_tokenizer(tmp_path / "bad.json")
+
+
+def test_sentencepiece_model(tmp_path):
+    import sentencepiece as spm
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(_small_corpus(60_000)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                   model_type="bpe", eos_id=2, bos_id=1, unk_id=0, pad_id=-1,
+                                   minloglevel=2, max_sentence_length=100000)
+    tok = load_tokenizer(tmp_path / "sp.model")
+    proc = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    assert tok.backend == "sentencepiece" and tok.eod == proc.eos_id() == 2
+    assert tok.vocab_size == 300
+    s = "def f(x):\n    return x"
+    assert tok.encode(s) == proc.encode(s)
+    assert tok.encode_batch([s, s]) == [proc.encode(s)] * 2
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "noeos"), vocab_size=300,
+                                   model_type="bpe", eos_id=-1, bos_id=-1, unk_id=0, pad_id=-1,
+                                   minloglevel=2, max_sentence_length=100000)
+    with pytest.raises(DataError, match="no end-of-document token"):
+        load_tokenizer(tmp_path / "noeos.model")

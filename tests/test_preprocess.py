@@ -1,0 +1,233 @@
+"""Preprocessing: megatron-core reads what we write (and we read what it writes), inputs in
+every format give the same bytes, repository documents, and every bad input of issues 2/5."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_sc2.cli import main as cli_main
+from megatron_sc2.data.indexed import IndexedDataset, IndexedWriter
+from megatron_sc2.data.preprocess import preprocess
+from megatron_sc2.data.sources import FileFilters
+from megatron_sc2.data.tokenizer import load_tokenizer
+from megatron_sc2.errors import DataError
+
+TEXTS = ["def f(x):\n    return x + 12\n", "print('héllo <NAME> wörld')\n", "import os\nos.getcwd()  # 7\n",
+         "x =  12\n\n\n", "class A:\n\tpass\n", "def f(x):\n    return x + 12\n"]
+
+
+@pytest.fixture
+def tok(starcoder2_tokenizer_path):
+    return load_tokenizer(starcoder2_tokenizer_path)
+
+
+def _jsonl(path: Path, texts, key="text", extra=None) -> Path:
+    with open(path, "w") as f:
+        for i, t in enumerate(texts):
+            rec = {key: t, "id": i}
+            if extra:
+                rec.update(extra(i))
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def _megatron_indexed(prefix):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset as MIndexed
+    return MIndexed(str(prefix))
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or p.suffix in (".bin", ".idx"))
+
+
+def test_megatron_core_reads_our_output(tmp_path, tok, starcoder2_tokenizer_path):
+    inp = _jsonl(tmp_path / "in.jsonl", TEXTS)
+    rc = cli_main(["preprocess", "--input", str(inp), "--output-prefix", str(tmp_path / "out"),
+                   "--tokenizer-model", str(starcoder2_tokenizer_path), "--append-eod", "--no-progress"])
+    assert rc == 0
+    import tokenizers
+
+    ref = tokenizers.Tokenizer.from_file(str(starcoder2_tokenizer_path))
+    m = _megatron_indexed(tmp_path / "out_text_document")
+    assert len(m) == len(TEXTS) and m.index.dtype == np.uint16
+    assert list(m.document_indices) == list(range(len(TEXTS) + 1))
+    for i, t in enumerate(TEXTS):
+        assert m[i].tolist() == ref.encode(t, add_special_tokens=False).ids + [0]
+    assert 34 in m[1].tolist()  # literal <NAME> in text becomes the special token, as in HF
+
+
+def test_we_read_megatron_core_output(tmp_path):
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    rng = np.random.default_rng(0)
+    docs = [[rng.integers(0, 70000, size=int(rng.integers(1, 50))) for _ in range(int(rng.integers(1, 4)))]
+            for _ in range(30)]
+    b = IndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=np.int32)
+    for doc in docs:
+        b.add_document(torch.from_numpy(np.concatenate(doc)), [len(s) for s in doc])
+    b.finalize(str(tmp_path / "m.idx"))
+    ours = IndexedDataset(tmp_path / "m")
+    flat = [s for doc in docs for s in doc]
+    assert len(ours) == len(flat) and ours.num_documents == len(docs)
+    for i, s in enumerate(flat):
+        assert np.array_equal(ours[i], s)
+    for d, doc in enumerate(docs):
+        assert np.array_equal(ours.document(d), np.concatenate(doc))
+    # and our writer reproduces megatron-core's bytes for the same documents
+    with IndexedWriter(tmp_path / "o", np.int32) as w:
+        for doc in docs:
+            w.add_document(np.concatenate(doc), [len(s) for s in doc])
+        w.finalize()
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"o{ext}").read_bytes() == (tmp_path / f"m{ext}").read_bytes()
+
+
+def test_formats_and_workers_give_identical_bytes(tmp_path, tok):
+    plain = _jsonl(tmp_path / "a.jsonl", TEXTS * 30)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(plain.read_text())
+    import zstandard
+
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": TEXTS * 30}), tmp_path / "a.parquet")
+    outs = []
+    for i, (src, workers) in enumerate([("a.jsonl", 1), ("a.jsonl", 3), ("a.jsonl.gz", 2),
+                                        ("a.jsonl.zst", 1), ("a.parquet", 2)]):
+        preprocess(str(tmp_path / f"o{i}"), tok, [str(tmp_path / src)], append_eod=True, workers=workers,
+                   progress=False)
+        outs.append([(tmp_path / f"o{i}_text_document{e}").read_bytes() for e in (".bin", ".idx")])
+    assert all(o == outs[0] for o in outs[1:])
+    # several inputs / a glob in one run: documents in order
+    s = preprocess(str(tmp_path / "g"), tok, [str(tmp_path / "a.jsonl*")], append_eod=True, progress=False)
+    assert s.documents == 3 * len(TEXTS) * 30 and s.read.input_files == 3
+
+
+def test_repository_documents(tmp_path, tok):
+    root = tmp_path / "repos"
+    for r in range(40):
+        for f in range(3):
+            p = root / f"repo{r}" / "pkg" / f"m{f}.py"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f"# repo {r} file {f}\nx = {r * 10 + f}\n")
+    (root / "repo0" / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (root / "loose.txt").write_text("not in a repository")
+    s1 = preprocess(str(tmp_path / "r1"), tok, [str(root)], seed=5, progress=False)
+    s2 = preprocess(str(tmp_path / "r2"), tok, [str(root)], seed=5, workers=2, progress=False)
+    assert s1.documents == 40 and s1.read.binary_files == 1 and s1.read.loose_files == 1
+    assert (tmp_path / "r1_text_document.bin").read_bytes() == (tmp_path / "r2_text_document.bin").read_bytes()
+    ds = IndexedDataset(tmp_path / "r1_text_document")
+    with_meta = 0
+    for d in range(ds.num_documents):
+        ids = ds.document(d).tolist()
+        assert ids[-1] == tok.eod and ids.count(tok.eod) == 1
+        text = tok.decode(ids[:-1])
+        files = text.split("<file_sep>")
+        if text.startswith("<repo_name>"):
+            with_meta += 1
+            name = files[0][len("<repo_name>"):]
+            bodies = [f.split("\n", 1) for f in files[1:]]
+            assert sorted(p for p, _ in bodies) == [f"pkg/m{i}.py" for i in range(3)]
+            bodies = [b for _, b in bodies]
+        else:
+            assert files[0] == ""
+            bodies = files[1:]
+            name = "repo" + bodies[0].split()[2]
+        r = int(name[4:])
+        assert sorted(bodies) == sorted(f"# repo {r} file {f}\nx = {r * 10 + f}\n" for f in range(3))
+    assert 10 <= with_meta <= 30  # probability 0.5 over 40 repositories
+    s3 = preprocess(str(tmp_path / "r3"), tok, [str(root)], seed=6, progress=False)
+    assert (tmp_path / "r3_text_document.bin").read_bytes() != (tmp_path / "r1_text_document.bin").read_bytes()
+    assert s3.documents == 40
+
+
+def test_repo_context_jsonl_and_filters(tmp_path, tok):
+    texts = ["a = 1\n", "b = 2\n", "a = 1\n", "x" * 300 + "\n", "$$$$ ## !!\n", "c = 3\n"]
+    inp = _jsonl(tmp_path / "r.jsonl", texts, key="content",
+                 extra=lambda i: {"repo_name": f"org/r{i // 3}", "path": f"f{i}.py"})
+    f = FileFilters(max_line_length=200, min_alphanum_fraction=0.25, dedup=True)
+    s = preprocess(str(tmp_path / "o"), tok, [str(inp)], repo_context=True, filters=f, progress=False)
+    assert s.documents == 2
+    assert (s.read.duplicates, s.read.filtered_max_line_length, s.read.filtered_alphanum_fraction) == (1, 1, 1)
+    ds = IndexedDataset(tmp_path / "o_text_document")
+    assert "org/r0" in tok.decode(ds.document(0).tolist()) or tok.decode(ds.document(0).tolist()).startswith("<file_sep>")
+    s = preprocess(str(tmp_path / "p"), tok, [str(inp)], json_keys=["content"],
+                   filters=FileFilters(max_file_size=100), progress=False)
+    assert s.documents == 5 and s.read.filtered_max_file_size == 1
+
+
+def _expect_error(tmp_path, tok, inputs, match, **kw):
+    with pytest.raises(DataError, match=match):
+        preprocess(str(tmp_path / "bad"), tok, inputs, progress=False, **kw)
+    assert not list(tmp_path.glob("bad*")), "no output (final or temporary) may remain"
+
+
+def test_bad_inputs(tmp_path, tok, capsys, starcoder2_tokenizer_path):
+    _expect_error(tmp_path, tok, [str(tmp_path / "missing.jsonl")], "input not found")
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "broken\n{"text": "ok2"}\n')
+    _expect_error(tmp_path, tok, [str(bad)], r"in\.jsonl:2: malformed JSON")
+    s = preprocess(str(tmp_path / "skip"), tok, [str(bad)], skip_malformed=True, progress=False)
+    assert s.documents == 2 and s.read.malformed_lines == 1
+    nonutf = tmp_path / "nonutf.jsonl"
+    nonutf.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    _expect_error(tmp_path, tok, [str(nonutf)], r"nonutf\.jsonl:2: not valid UTF-8")
+    empty = _jsonl(tmp_path / "empty.jsonl", ["a", "", "b"])
+    _expect_error(tmp_path, tok, [str(empty)], r"empty\.jsonl:2: empty document")
+    s = preprocess(str(tmp_path / "skip2"), tok, [str(empty)], skip_malformed=True, progress=False)
+    assert s.documents == 2 and s.read.empty_documents == 1
+    nokey = _jsonl(tmp_path / "nokey.jsonl", ["a"], key="content")
+    _expect_error(tmp_path, tok, [str(nokey)], r"nokey\.jsonl:1: no text under key 'text'")
+    data = gzip.compress(("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 200)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    _expect_error(tmp_path, tok, [str(tmp_path / "cut.jsonl.gz")], r"cut\.jsonl\.gz: compressed stream")
+    repo = tmp_path / "repos" / "r1"
+    repo.mkdir(parents=True)
+    (repo / "a.py").write_bytes(b"caf\xe9 = 1\n")
+    _expect_error(tmp_path, tok, [str(tmp_path / "repos")], r"a\.py: not valid UTF-8")
+    # the command line prints one line and exits with status 2
+    rc = cli_main(["preprocess", "--input", str(bad), "--output-prefix", str(tmp_path / "bad"),
+                   "--tokenizer-model", str(starcoder2_tokenizer_path), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "in.jsonl:2" in err[0] and "Traceback" not in err[0]
+
+
+def test_corrupt_index_files(tmp_path):
+    with IndexedWriter(tmp_path / "d", np.uint16) as w:
+        for n in (3, 5, 7):
+            w.add_document(list(range(n)))
+        w.finalize()
+    good_idx = (tmp_path / "d.idx").read_bytes()
+    good_bin = (tmp_path / "d.bin").read_bytes()
+    assert IndexedDataset(tmp_path / "d").num_tokens == 15
+
+    def broken(idx=good_idx, binary=good_bin, match=""):
+        (tmp_path / "d.idx").write_bytes(idx)
+        (tmp_path / "d.bin").write_bytes(binary)
+        with pytest.raises(DataError, match=match):
+            IndexedDataset(tmp_path / "d")
+
+    broken(idx=b"XXIDIDX\x00\x00" + good_idx[9:], match=r"d\.idx: not a Megatron \.idx file")
+    broken(idx=good_idx[:9] + (2).to_bytes(8, "little") + good_idx[17:], match="unsupported .idx version 2")
+    broken(idx=good_idx[:-8], match=r"d\.idx: truncated or corrupt")
+    broken(idx=good_idx[:20], match=r"d\.idx: truncated")
+    broken(binary=good_bin[:-2], match=r"d\.bin: size .* truncated or mismatched")
+    broken(idx=good_idx[:17] + bytes([99]) + good_idx[18:], match="unknown token dtype code 99")
+    (tmp_path / "d.idx").write_bytes(good_idx)
+    os.remove(tmp_path / "d.bin")
+    with pytest.raises(DataError, match=r"d\.bin: missing"):
+        IndexedDataset(tmp_path / "d")
