@@ -254,4 +254,5 @@ class BuildKernels(build_ext):
             print("WARNING: building the CUDA attention module failed (set MEGATRON_SC2_CUDA=0 to "
                   "skip it, =1 to make this an error); building the CPU module only",
                   file=sys.stderr)
+            self.extensions = [e for e in self.extensions if e.name != CUDA_MODULE]
             build_plans(cpu_plans, force=self.force)

@@ -101,6 +101,24 @@ class _CpuAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def key_bounds(seq: int, window: int, document_ids: Optional[torch.Tensor], batch: int,
+               device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """lo (batch, seq) int32: the first key each query may see (window and, when the ids are
+    sorted, the start of its document run); by_id (batch,) uint8: 1 where the ids are not sorted
+    and must be compared element by element (None without documents)."""
+    pos = torch.arange(seq, device=device, dtype=torch.int64)
+    lo = (pos - (window if window > 0 else seq) + 1).clamp_min(0).expand(batch, seq)
+    if document_ids is None:
+        return lo.to(torch.int32).contiguous(), None
+    ids = document_ids
+    is_sorted = (ids[:, 1:] >= ids[:, :-1]).all(dim=1)
+    change = torch.ones_like(ids, dtype=torch.bool)
+    change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run_start = torch.where(change, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    lo = torch.where(is_sorted[:, None], torch.maximum(lo, run_start), lo)
+    return lo.to(torch.int32).contiguous(), (~is_sorted).to(torch.uint8).contiguous()
+
+
 class _CudaAttention(torch.autograd.Function):
     """CUDA kernel on the current stream; dK/dV are accumulated in fp32, then cast."""
 
@@ -109,20 +127,21 @@ class _CudaAttention(torch.autograd.Function):
         mod = kernels.cuda_module()
         b, s, h, d = q.shape
         kvh = k.shape[2]
+        lo, by_id = key_bounds(s, window, doc, b, q.device)
         o = torch.empty_like(q)
         lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
         stream = torch.cuda.current_stream(q.device).cuda_stream
         with torch.cuda.device(q.device):
-            mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(doc), b, s, h, kvh, d,
-                        window, scale, _CUDA_DTYPES[q.dtype], stream)
-        ctx.save_for_backward(q, k, v, o, lse, doc)
-        ctx.window, ctx.scale = window, scale
+            mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(lo), _ptr(doc),
+                        _ptr(by_id), b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream)
+        ctx.save_for_backward(q, k, v, o, lse, doc, lo, by_id)
+        ctx.scale = scale
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, o, lse, doc = ctx.saved_tensors
+        q, k, v, o, lse, doc, lo, by_id = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype).contiguous()
         b, s, h, d = q.shape
         kvh = k.shape[2]
@@ -133,9 +152,9 @@ class _CudaAttention(torch.autograd.Function):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         with torch.cuda.device(q.device):
             kernels.cuda_module().backward(
-                _ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(doc),
-                _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d, ctx.window, ctx.scale,
-                _CUDA_DTYPES[q.dtype], stream)
+                _ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
+                _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d,
+                ctx.scale, _CUDA_DTYPES[q.dtype], stream)
         return dq, dk32.to(k.dtype), dv32.to(v.dtype), None, None, None
 
 

@@ -1,0 +1,81 @@
+// pybind11 module megatron_sc2.ops._attn_cuda: raw device pointers (as integers), sizes and the
+// CUDA stream handle in; no torch headers. Imports without a GPU; calls raise RuntimeError then.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "attn_cuda_api.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check_sizes(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dtype) {
+  if (B < 1 || S < 1 || H < 1 || KV < 1 || H % KV || (D != 64 && D != 128))
+    throw std::invalid_argument("CUDA attention: bad sizes B=" + std::to_string(B) + " S=" +
+                                std::to_string(S) + " H=" + std::to_string(H) + " KV=" +
+                                std::to_string(KV) + " D=" + std::to_string(D) +
+                                " (head dim must be 64 or 128)");
+  if (S > INT32_MAX || H > 65535 || B > 65535)
+    throw std::invalid_argument("CUDA attention: sizes beyond the launch grid");
+  if (dtype != 0 && dtype != 1) throw std::invalid_argument("CUDA attention: dtype code 0 (fp16) or 1 (bf16)");
+}
+
+void raise_if(const std::string& err) {
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
+template <typename P>
+P* as(uintptr_t x) { return reinterpret_cast<P*>(x); }
+
+}  // namespace
+
+PYBIND11_MODULE(_attn_cuda, m) {
+  m.doc() = "Sliding-window GQA attention, CUDA kernels (sm_80/sm_90, fp16/bf16, head dim 64/128)";
+  m.def("device_count", [] {
+    int n = 0;
+    sc2_cuda_device_count(&n);
+    return n;
+  }, "Number of CUDA devices the module can see (0 without a GPU or driver).");
+  m.def("forward",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t lo,
+           uintptr_t doc, uintptr_t by_id, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D,
+           double scale, int dtype, uintptr_t stream) {
+          check_sizes(B, S, H, KV, D, dtype);
+          CudaAttnArgs a;
+          a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
+          a.o = as<void>(o); a.lse = as<float>(lse); a.lo = as<const int32_t>(lo);
+          a.doc = as<const int64_t>(doc); a.by_id = as<const uint8_t>(by_id);
+          a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D;
+          a.scale = static_cast<float>(scale); a.dtype = dtype; a.stream = stream;
+          std::string err;
+          {
+            py::gil_scoped_release release;
+            err = sc2_cuda_forward(a);
+          }
+          raise_if(err);
+        });
+  m.def("backward",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
+           uintptr_t lo, uintptr_t doc, uintptr_t by_id, uintptr_t dq, uintptr_t dk, uintptr_t dv,
+           int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, double scale, int dtype,
+           uintptr_t stream) {
+          check_sizes(B, S, H, KV, D, dtype);
+          CudaAttnArgs a;
+          a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
+          a.dout = as<const void>(dout); a.lse = as<float>(lse); a.delta = as<const float>(delta);
+          a.lo = as<const int32_t>(lo); a.doc = as<const int64_t>(doc);
+          a.by_id = as<const uint8_t>(by_id);
+          a.dq = as<void>(dq); a.dk = as<float>(dk); a.dv = as<float>(dv);
+          a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D;
+          a.scale = static_cast<float>(scale); a.dtype = dtype; a.stream = stream;
+          std::string err;
+          {
+            py::gil_scoped_release release;
+            err = sc2_cuda_backward(a);
+          }
+          raise_if(err);
+        });
+}
