@@ -1,0 +1,174 @@
+"""3D parallelism against one process (issue 3).
+
+Each world size is launched once with torchrun (gloo, CPU, one thread per rank) and loops over
+its layouts inside (tests/dist/parallel_equivalence.py); each layout trains a tiny StarCoder2
+(window 8 < sequence 24) for 5 AdamW steps with gradient clipping and must match a
+single-process run of the same model: per-step losses and grad norms within 1e-5 relative,
+and every gradient before the first optimizer step within 1e-5 of the largest entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_sc2.config import ModelConfig, preset
+from megatron_sc2.errors import ConfigError
+from megatron_sc2.parallel.layout import ParallelLayout, layout_from_args, split_layers
+from megatron_sc2.config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+DIST = REPO / "tests" / "dist"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           str(DIST / script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def _run_layouts(nproc: int, layouts: list[str]) -> None:
+    proc = _torchrun(nproc, "parallel_equivalence.py", layouts, timeout=400)
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    by_layout = {r["layout"]: r for r in results}
+    missing = [l for l in layouts if l not in by_layout]
+    assert not missing, f"no result for {missing}; stderr tail:\n{proc.stderr[-4000:]}"
+    bad = [r for r in results if not r["ok"]]
+    assert not bad, json.dumps(bad, indent=1)[:6000]
+    for r in results:
+        assert len(r["losses"]) >= 5 and r["grads_checked"] > 0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# Layout specs: tpN/ppN/dpN sizes, v2 = interleaved schedule with 2 virtual stages per rank,
+# sp = sequence parallel, kv1 = one kv head (TP2 replicates it), untied = separate lm_head,
+# layers3 = 3 layers on 2 stages (uneven), full/selective = activation recomputation.
+WORLD2 = ["tp2", "tp2.sp", "tp2.kv1", "tp2.sp.kv1.untied", "tp2.full", "pp2", "pp2.v2",
+          "pp2.layers3.untied", "pp2.selective", "dp2"]
+WORLD4 = ["tp2.pp2", "tp2.pp2.v2", "tp2.dp2", "pp2.dp2", "pp2.dp2.v2", "tp2.sp.pp2",
+          "tp2.kv1.dp2.sp", "tp2.pp2.mbs2.full"]
+WORLD8 = ["tp2.pp2.dp2", "tp2.sp.pp2.dp2.v2.untied"]
+
+
+def test_equivalence_world2():
+    _run_layouts(2, WORLD2)
+
+
+def test_equivalence_world4():
+    _run_layouts(4, WORLD4)
+
+
+def test_equivalence_world8():
+    _run_layouts(8, WORLD8)
+
+
+def test_rank_failure_ends_the_job_quickly():
+    start = time.monotonic()
+    proc = _torchrun(2, "rank_failure.py", [], timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank 0 step 1" in proc.stdout  # it was training before rank 1 died
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to fail"
+
+
+# ------------------------------------------------------------------ layouts and validation
+
+def _layout(world: int, model: str = "starcoder2-tiny", **flags) -> ParallelLayout:
+    cfg = TrainConfig(model=model, seq_length=flags.pop("seq_length", 64), **flags)
+    return layout_from_args(cfg, world, cfg.model_config())
+
+
+def test_layout_derives_data_parallel_and_microbatches():
+    lay = _layout(8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                  micro_batch_size=2, global_batch_size=16)
+    assert (lay.tp, lay.pp, lay.dp, lay.num_microbatches) == (2, 2, 2, 4)
+
+
+@pytest.mark.parametrize("flags,world,message", [
+    (dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6, "world size 6"),
+    (dict(tensor_model_parallel_size=3), 3, "attention heads"),
+    (dict(pipeline_model_parallel_size=4, global_batch_size=4), 4, "layers cannot fill"),
+    (dict(micro_batch_size=2, global_batch_size=5), 2, "--global-batch-size 5"),
+    (dict(pipeline_model_parallel_size=2, global_batch_size=1), 2, "cannot fill"),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=63), 2, "--seq-length 63"),
+    (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3,
+          global_batch_size=4), 2, "virtual"),
+])
+def test_layout_refuses_impossible_settings(flags, world, message):
+    with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
+        _layout(world, **flags)
+
+
+def test_kv_head_replication_rules():
+    three_b, seven_b, fifteen_b = preset("starcoder2-3b"), preset("starcoder2-7b"), preset("starcoder2-15b")
+    for tp in (1, 2, 4, 8):
+        ParallelLayout(tp=tp).validate(three_b)   # 2 kv heads: replicated at TP4/8
+        ParallelLayout(tp=tp).validate(fifteen_b)  # 4 kv heads: replicated at TP8
+    with pytest.raises(ConfigError, match="does not divide the 36 attention heads"):
+        ParallelLayout(tp=8).validate(seven_b)
+    with pytest.raises(ConfigError, match="does not divide the 24 attention heads"):
+        ParallelLayout(tp=16).validate(three_b)
+    # 6 query heads per kv group split over TP3 would straddle kv heads.
+    odd = ModelConfig(vocab_size=96, hidden_size=48, ffn_hidden_size=96, num_layers=2,
+                      num_attention_heads=12, num_query_groups=2)
+    with pytest.raises(ConfigError, match="not a multiple of them"):
+        ParallelLayout(tp=3).validate(odd)
+
+
+def test_uneven_layer_split():
+    assert [len(r) for r in split_layers(30, 4)] == [8, 8, 7, 7]
+    assert [r.start for r in split_layers(30, 4)] == [0, 8, 16, 23]
+    assert [len(r) for r in split_layers(3, 2)] == [2, 1]
+
+
+# ------------------------------------------------------------------ per-rank parameter counts
+
+def _expected_tp_rank_params(cfg: ModelConfig, tp: int) -> int:
+    """Megatron's split, counted by hand: column-parallel weights and biases and the vocab
+    are divided by TP; row-parallel biases, LayerNorms and replicated kv projections are not."""
+    h, f, v, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.head_dim
+    kv = cfg.num_query_groups * d
+    kv_params = 2 * (h * kv + kv)
+    kv_local = kv_params if tp > cfg.num_query_groups else kv_params // tp
+    layer = ((h * h + h) // tp + kv_local + h * h // tp + h   # q, k/v, o (bias replicated)
+             + (h * f + f) // tp + f * h // tp + h            # c_fc, c_proj
+             + 4 * h)                                          # two LayerNorms
+    head = 0 if cfg.tie_word_embeddings else v * h // tp
+    return v * h // tp + cfg.num_layers * layer + 2 * h + head
+
+
+@pytest.mark.parametrize("name,total", [("starcoder2-3b", 3_030_371_328),
+                                        ("starcoder2-15b", 15_957_889_024)])
+def test_meta_param_counts_at_tp8(name, total):
+    code = (
+        "import json; from megatron_sc2.config import preset; "
+        "from megatron_sc2.parallel.layout import ParallelLayout; "
+        "from megatron_sc2.parallel.param_count import parameter_counts_per_rank; "
+        f"print(json.dumps(parameter_counts_per_rank(preset('{name}'), ParallelLayout(tp=8))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = preset(name)
+    assert cfg.num_params() == total
+    assert counts == [_expected_tp_rank_params(cfg, 8)] * 8
+    # Sharded parts add up to the model; replicated parts are held by every rank.
+    h, kv = cfg.hidden_size, cfg.num_query_groups * cfg.head_dim
+    replicated_per_layer = 2 * h + 4 * h + (2 * (h * kv + kv) if cfg.num_query_groups < 8 else 0)
+    replicated = cfg.num_layers * replicated_per_layer + 2 * h
+    assert sum(counts) - 7 * replicated == total
