@@ -297,3 +297,69 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("1234") == 1234
     with pytest.raises(ConfigError):
         parse_size("lots")
+
+
+def _sharded_save_worker(rank: int, world: int, init_file: str, save: str, state_path: str) -> None:
+    """One rank of a 2-process gloo world: save the model as DTensor shards split the way
+    tensor parallelism splits them (column-parallel on dim 0, row-parallel on dim 1)."""
+    import gc
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from megatron_sc2.training import checkpoint as ck
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.load(state_path)
+    model_cfg = full.pop("__config__")
+
+    def placement(name: str, t: torch.Tensor):
+        if name.endswith(("o_proj.weight", "c_proj.weight")):
+            return [Shard(1)]
+        if t.dim() == 2 or name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "c_fc.bias")):
+            return [Shard(0)]
+        return [Replicate()]
+
+    shards = {n: distribute_tensor(t, mesh, placement(n, t)) for n, t in full.items()}
+    tmp = ck.temporary_dir(save, 4, "test")
+    dcp.save({"model": shards}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        ck.write_meta(tmp, {"iteration": 4, "consumed_samples": 0, "model_config": model_cfg,
+                            "train_config": None, "tokenizer": None, "has_optimizer": False})
+        ck.finalize(tmp, save, 4)
+    dist.barrier()
+    del shards
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def test_export_reassembles_a_tensor_parallel_sharded_checkpoint(tmp_path):
+    """A checkpoint whose weights were saved as TP-style DTensor shards by 2 processes exports
+    every tensor bit for bit."""
+    import torch.multiprocessing as mp
+
+    from megatron_sc2.model import StarCoder2
+
+    cfg = _tiny_cfg(False)
+    torch.manual_seed(7)
+    model = StarCoder2(cfg)
+    full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({**full, "__config__": cfg.to_dict()}, tmp_path / "state.pt")
+    mp.start_processes(_sharded_save_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ck"),
+                                                   str(tmp_path / "state.pt")),
+                       nprocs=2, join=True, start_method="spawn")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(find_checkpoint(tmp_path / "ck"))).read_metadata().state_dict_metadata
+    assert len(md["model.layers.0.self_attn.o_proj.weight"].chunks) == 2  # really sharded
+    out = tmp_path / "hf"
+    assert _cli("to-hf", "--load", tmp_path / "ck", "--save", out, "--verify-logits") == 0
+    got = _tensors(out)
+    assert set(got) == {("" if k.startswith("lm_head") else "model.") + k for k in full}
+    for k, t in full.items():
+        assert torch.equal(got[("" if k.startswith("lm_head") else "model.") + k], t), k
