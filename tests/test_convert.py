@@ -363,3 +363,36 @@ def test_export_reassembles_a_tensor_parallel_sharded_checkpoint(tmp_path):
     assert set(got) == {("" if k.startswith("lm_head") else "model.") + k for k in full}
     for k, t in full.items():
         assert torch.equal(got[("" if k.startswith("lm_head") else "model.") + k], t), k
+
+
+def _released_style_config(hidden, ffn, layers, heads, kv, theta, tie, init) -> dict:
+    """A config.json as the released StarCoder2 checkpoints write it (transformers 4 layout:
+    top-level rope_theta, torch_dtype), values from the model cards."""
+    return {"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2",
+            "attention_dropout": 0.1, "residual_dropout": 0.1, "embedding_dropout": 0.1,
+            "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "initializer_range": init,
+            "max_position_embeddings": 16384, "norm_epsilon": 1e-5, "rope_theta": theta,
+            "sliding_window": 4096, "use_bias": True, "use_cache": True, "vocab_size": 49152,
+            "tie_word_embeddings": tie, "torch_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("name,values", [
+    ("starcoder2-3b", (3072, 12288, 30, 24, 2, 999999.4420358813, True, 0.018042)),
+    ("starcoder2-7b", (4608, 18432, 32, 36, 4, 1000000, True, 0.018042)),
+    ("starcoder2-15b", (6144, 24576, 40, 48, 4, 100000, False, 0.01275)),
+])
+def test_released_configs_map_to_our_presets(name, values):
+    from megatron_sc2.config import preset
+    from megatron_sc2.convert.from_hf import check_parallel_sizes
+    from megatron_sc2.convert.hf_config import from_hf_config_dict, to_hf_config_dict
+
+    released = _released_style_config(*values)
+    ours = from_hf_config_dict(released)
+    assert ours == preset(name)
+    check_parallel_sizes(ours, 4, 2)
+    written = to_hf_config_dict(ours, "bfloat16")
+    for key, value in released.items():
+        if not key.endswith("dropout"):  # pretraining used none; we write 0.0
+            assert written[key] == value, key
