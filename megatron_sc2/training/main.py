@@ -12,7 +12,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_train_args(sys.argv[1:] if argv is None else argv)
     from megatron_sc2.training.signals import install_early
 
-    install_early(cfg)  # a stop signal during start-up is kept for the first step, not fatal
+    startup = install_early(cfg)  # noqa: F841 - stop signals during start-up wait for step 1
     from megatron_sc2.training.trainer import train
 
     train(cfg)

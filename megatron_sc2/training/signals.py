@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,26 +27,54 @@ from megatron_sc2.errors import ConfigError
 # Bits of the flag vector the ranks all-reduce (MAX): which stop causes some rank has seen.
 EXIT_SIGNAL, TERMINATE, DURATION = 0, 1, 2
 
-# Signals received by this process, in order (the handlers only append here).
+# Signals received by this process, in order (the handler only appends here).
 _RECEIVED: list[int] = []
+# Who is listening: the run being started (install_early's token) and live trainers' StopRequests.
+# With no listener left (a test process after its trainers are gone), a signal does what it
+# would have done had we never installed a handler.
+_listeners: "weakref.WeakSet[object]" = weakref.WeakSet()
+_original: dict[int, object] = {}
 # Set by install_early(): where the run's own signals start in _RECEIVED.
 _early_mark: Optional[int] = None
 
 
-def _record(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
-    # Only remember it: printing or saving inside a handler can re-enter I/O half-way.
-    _RECEIVED.append(signum)
-
-
-def install_early(cfg) -> None:
-    """Record the stop signals from the very start of `megatron-sc2 train` (importing torch and
-    building the model take seconds; a signal then must not kill the process unsaved)."""
-    global _early_mark
-    if threading.current_thread() is not threading.main_thread():
+def _record(signum: int, frame) -> None:
+    if len(_listeners):
+        # Only remember it: printing or saving inside a handler can re-enter I/O half-way.
+        _RECEIVED.append(signum)
         return
-    for sig in {parse_signal(getattr(cfg, "exit_signal", "SIGUSR1")), signal.SIGTERM}:
-        signal.signal(sig, _record)
-    _early_mark = len(_RECEIVED)
+    previous = _original.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install(signals: set[signal.Signals]) -> bool:
+    if threading.current_thread() is not threading.main_thread():
+        return False  # signal.signal() only works there (a trainer in a thread only polls time)
+    for sig in signals:
+        previous = signal.signal(sig, _record)
+        if previous is not _record:
+            _original[sig] = previous
+    return True
+
+
+class _StartupToken:
+    """Keeps the handlers recording while the run starts; drop it once the trainer exists."""
+
+
+def install_early(cfg) -> _StartupToken:
+    """Record the stop signals from the very start of `megatron-sc2 train` (importing torch and
+    building the model take seconds; a signal then must not kill the process unsaved). Keep the
+    returned token referenced until the trainer is built."""
+    global _early_mark
+    token = _StartupToken()
+    if _install({parse_signal(getattr(cfg, "exit_signal", "SIGUSR1")), signal.SIGTERM}):
+        _listeners.add(token)
+        _early_mark = len(_RECEIVED)
+    return token
 
 
 def parse_signal(name: str, setting: str = "--exit-signal") -> signal.Signals:
@@ -71,7 +100,7 @@ class StopRequest:
     requeue: bool
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in a WeakSet
 class StopRequests:
     """Records stop signals and decides, with every rank, when and how the run stops."""
 
@@ -81,7 +110,6 @@ class StopRequests:
     start_time: float = field(default_factory=time.time)
     first_signal: int = 0  # index into _RECEIVED of the first signal that belongs to this run
     pending: Optional[StopRequest] = None
-    _previous: dict[int, object] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg, start_time: Optional[float] = None) -> "StopRequests":
@@ -90,23 +118,21 @@ class StopRequests:
                     requeue=bool(getattr(cfg, "requeue", True)),
                     exit_duration_in_mins=cfg.exit_duration_in_mins,
                     start_time=time.time() if start_time is None else start_time)
-        global _early_mark
-        stops.first_signal = len(_RECEIVED) if _early_mark is None else _early_mark
-        _early_mark = None
         stops.install()
         return stops
 
     # ------------------------------------------------------------------------------- handlers
     def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal.signal() only works there; a trainer in a thread (tests) polls time only
-        for sig in {self.exit_signal, signal.SIGTERM}:
-            self._previous[sig] = signal.signal(sig, _record)
+        """Listen from now on (or from install_early's start, when that ran)."""
+        global _early_mark
+        self.first_signal = len(_RECEIVED) if _early_mark is None else _early_mark
+        _early_mark = None
+        if _install({self.exit_signal, signal.SIGTERM}):
+            _listeners.add(self)
 
     def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        """Stop listening (signals then act as if no handler had been installed)."""
+        _listeners.discard(self)
 
     @property
     def received(self) -> list[int]:
