@@ -297,7 +297,9 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
     float* dk_acc = acc.data() + static_cast<size_t>(tid) * 2 * kv_elems;
     float* dv_acc = dk_acc + kv_elems;
     Scratch w(DP);
-#pragma omp for schedule(dynamic, 1)
+    // Static round-robin: each thread sees the same tasks in the same order on every run, so the
+    // fp32 sums into its accumulator (and the gradients) are bit-for-bit reproducible.
+#pragma omp for schedule(static, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
       const int64_t qb = nqb - 1 - t % nqb, h = (t / nqb) % s.H, b = t / (nqb * s.H);
       const int64_t g = h / group, i0 = qb * BQ;
