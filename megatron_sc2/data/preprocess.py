@@ -117,8 +117,25 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
     summary.encoder = "tiktoken (exact)" if fast is not None else tok.backend
     eod_always = repo_like
 
+    def encode_texts(chunk: list[Document], key: str) -> list[list[int]]:
+        try:
+            return tok.encode_batch([d.fields[key] for d in chunk])
+        except Exception:
+            pass  # find the document at fault (e.g. a lone surrogate from a JSON escape)
+        out = []
+        for d in chunk:
+            try:
+                out.append(tok.encode(d.fields[key]))
+            except Exception as e:
+                if not skip_malformed:
+                    raise DataError(f"{d.where}: cannot be tokenized ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                    "pass --skip-malformed to skip such documents") from None
+                stats.malformed_lines += 1
+                out.append(None)
+        return out
+
     def encode(chunk: list[Document]) -> list[list[list[int]]]:
-        per_key = [tok.encode_batch([d.fields[k] for d in chunk]) for k in keys]
+        per_key = [encode_texts(chunk, k) for k in keys]
         return [[per_key[j][i] for j in range(len(keys))] for i in range(len(chunk))]
 
     from tqdm import tqdm
@@ -136,6 +153,8 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                 nonlocal last_bytes
                 chunk, fut = pending.popleft()
                 for doc, ids_per_key in zip(chunk, fut.result()):
+                    if any(ids is None for ids in ids_per_key):
+                        continue  # could not be tokenized; counted as malformed
                     if all(len(ids) == 0 for ids in ids_per_key):
                         if skip_malformed:
                             stats.empty_documents += 1
