@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from megatron_sc2.config import ModelConfig
+from megatron_sc2.errors import ConfigError
 from megatron_sc2.model.starcoder2 import StarCoder2
 from megatron_sc2.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_sc2.parallel.layout import ParallelLayout, split_layers
@@ -40,6 +41,7 @@ class ParallelModel:
     embedding_group: Optional[dist.ProcessGroup] = None
     _schedule: object = None
     _stages: list = field(default_factory=list)
+    _loss_holder: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -88,6 +90,9 @@ class ParallelModel:
                 for layer in chunk.layers.values():
                     fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=False)
                 fully_shard(chunk, mesh=mesh["dp"], reshard_after_forward=False)
+                # Sum (not average) over data-parallel ranks: each micro-batch loss is already
+                # divided by the loss tokens of the whole global batch.
+                chunk.set_gradient_divide_factor(1.0)
         embedding_group = _embedding_group(mesh) if (tied and layout.pp > 1) else None
         pm = cls(cfg=cfg, layout=layout, mesh=mesh, chunks=chunks, chunk_ids=chunk_ids,
                  rank_model=RankModel(chunks), device=device, embedding_group=embedding_group)
@@ -106,69 +111,94 @@ class ParallelModel:
                 and self.rank_model.embed_tokens is None)
 
     # ---------------------------------------------------------------- one step
-    def _loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _loss_fn(self, total_tokens: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Loss of one micro-batch: its masked token-loss sum over the loss tokens of the whole
+        global batch, so the micro-batch and data-parallel gradients add up to the global
+        mean. `target` packs labels and the 0/1 loss mask as (..., 2)."""
         tp_mesh = self.mesh["tp"]
         group = tp_mesh.get_group() if self.layout.tp > 1 else None
         start, _ = vocab_range(self.cfg.vocab_size, tp_mesh.get_local_rank(), self.layout.tp)
 
-        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return vocab_parallel_cross_entropy(logits, labels, start, group).mean()
+        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            labels, mask = target[..., 0], target[..., 1]
+            ce = vocab_parallel_cross_entropy(logits, labels, start, group)
+            return (ce * mask.to(ce.dtype)).sum() / total_tokens
         return loss_fn
 
-    def forward_backward(self, tokens: Optional[torch.Tensor],
-                         labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward_backward(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                         loss_mask: Optional[torch.Tensor] = None,
+                         total_tokens: Optional[float] = None,
+                         position_ids: Optional[torch.Tensor] = None,
+                         document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run this data-parallel rank's share of the global batch (local_batch, seq) as
-        micro-batches, accumulating gradients of the global mean loss. Every rank returns the
-        step's global mean loss (fp32 scalar)."""
+        micro-batches, accumulating the gradients of sum(token loss x mask) / total_tokens
+        (total_tokens: loss tokens of the whole global batch; default every token). Every
+        rank returns that global loss (fp32 scalar)."""
         n_mb = self.layout.num_microbatches
-        loss_fn = self._loss_fn()
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels)
+        if total_tokens is None:
+            total_tokens = float(labels.numel() * self.layout.dp)
+        total = torch.tensor(float(total_tokens), dtype=torch.float32, device=self.device)
+        loss_fn = self._loss_fn(total)
+        target = torch.stack([labels, loss_mask.to(labels.dtype)], dim=-1)
         if self.layout.pp == 1:
             chunk = self.chunks[0]
-            total = torch.zeros((), dtype=torch.float32, device=self.device)
-            for i, (t, l) in enumerate(zip(tokens.chunk(n_mb), labels.chunk(n_mb))):
+            loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+            pos = position_ids.chunk(n_mb) if position_ids is not None else [None] * n_mb
+            docs = document_ids.chunk(n_mb) if document_ids is not None else [None] * n_mb
+            for i, (t, y) in enumerate(zip(tokens.chunk(n_mb), target.chunk(n_mb))):
                 if self.layout.dp > 1:
                     chunk.set_requires_gradient_sync(i == n_mb - 1)
-                loss = loss_fn(chunk(t), l)
-                (loss / n_mb).backward()
-                total += loss.detach()
-            mean = total / n_mb
+                loss = loss_fn(chunk(t, pos[i], docs[i]), y)
+                loss.backward()
+                loss_sum += loss.detach()
         else:
-            mean = self._pipeline_step(tokens, labels, loss_fn)
+            if position_ids is not None or document_ids is not None:
+                raise ConfigError("--reset-position-ids / --reset-attention-mask are not supported "
+                                  "with --pipeline-model-parallel-size > 1 yet")
+            loss_sum = self._pipeline_step(tokens, target, loss_fn)
         self._reduce_tied_grads()
         if self.layout.dp > 1:
-            dist.all_reduce(mean, group=self.mesh["dp"].get_group())
-            mean /= self.layout.dp
-        return mean
+            dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
+        return loss_sum
 
-    def _pipeline_step(self, tokens, labels, loss_fn) -> torch.Tensor:
+    def _pipeline_step(self, tokens, target, loss_fn) -> torch.Tensor:
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                                   ScheduleInterleaved1F1B)
 
         pp_mesh = self.mesh["pp"]
+        self._loss_holder["fn"] = loss_fn
         if self._schedule is None:
             group = pp_mesh.get_group()
             self._stages = [PipelineStage(chunk, c, self.layout.num_model_chunks, self.device,
                                           group=group)
                             for chunk, c in zip(self.chunks, self.chunk_ids)]
             n_mb = self.layout.num_microbatches
+            holder = self._loss_holder
+
+            def current_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                return holder["fn"](output, target)
             if self.layout.virtual_stages == 1:
-                self._schedule = Schedule1F1B(self._stages[0], n_mb, loss_fn=loss_fn)
+                self._schedule = Schedule1F1B(self._stages[0], n_mb, loss_fn=current_loss,
+                                              scale_grads=False)
             else:
-                self._schedule = ScheduleInterleaved1F1B(self._stages, n_mb, loss_fn=loss_fn)
+                self._schedule = ScheduleInterleaved1F1B(self._stages, n_mb, loss_fn=current_loss,
+                                                         scale_grads=False)
         first = any(c.is_first for c in self.chunks)
         last = any(c.is_last for c in self.chunks)
         losses: list[torch.Tensor] = []
         args = (tokens,) if first else ()
-        kwargs = {"target": labels, "losses": losses} if last else {}
+        kwargs = {"target": target, "losses": losses} if last else {}
         self._schedule.step(*args, **kwargs)
         if last:
-            mean = torch.stack([l.detach().float() for l in losses]).mean()
+            loss_sum = torch.stack([l.detach().float() for l in losses]).sum()
         else:
-            mean = torch.zeros((), dtype=torch.float32, device=self.device)
+            loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         # The loss lives on the last stage; share it along the pipeline.
         src = dist.get_global_rank(pp_mesh.get_group(), self.layout.pp - 1)
-        dist.broadcast(mean, src=src, group=pp_mesh.get_group())
-        return mean
+        dist.broadcast(loss_sum, src=src, group=pp_mesh.get_group())
+        return loss_sum
 
     def _reduce_tied_grads(self) -> None:
         if self.embedding_group is None:

@@ -43,19 +43,22 @@ class StageModule(nn.Module):
     def is_last(self) -> bool:
         return self.lm_head is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: token ids (batch, seq) on the first stage, else hidden states (batch, seq /
-        seq_shards, hidden). Returns hidden states, or vocabulary(-shard) logits on the last."""
+        seq_shards, hidden). Returns hidden states, or vocabulary(-shard) logits on the last.
+        position_ids / document_ids (batch, seq) cover the full sequence."""
         if self.embed_tokens is not None:
             seq = x.shape[1]
             h = self.embed_tokens(x)
         else:
             seq = x.shape[1] * self.seq_shards
             h = x
-        pos = torch.arange(seq, device=h.device).unsqueeze(0).expand(h.shape[0], seq)
-        cos, sin = rotary_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, dtype=h.dtype)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=h.device).unsqueeze(0).expand(h.shape[0], seq)
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype=h.dtype)
         for layer in self.layers.values():
-            h = self._block(layer, h, cos, sin)
+            h = self._block(layer, h, cos, sin, document_ids)
         if self.norm is not None:
             h = self.norm(h)
         if self.lm_head is not None:
@@ -63,15 +66,15 @@ class StageModule(nn.Module):
         return h
 
     def _block(self, layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:
+               sin: torch.Tensor, docs: Optional[torch.Tensor]) -> torch.Tensor:
         if self.recompute == "full" and torch.is_grad_enabled():
-            return checkpoint(layer, h, cos, sin, use_reentrant=False)
+            return checkpoint(layer, h, cos, sin, docs, use_reentrant=False)
         if self.recompute == "selective" and torch.is_grad_enabled():
             def attention(x: torch.Tensor) -> torch.Tensor:
-                return layer.self_attn(layer.input_layernorm(x), cos, sin, None)
+                return layer.self_attn(layer.input_layernorm(x), cos, sin, docs)
             h = h + checkpoint(attention, h, use_reentrant=False)
             return h + layer.mlp(layer.post_attention_layernorm(h))
-        return layer(h, cos, sin)
+        return layer(h, cos, sin, docs)
 
 
 class RankModel(nn.Module):

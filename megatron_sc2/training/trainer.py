@@ -1,5 +1,9 @@
 """The training loop: global batches of packed samples, AdamW, warmup + cosine, checkpoints.
 
+Under torchrun or srun with several processes the model is split by megatron_sc2.parallel
+(TP x PP x DP from --tensor-model-parallel-size / --pipeline-model-parallel-size and the world
+size); one process runs the plain model. Both compute the same step on the same samples.
+
 One step consumes `global_batch_size` samples, in micro batches of `micro_batch_size`, with the
 loss normalized by the number of loss tokens in the whole global batch (so any split into micro
 batches and data-parallel ranks computes the same step). Samples are addressed by global index
@@ -28,6 +32,7 @@ from megatron_sc2.training import checkpoint as ckpt
 from megatron_sc2.training.metrics import MetricsLog
 from megatron_sc2.training.optimizer import build_optimizer, learning_rate
 from megatron_sc2.training.signals import StopRequests
+from megatron_sc2.parallel import flops as flops_mod
 
 # Fields of ModelConfig that must agree between a checkpoint and the run that loads it.
 _ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
@@ -59,16 +64,23 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 
 class Trainer:
-    """Single-process trainer (data-parallel slicing and checkpoint format already global)."""
+    """One training run: the plain model in one process, or this rank's share of a TP x PP x DP
+    layout (megatron_sc2.parallel) under torchrun/srun; the same samples and losses either way."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.device = pick_device(cfg)
         self.dp_rank, self.dp_size = 0, 1
-        self.rank = 0
+        self.rank, self.world_size = 0, 1
+        self.pm = None  # megatron_sc2.parallel.engine.ParallelModel under several processes
+        self._init_distributed()
         self.tokenizer = self._load_tokenizer()
         self.model_cfg: ModelConfig = cfg.model_config(
             self.tokenizer.vocab_size if self.tokenizer is not None else None)
+        from megatron_sc2.parallel.layout import layout_from_args
+
+        self.layout = layout_from_args(cfg, self.world_size, self.model_cfg)
+        self.dp_size = self.layout.dp
         self.global_batch_size = cfg.global_batch_size or cfg.micro_batch_size * self.dp_size
         per_step = cfg.micro_batch_size * self.dp_size
         if self.global_batch_size % per_step:
@@ -80,7 +92,10 @@ class Trainer:
         self.eod = self.tokenizer.eod if self.tokenizer is not None else self.model_cfg.eos_token_id
 
         torch.manual_seed(cfg.seed)
-        self.model = StarCoder2(self.model_cfg).to(self.device)
+        if self.world_size > 1:
+            self._build_parallel_model()
+        else:
+            self.model = StarCoder2(self.model_cfg).to(self.device)
         self.optimizer = build_optimizer([self.model], cfg)
         self.state = TrainState()
         self.train_ds, self.valid_ds, _ = self._build_datasets()
@@ -92,10 +107,58 @@ class Trainer:
             ckpt.find_checkpoint(cfg.load)
         self.metrics = MetricsLog(self.log_dir, resume_from_step=self.state.iteration,
                                   enabled=self.rank == 0)
+        self.flops_per_step = flops_mod.train_flops_per_step(self.model_cfg, cfg.seq_length,
+                                                             self.global_batch_size)
+        self.peak_flops, self.peak_source = flops_mod.device_peak_flops(self.device)
         self.start_time = time.time()
         self.stop_requests = StopRequests.from_config(cfg, self.start_time)  # exit signal, SIGTERM
 
     # ----------------------------------------------------------------------------------- set-up
+    def _init_distributed(self) -> None:
+        """Join the job described by torchrun's or slurm's variables (one process: nothing)."""
+        from megatron_sc2.launch.env import detect
+
+        env = detect()
+        if not env.distributed:
+            return
+        import datetime
+
+        import torch.distributed as dist
+
+        env.export()
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", env.local_rank)
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(minutes=self.cfg.distributed_timeout_minutes))
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def _build_parallel_model(self) -> None:
+        """Every rank builds the full model from the same seed (so any layout starts from the
+        single-process weights), then keeps and shards its own part."""
+        from megatron_sc2.parallel.engine import ParallelModel, build_mesh
+
+        self.mesh = build_mesh(self.layout, self.device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        full = StarCoder2(self.model_cfg)
+        self.pm = ParallelModel.build(self.model_cfg, self.layout, self.mesh, model=full,
+                                      device=self.device)
+        self.model = self.pm.rank_model
+        if self.rank == 0:
+            print(f"parallel layout {self.layout.describe()} on {self.world_size} ranks, "
+                  f"{self.layout.num_microbatches} micro-batches per step", flush=True)
+
+    def _dp_sum(self, value: float) -> float:
+        if self.pm is None or self.dp_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.mesh["dp"].get_group())
+        return float(t)
+
     def _load_tokenizer(self):
         if not self.cfg.tokenizer_model:
             if not self.cfg.mock_data:
@@ -155,20 +218,23 @@ class Trainer:
             group["lr"] = lr
         batches = [self._micro_batch(self.train_ds, self.state.consumed_samples, m)
                    for m in range(self.num_micro_batches)]
-        total_tokens = sum(float(b["loss_mask"].sum()) for b in batches)
+        total_tokens = self._dp_sum(sum(float(b["loss_mask"].sum()) for b in batches))
         total_tokens = max(total_tokens, 1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for batch in batches:
-            loss = self._forward_loss_sum(batch) / total_tokens
-            loss.backward()
-            loss_sum += float(loss.detach())
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if cfg.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+        if self.pm is not None:
+            loss_sum, grad_norm = self._parallel_forward_backward(batches, total_tokens)
         else:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            loss_sum = 0.0
+            for batch in batches:
+                loss = self._forward_loss_sum(batch) / total_tokens
+                loss.backward()
+                loss_sum += float(loss.detach())
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if cfg.clip_grad > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         skipped = False
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             step = self.state.iteration + 1
@@ -184,10 +250,27 @@ class Trainer:
         self.state.consumed_samples += self.global_batch_size
         return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
 
+    def _parallel_forward_backward(self, batches, total_tokens: float) -> tuple[float, float]:
+        cfg = self.cfg
+        cat = {k: torch.cat([b[k] for b in batches]) for k in ("tokens", "labels", "loss_mask")}
+        pos = torch.cat([b["position_ids"] for b in batches]) if cfg.reset_position_ids else None
+        docs = (torch.cat([b["document_ids"] for b in batches])
+                if cfg.reset_attention_mask and batches[0].get("document_ids") is not None else None)
+        with self._autocast():
+            loss = self.pm.forward_backward(cat["tokens"], cat["labels"], cat["loss_mask"],
+                                            total_tokens, pos, docs)
+        if cfg.clip_grad > 0:
+            grad_norm = self.pm.clip_grad_norm_(cfg.clip_grad)
+        else:
+            grad_norm = self.pm.grad_norm()
+        return float(loss), float(grad_norm)
+
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         if self.valid_ds is None or self.cfg.eval_iters <= 0:
             return None
+        if self.pm is not None:
+            return self._parallel_evaluate()
         self.model.eval()
         total, tokens = 0.0, 0.0
         for it in range(self.cfg.eval_iters):
@@ -198,6 +281,41 @@ class Trainer:
                 tokens += float(batch["loss_mask"].sum())
         self.model.train()
         return total / max(tokens, 1.0)
+
+    def _parallel_evaluate(self) -> float:
+        """Validation loss under a parallel layout: forward and loss only, no gradients kept."""
+        total, tokens = 0.0, 0.0
+        for it in range(self.cfg.eval_iters):
+            first = it * self.global_batch_size
+            batches = [self._micro_batch(self.valid_ds, first, m) for m in range(self.num_micro_batches)]
+            n = self._dp_sum(sum(float(b["loss_mask"].sum()) for b in batches))
+            cat = {k: torch.cat([b[k] for b in batches]) for k in ("tokens", "labels", "loss_mask")}
+            with self._autocast():
+                loss = self.pm.forward_backward(cat["tokens"], cat["labels"], cat["loss_mask"],
+                                                max(n, 1.0))
+            self.optimizer.zero_grad(set_to_none=True)  # the pass above accumulated gradients
+            total += float(loss) * n
+            tokens += n
+        return total / max(tokens, 1.0)
+
+    def _step_metrics(self, dt: float) -> dict[str, Any]:
+        """Throughput and efficiency of one step: TFLOP/s per device, MFU, peak memory."""
+        flops_per_device = self.flops_per_step / dt / self.world_size
+        peak = flops_mod.peak_memory_bytes(self.device)
+        out: dict[str, Any] = {"tflops_per_device": flops_per_device / 1e12,
+                               "mfu": flops_per_device / self.peak_flops if self.peak_flops else None,
+                               "peak_flops_source": self.peak_source}
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            peaks = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+            peaks[self.rank] = peak
+            dist.all_reduce(peaks)
+            out["peak_memory_bytes_per_rank"] = [int(p) for p in peaks.tolist()]
+            out["peak_memory_bytes"] = int(peaks.max())
+        else:
+            out["peak_memory_bytes"] = peak
+        return out
 
     # ------------------------------------------------------------------------------------- loop
     def train(self) -> list[dict[str, Any]]:
@@ -213,6 +331,7 @@ class Trainer:
             record = {"step": it, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                       "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
                       "consumed_samples": self.state.consumed_samples, "skipped": out["skipped"]}
+            record.update(self._step_metrics(dt))
             if cfg.eval_interval > 0 and it % cfg.eval_interval == 0:
                 record["valid_loss"] = self.evaluate()
             if it % cfg.log_interval == 0 or it == cfg.train_iters:
@@ -227,7 +346,8 @@ class Trainer:
             if reason:
                 if cfg.save:
                     self.save()
-                print(f"stopping after step {it}: {reason}", flush=True)
+                if self.rank == 0:
+                    print(f"stopping after step {it}: {reason}", flush=True)
                 self.stop_requests.after_save(self.rank, resumable=bool(cfg.save) and it < cfg.train_iters)
                 return records
         if cfg.save:
@@ -242,35 +362,71 @@ class Trainer:
         return stop.reason if stop else None
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _state_dicts(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    _SD_OPTIONS = dict(flatten_optimizer_state_dict=True)
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+    def _tied_copy(self) -> bool:
+        """This rank is a last pipeline stage holding its own copy of the tied embedding."""
+        return self.pm is not None and self.pm.holds_tied_copy
+
+    def _state_dicts(self):
+        """Model and optimizer state under the model's own names (DTensors under a parallel
+        layout, so DCP stores the global view). Optimizer state is flattened per parameter
+        (`state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`) so ranks holding different
+        parameters never write the same key. The tied lm_head is not stored."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(**self._SD_OPTIONS))
         if self.model_cfg.tie_word_embeddings:
             model_sd.pop("lm_head.weight", None)
+            for k in [k for k in optim_sd if ".lm_head.weight" in k]:
+                optim_sd.pop(k)
         return model_sd, optim_sd
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _nonce(self) -> str:
+        """Rank 0's pid, agreed by every rank (they all write into the same temporary dir)."""
+        if self.world_size == 1:
+            return str(os.getpid())
+        import torch.distributed as dist
+
+        box = [os.getpid()]
+        dist.broadcast_object_list(box, src=0)
+        return str(box[0])
 
     def save(self) -> Path:
         import torch.distributed.checkpoint as dcp
 
         it = self.state.iteration
-        tmp = ckpt.temporary_dir(self.cfg.save, it, str(os.getpid()))
+        tmp = ckpt.temporary_dir(self.cfg.save, it, self._nonce())
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        self._barrier()
         model_sd, optim_sd = self._state_dicts()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
                    tmp / "rng" / f"rank_{self.rank}.pt")
-        ckpt.write_meta(tmp, {
-            "iteration": it, "consumed_samples": self.state.consumed_samples,
-            "model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
-            "tokenizer": str(Path(self.cfg.tokenizer_model).resolve()) if self.cfg.tokenizer_model else None,
-            "has_optimizer": True,
-        })
-        final = ckpt.finalize(tmp, self.cfg.save, it)
-        ckpt.prune(self.cfg.save, self.cfg.keep_last)
-        print(f"saved checkpoint {final}", flush=True)
+        self._barrier()
+        final = ckpt.checkpoint_dir(self.cfg.save, it)
+        if self.rank == 0:
+            ckpt.write_meta(tmp, {
+                "iteration": it, "consumed_samples": self.state.consumed_samples,
+                "model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
+                "tokenizer": str(Path(self.cfg.tokenizer_model).resolve()) if self.cfg.tokenizer_model else None,
+                "has_optimizer": True,
+                "parallel_layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                                    "world_size": self.world_size},
+            })
+            final = ckpt.finalize(tmp, self.cfg.save, it)
+            ckpt.prune(self.cfg.save, self.cfg.keep_last)
+            print(f"saved checkpoint {final}", flush=True)
+        self._barrier()
         return final
 
     def load(self, load_dir: str) -> None:
@@ -284,19 +440,39 @@ class Trainer:
             if theirs.get(f) != getattr(self.model_cfg, f):
                 raise CheckpointError(f"{path}: checkpoint has {f}={theirs.get(f)!r} but this run has "
                                       f"{f}={getattr(self.model_cfg, f)!r}")
-        model_sd, optim_sd = self._state_dicts()
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(**self._SD_OPTIONS))
+        tied = self.model_cfg.tie_word_embeddings
+        copy = self._tied_copy()
+        if tied and not copy:
+            model_sd.pop("lm_head.weight", None)
+            for k in [k for k in optim_sd if ".lm_head.weight" in k]:
+                optim_sd.pop(k)
+
+        def stored(key: str) -> str:
+            # A last stage's copy of the tied embedding is stored as the embedding.
+            return key.replace("lm_head.weight", "embed_tokens.weight") if copy else key
+
         load_optimizer = meta.get("has_optimizer", False) and not self.cfg.finetune
-        state: dict[str, Any] = {"model": model_sd}
+        state: dict[str, Any] = {"model": {stored(k): v for k, v in model_sd.items()}}
         if load_optimizer:
-            state["optimizer"] = optim_sd
+            state["optimizer"] = {stored(k): v for k, v in optim_sd.items()}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path))
-        options = StateDictOptions(strict=False)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state.get("optimizer", {}), options=options) \
-            if load_optimizer else self._set_model_only(state["model"], options)
-        if self.model_cfg.tie_word_embeddings:
+        back = {stored(k): k for k in model_sd}
+        model_state = {back[k]: v for k, v in state["model"].items()}
+        options = StateDictOptions(strict=False, **self._SD_OPTIONS)
+        if load_optimizer:
+            oback = {stored(k): k for k in optim_sd}
+            optim_state = {oback[k]: v for k, v in state["optimizer"].items()}
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
+                           optim_state_dict=optim_state, options=options)
+        else:
+            self._set_model_only(model_state, options)
+        if tied and not copy and self.model.embed_tokens is not None and self.model.lm_head is not None:
             self.model.lm_head.weight = self.model.embed_tokens.weight
         if load_optimizer:
             self.state = TrainState(meta["iteration"], meta["consumed_samples"])
@@ -305,8 +481,9 @@ class Trainer:
                 rng = torch.load(rng_file, weights_only=False)
                 torch.set_rng_state(rng["torch"])
                 np.random.set_state(rng["numpy"])
-        print(f"loaded checkpoint {path} (iteration {meta['iteration']}"
-              f"{'' if load_optimizer else ', model only: fresh optimizer from step 0'})", flush=True)
+        if self.rank == 0:
+            print(f"loaded checkpoint {path} (iteration {meta['iteration']}"
+                  f"{'' if load_optimizer else ', model only: fresh optimizer from step 0'})", flush=True)
 
     def _set_model_only(self, model_sd, options) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -315,7 +492,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
-    return Trainer(cfg).train()
+    try:
+        return Trainer(cfg).train()
+    finally:
+        from megatron_sc2.parallel.distributed import shutdown_distributed
+
+        shutdown_distributed()
 
 
 def config_with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
