@@ -116,6 +116,33 @@ static inline void gemm_acc(const float* A, const float* B, float* C, int M, int
   }
 }
 
+// C[M][N] (row stride ldc) += A^T B, with A[K][M] (lda = M) and B[K][N] (ldb = N): the
+// transposed product needed for dK and dV without transposing the tile first.
+static inline void gemm_tn_acc(const float* A, const float* B, float* C, int M, int N, int K,
+                               int64_t ldc) {
+  for (int i = 0; i < M; i += 4) {
+    for (int j = 0; j < N; j += 16) {
+      float* c = C + i * ldc + j;
+      v8 c00 = vload(c), c01 = vload(c + 8);
+      v8 c10 = vload(c + ldc), c11 = vload(c + ldc + 8);
+      v8 c20 = vload(c + 2 * ldc), c21 = vload(c + 2 * ldc + 8);
+      v8 c30 = vload(c + 3 * ldc), c31 = vload(c + 3 * ldc + 8);
+      const float* a = A + i;
+      const float* b = B + j;
+      for (int k = 0; k < K; ++k, a += M, b += N) {
+        v8 b0 = vload(b), b1 = vload(b + 8);
+        v8 x0 = vsplat(a[0]), x1 = vsplat(a[1]), x2 = vsplat(a[2]), x3 = vsplat(a[3]);
+        c00 += x0 * b0; c01 += x0 * b1; c10 += x1 * b0; c11 += x1 * b1;
+        c20 += x2 * b0; c21 += x2 * b1; c30 += x3 * b0; c31 += x3 * b1;
+      }
+      vstore(c, c00); vstore(c + 8, c01);
+      vstore(c + ldc, c10); vstore(c + ldc + 8, c11);
+      vstore(c + 2 * ldc, c20); vstore(c + 2 * ldc + 8, c21);
+      vstore(c + 3 * ldc, c30); vstore(c + 3 * ldc + 8, c31);
+    }
+  }
+}
+
 // ---- element types: fp32 and bf16 (stored as uint16_t) ------------------------------------------
 static inline float to_f32(float x) { return x; }
 static inline float to_f32(uint16_t x) {
@@ -171,11 +198,10 @@ struct MaskInfo {
 
 // Per-thread scratch for one tile.
 struct Scratch {
-  std::vector<float> q, qraw, o, dO, kt, kp, vt, vp, s, p, pt, dst, tmp, m, l, lse, dd;
+  std::vector<float> q, qraw, o, dO, kt, kp, vt, vp, s, p, tmp, m, l, lse, dd;
   explicit Scratch(int DP)
       : q(BQ * DP), qraw(BQ * DP), o(BQ * DP), dO(BQ * DP), kt(DP * BK), kp(BK * DP),
-        vt(DP * BK), vp(BK * DP), s(BQ * BK), p(BQ * BK), pt(BK * BQ), dst(BK * BQ),
-        tmp(BK * DP), m(BQ), l(BQ), lse(BQ), dd(BQ) {}
+        vt(DP * BK), vp(BK * DP), s(BQ * BK), p(BQ * BK), tmp(BK * DP), m(BQ), l(BQ), lse(BQ), dd(BQ) {}
 };
 
 // Pack nk key rows of kv head g starting at j0: transposed (DP x BK) and/or row-major (BK x DP).
@@ -351,25 +377,24 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
             vstore(dprow + jj, p * (vload(dprow + jj) - dv8));      // dS (w.r.t. scaled scores)
           }
         }
-        for (int r = 0; r < BQ; ++r)
-          for (int jj = 0; jj < BK; ++jj) {
-            w.pt[jj * BQ + r] = w.s[r * BK + jj];
-            w.dst[jj * BQ + r] = w.p[r * BK + jj];
+        // dV[j] += P^T dO ; dK[j] += dS^T Q ; dQ += dS K  (softmax scale applied at the end).
+        // A full tile adds straight into this thread's accumulators; the last, partial tile of
+        // a row goes through a scratch tile so that nothing lands beyond its nk keys.
+        const int64_t ldc = s.KV * s.DP;
+        float* dv_dst = dv_acc + ((b * s.S + j0) * s.KV + g) * s.DP;
+        float* dk_dst = dk_acc + ((b * s.S + j0) * s.KV + g) * s.DP;
+        if (nk == BK) {
+          gemm_tn_acc(w.s.data(), w.dO.data(), dv_dst, BK, DP, BQ, ldc);
+          gemm_tn_acc(w.p.data(), w.qraw.data(), dk_dst, BK, DP, BQ, ldc);
+        } else {
+          for (int pass = 0; pass < 2; ++pass) {
+            std::fill(w.tmp.begin(), w.tmp.end(), 0.0f);
+            gemm_tn_acc(pass ? w.p.data() : w.s.data(), pass ? w.qraw.data() : w.dO.data(),
+                        w.tmp.data(), BK, DP, BQ, DP);
+            float* dst = pass ? dk_dst : dv_dst;
+            for (int jj = 0; jj < nk; ++jj)
+              for (int c = 0; c < DP; ++c) dst[jj * ldc + c] += w.tmp[jj * DP + c];
           }
-        // dV[j] += P^T dO ; dK[j] += dS^T Q ; dQ += dS K  (softmax scale applied at the end)
-        std::fill(w.tmp.begin(), w.tmp.end(), 0.0f);
-        gemm_acc(w.pt.data(), w.dO.data(), w.tmp.data(), BK, DP, BQ);
-        for (int jj = 0; jj < nk; ++jj) {
-          float* dst = dv_acc + ((b * s.S + j0 + jj) * s.KV + g) * s.DP;
-          const float* src = &w.tmp[jj * DP];
-          for (int c = 0; c < DP; ++c) dst[c] += src[c];
-        }
-        std::fill(w.tmp.begin(), w.tmp.end(), 0.0f);
-        gemm_acc(w.dst.data(), w.qraw.data(), w.tmp.data(), BK, DP, BQ);
-        for (int jj = 0; jj < nk; ++jj) {
-          float* dst = dk_acc + ((b * s.S + j0 + jj) * s.KV + g) * s.DP;
-          const float* src = &w.tmp[jj * DP];
-          for (int c = 0; c < DP; ++c) dst[c] += src[c];
         }
         gemm_acc(w.p.data(), w.kp.data(), w.o.data(), BQ, DP, BK);
       }
