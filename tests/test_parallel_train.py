@@ -46,7 +46,7 @@ def _metrics(d: Path) -> list[dict]:
 def test_checkpoint_resumes_under_other_layouts(tmp_path):
     first = tmp_path / "tp2pp2"
     _train(4, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-           "--train-iters", "3", "--save", str(first))
+           "--train-iters", "4", "--exit-interval", "3", "--save", str(first))
     records = _metrics(first)
     assert [r["step"] for r in records] == [1, 2, 3]  # one writer, one record per step
     last = records[-1]

@@ -90,9 +90,6 @@ class ParallelModel:
                 for layer in chunk.layers.values():
                     fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=False)
                 fully_shard(chunk, mesh=mesh["dp"], reshard_after_forward=False)
-                # Sum (not average) over data-parallel ranks: each micro-batch loss is already
-                # divided by the loss tokens of the whole global batch.
-                chunk.set_gradient_divide_factor(1.0)
         embedding_group = _embedding_group(mesh) if (tied and layout.pp > 1) else None
         pm = cls(cfg=cfg, layout=layout, mesh=mesh, chunks=chunks, chunk_ids=chunk_ids,
                  rank_model=RankModel(chunks), device=device, embedding_group=embedding_group)
@@ -114,7 +111,9 @@ class ParallelModel:
     def _loss_fn(self, total_tokens: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Loss of one micro-batch: its masked token-loss sum over the loss tokens of the whole
         global batch, so the micro-batch and data-parallel gradients add up to the global
-        mean. `target` packs labels and the 0/1 loss mask as (..., 2)."""
+        mean. `target` packs labels and the 0/1 loss mask as (..., 2). FSDP averages
+        gradients over the data-parallel ranks (gloo has no pre-scaled sum), so the loss that
+        is back-propagated is multiplied by the data-parallel size; callers divide it out."""
         tp_mesh = self.mesh["tp"]
         group = tp_mesh.get_group() if self.layout.tp > 1 else None
         start, _ = vocab_range(self.cfg.vocab_size, tp_mesh.get_local_rank(), self.layout.tp)
@@ -122,8 +121,12 @@ class ParallelModel:
         def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             labels, mask = target[..., 0], target[..., 1]
             ce = vocab_parallel_cross_entropy(logits, labels, start, group)
-            return (ce * mask.to(ce.dtype)).sum() / total_tokens
+            return (ce * mask.to(ce.dtype)).sum() / total_tokens * self._dp_scale
         return loss_fn
+
+    @property
+    def _dp_scale(self) -> float:
+        return float(self.layout.dp) if self.layout.dp > 1 else 1.0
 
     def forward_backward(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                          loss_mask: Optional[torch.Tensor] = None,
@@ -159,6 +162,7 @@ class ParallelModel:
                                   "with --pipeline-model-parallel-size > 1 yet")
             loss_sum = self._pipeline_step(tokens, target, loss_fn)
         self._reduce_tied_grads()
+        loss_sum = loss_sum / self._dp_scale
         if self.layout.dp > 1:
             dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
         return loss_sum
