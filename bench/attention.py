@@ -43,6 +43,7 @@ class Row:
     batch: int
     dtype: str
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     ratio_vs_ours: dict[str, float] = field(default_factory=dict)
     gflops: dict[str, float] = field(default_factory=dict)
 
@@ -53,19 +54,22 @@ def visible_pairs(seq: int, window: int) -> int:
     return full * (full + 1) // 2 + max(0, seq - window) * window
 
 
-def timed(fn: Callable[[], None], repeats: int, device: str) -> float:
-    """Median wall time of fn (after one untimed run), synchronizing on the GPU."""
-    fn()
-    times = []
+def timed(fn: Callable[[], None], repeats: int, warmup: int, device: str) -> tuple[float, float]:
+    """Median wall time and median process CPU time of fn (after `warmup` untimed runs),
+    synchronizing on the GPU. CPU time is steadier than wall time on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def make_methods(q, k, v, go, window: int, device: str, with_flex: bool,
@@ -126,6 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-mask-seq", type=int, default=1 << 30,
                    help="skip SDPA-with-mask above this length (it costs O(seq^2) time and memory)")
     p.add_argument("--no-flex", action="store_true")
@@ -165,7 +170,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             useful = pairs * 4 * d * 3.5  # forward + backward (2.5x forward)
             for name, fn in methods.items():
                 try:
-                    row.seconds[name] = timed(fn, args.repeats, device)
+                    row.seconds[name], row.cpu_seconds[name] = timed(fn, args.repeats,
+                                                                     args.warmup, device)
                 except Exception as exc:  # e.g. out of memory: report, keep going
                     print(f"#   {name} failed at seq {seq} window {window}: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
@@ -177,6 +183,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             if ours:
                 row.ratio_vs_ours = {n: t / ours for n, t in row.seconds.items() if n != "ours"}
             times = " ".join(f"{n}={t:.3f}s" for n, t in row.seconds.items())
+            if device == "cpu":
+                times += " (cpu time " + " ".join(
+                    f"{n}={t:.2f}s" for n, t in row.cpu_seconds.items()) + ")"
             ratios = " ".join(f"{n}/ours={r:.2f}x" for n, r in row.ratio_vs_ours.items())
             tf = " ".join(f"{n}={t:.1f}" for n, t in row.gflops.items())
             print(f"seq={seq:6d} window={window:5d}  fwd+bwd {times}  | {ratios}  | GFLOP/s {tf}",
