@@ -363,6 +363,12 @@ def test_export_reassembles_a_tensor_parallel_sharded_checkpoint(tmp_path):
     assert set(got) == {("" if k.startswith("lm_head") else "model.") + k for k in full}
     for k, t in full.items():
         assert torch.equal(got[("" if k.startswith("lm_head") else "model.") + k], t), k
+    # Cast on export: the same bits as torch's own fp32 -> bf16 rounding.
+    assert _cli("to-hf", "--load", tmp_path / "ck", "--save", tmp_path / "bf16", "--dtype", "bf16") == 0
+    got = _tensors(tmp_path / "bf16")
+    for k, t in full.items():
+        g = got[("" if k.startswith("lm_head") else "model.") + k]
+        assert g.dtype == torch.bfloat16 and torch.equal(g.view(torch.int16), t.to(torch.bfloat16).view(torch.int16)), k
 
 
 def _released_style_config(hidden, ffn, layers, heads, kv, theta, tie, init) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -76,12 +76,15 @@ def batched(specs: Iterable[TensorSpec], budget_bytes: int) -> Iterator[list[Ten
         yield group
 
 
-def iter_model_tensors(ckpt: Path, specs: list[TensorSpec],
-                       budget_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full tensor) in the order of `specs`, loading a few per DCP call."""
+def iter_model_tensors(ckpt: Path, specs: list[TensorSpec], budget_bytes: int = 256 << 20,
+                       dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) in the order of `specs`, loading a few per DCP call.
+
+    With `dtype`, tensors are loaded straight into buffers of that dtype (DCP's copy into the
+    destination does the cast), saving a separate conversion pass and its memory."""
     reader_path = str(ckpt)
     for group in batched(specs, budget_bytes):
-        sd = {"model": {s.name: torch.empty(s.shape, dtype=s.dtype) for s in group}}
+        sd = {"model": {s.name: torch.empty(s.shape, dtype=dtype or s.dtype) for s in group}}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
             dcp.load(sd, storage_reader=FileSystemReader(reader_path), no_dist=True)

@@ -133,7 +133,7 @@ def to_hf(opts: ToHFOptions) -> ToHFResult:
     try:
         sums: dict[str, int] = {}
         total = sum(s.nbytes for s in out_specs)
-        source = iter_model_tensors(ckpt, [stored[n] for n in order])
+        source = iter_model_tensors(ckpt, [stored[n] for n in order], dtype=out_dtype)
         with progress_bar(total, "to-hf", opts.progress) as bar:
             for shard, fname in zip(shards, names):
                 writer = ShardWriter(tmp / fname, [(hf_key(s.name), s.shape, s.dtype) for s in shard],
@@ -142,7 +142,7 @@ def to_hf(opts: ToHFOptions) -> ToHFResult:
                     for spec in shard:
                         name, t = next(source)
                         assert name == spec.name
-                        t = t.to(out_dtype).contiguous()
+                        assert t.dtype == out_dtype and t.is_contiguous()
                         sums[hf_key(name)] = checksum(t)
                         writer.write(hf_key(name), t)
                         bar.update(spec.nbytes)
