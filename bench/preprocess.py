@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Preprocessing throughput: ours against Megatron-LM's tools/preprocess_data.py.
+
+Same corpus (the interpreter's standard library as JSON lines, one file per line), same
+tokenizer (a Hugging Face directory, the StarCoder2 one by default), same worker count, same
+flags (`--json-keys text --append-eod`). Both run as the command a user types (start-up
+included), wall clock. The outputs must be byte-identical; the ratio is printed.
+
+    MEGATRON_LM_DIR=/path/to/Megatron-LM python bench/preprocess.py --workers 2
+
+Megatron-LM (tag core_v0.16.1) is not a dependency: it is run from its own source tree for
+this bench only. Its training package imports `six` and `triton` at start-up; if they are
+not in this environment, point `--extra-pythonpath` at a directory that has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEFAULT_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "starcoder2-reconstructed"
+
+
+def write_corpus(path: Path) -> tuple[int, int]:
+    from megatron_sc2.data.corpus import iter_stdlib_repositories
+
+    n = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _, files in iter_stdlib_repositories():
+            for _, text in files:
+                f.write(json.dumps({"text": text}) + "\n")
+                n += 1
+    os.replace(tmp, path)
+    return n, path.stat().st_size
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return dt
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--megatron-lm-dir", default=os.environ.get("MEGATRON_LM_DIR"))
+    p.add_argument("--extra-pythonpath", default=os.environ.get("MEGATRON_EXTRA_PYTHONPATH", ""))
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=str(REPO / "bench" / "out" / "preprocess"))
+    p.add_argument("--repeat", type=int, default=1, help="runs of each tool; the best time is kept")
+    args = p.parse_args()
+    if not args.megatron_lm_dir or not (Path(args.megatron_lm_dir) / "tools" / "preprocess_data.py").is_file():
+        raise SystemExit("set MEGATRON_LM_DIR (or --megatron-lm-dir) to a Megatron-LM source tree (tag core_v0.16.1)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "stdlib.jsonl"
+    docs, size = write_corpus(corpus)
+    from megatron_sc2.data.tokenizer import load_tokenizer
+
+    tok_dir = out / "tokenizer"
+    load_tokenizer(args.tokenizer).save_hf(tok_dir)
+    print(f"corpus: {docs} files of the Python {sys.version.split()[0]} standard library, "
+          f"{size / 1e6:.2f} MB of JSON lines; tokenizer {args.tokenizer}; workers {args.workers}; "
+          f"cpus {os.cpu_count()}")
+
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="true")
+    meg_env = dict(env, PYTHONPATH=os.pathsep.join(x for x in [args.megatron_lm_dir, args.extra_pythonpath] if x))
+    common = ["--input", str(corpus), "--json-keys", "text", "--append-eod", "--workers", str(args.workers)]
+    meg_cmd = [sys.executable, str(Path(args.megatron_lm_dir) / "tools" / "preprocess_data.py"), *common,
+               "--output-prefix", str(out / "megatron"), "--tokenizer-type", "HuggingFaceTokenizer",
+               "--tokenizer-model", str(tok_dir)]
+    our_cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
+               "--output-prefix", str(out / "ours"), "--tokenizer-model", str(tok_dir), "--no-progress"]
+    hf_cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
+              "--output-prefix", str(out / "ours_hf"), "--tokenizer-model", str(tok_dir), "--no-progress",
+              "--no-fast-encoder"]
+    times: dict[str, float] = {}
+    for name, cmd in (("megatron", meg_cmd), ("ours", our_cmd), ("ours_hf", hf_cmd)):
+        times[name] = min(timed(cmd, meg_env if name == "megatron" else env) for _ in range(args.repeat))
+    identical = all(
+        (out / f"megatron_text_document{e}").read_bytes() == (out / f"{n}_text_document{e}").read_bytes()
+        for e in (".bin", ".idx") for n in ("ours", "ours_hf"))
+    mb = size / 1e6
+    print(f"{'tool':<40} {'seconds':>8} {'MB/s':>7}")
+    print(f"{'Megatron-LM tools/preprocess_data.py':<40} {times['megatron']:8.2f} {mb / times['megatron']:7.2f}")
+    print(f"{'ours (tiktoken exact encoder)':<40} {times['ours']:8.2f} {mb / times['ours']:7.2f}")
+    print(f"{'ours --no-fast-encoder (tokenizers)':<40} {times['ours_hf']:8.2f} {mb / times['ours_hf']:7.2f}")
+    print(f"speed-up over Megatron-LM: {times['megatron'] / times['ours']:.2f}x "
+          f"(tokenizers path: {times['megatron'] / times['ours_hf']:.2f}x)")
+    print(f"outputs byte-identical to Megatron-LM's: {'yes' if identical else 'NO'}")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
