@@ -53,15 +53,35 @@ def make_source(save: Path, model: str) -> int:
     return sum(s.nbytes for s in specs)
 
 
-def measured(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a child process."""
+# Runs a command's main in this interpreter and records the process's own peak RSS (VmHWM,
+# which exec resets; ru_maxrss of a child can report the parent's size at fork instead).
+_WRAPPER = """
+import atexit, runpy, sys
+out = sys.argv[1]
+def dump():
+    with open('/proc/self/status') as f:
+        kb = next(l for l in f if l.startswith('VmHWM')).split()[1]
+    open(out, 'w').write(kb)
+atexit.register(dump)
+sys.argv = sys.argv[2:]
+if sys.argv[0] == '-c':
+    exec(sys.argv[1])
+else:
+    from megatron_sc2.cli import main
+    sys.exit(main(sys.argv))
+"""
+
+
+def measured(cmd: list[str], work: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of `python -m megatron_sc2.cli ARGS` or `python -c CODE`."""
+    hwm = work / "vmhwm.txt"
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(hwm), *cmd],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss * 1024 / 1e9
+    return wall, int(hwm.read_text()) * 1024 / 1e9
 
 
 def copy_seconds(src: Path, dst: Path) -> float:
@@ -96,21 +116,20 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     src, hf, back = work / "ckpt", work / "hf", work / "ckpt_back"
-    py = sys.executable
 
     t0 = time.perf_counter()
     nbytes = make_source(src, args.model)
     print(f"source: {args.model} fp32 random weights, {nbytes / 1e9:.2f} GB, written in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
-    _, interp = measured([py, "-c", "import megatron_sc2.convert.to_hf, megatron_sc2.convert.from_hf, "
-                                    "megatron_sc2.convert.main, safetensors"])
+    _, interp = measured(["-c", "import megatron_sc2.convert.to_hf, megatron_sc2.convert.from_hf, "
+                                "megatron_sc2.convert.main, safetensors"], work)
 
-    cli = [py, "-m", "megatron_sc2.cli", "convert"]
+    cli = ["convert"]
     to_s, to_rss = measured(cli + ["to-hf", "--load", str(src), "--save", str(hf), "--dtype", args.dtype,
-                                   "--max-shard-size", args.max_shard_size, "--no-progress"])
+                                   "--max-shard-size", args.max_shard_size, "--no-progress"], work)
     to_shard = largest_file(hf, "*.safetensors")
     to_copy = copy_seconds(src, work / "copy_src")
-    from_s, from_rss = measured(cli + ["from-hf", "--load", str(hf), "--save", str(back), "--no-progress"])
+    from_s, from_rss = measured(cli + ["from-hf", "--load", str(hf), "--save", str(back), "--no-progress"], work)
     from_shard = largest_file(back, "*.distcp")
     from_copy = copy_seconds(hf, work / "copy_hf")
 
