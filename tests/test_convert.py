@@ -283,6 +283,15 @@ def test_refusals_name_the_problem_and_leave_nothing(tmp_path, capsys):
     _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h2", "--tokenizer",
                              tmp_path / "nope.json"], "tokenizer not found")
     assert not (tmp_path / "h2").exists() and not _leftovers(tmp_path)
+    big = tmp_path / "big_tokenizer.json"  # 600 tokens for a 512-token model
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 600)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.save(str(big))
+    _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h2", "--tokenizer", big],
+                    "has 600 tokens but the model's vocabulary has only 512")
+    assert not (tmp_path / "h2").exists() and not _leftovers(tmp_path)
     assert _cli("to-hf", "--load", ck, "--save", tmp_path / "h3") == 0
     _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h3"], "already exists")
     assert _cli("to-hf", "--load", ck, "--save", tmp_path / "h3", "--force", "--dtype", "bf16") == 0

@@ -72,6 +72,20 @@ def write_tokenizer(src: str | Path, out_dir: Path, cfg: ModelConfig) -> None:
         raise CheckpointError(f"tokenizer not found: {src} (pass --tokenizer PATH)")
     if not _save_with_package(src, out_dir):
         _copy_hf_files(src, out_dir, cfg.max_position_embeddings)
+    size = _vocab_size(out_dir)
+    if size is not None and size > cfg.vocab_size:
+        raise CheckpointError(
+            f"tokenizer {src} has {size} tokens but the model's vocabulary has only {cfg.vocab_size} "
+            f"(--tokenizer names the wrong tokenizer?)")
+
+
+def _vocab_size(out_dir: Path) -> Optional[int]:
+    path = out_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
 
 
 def token_id(out_dir: Path, token: str) -> Optional[int]:
