@@ -68,33 +68,79 @@ def _submit(tmp: Path, tasks: int, train: list[str], *opts: str) -> str:
     return result.job_id
 
 
-def test_signalled_job_saves_requeues_and_resumes_bit_for_bit(tmp_path):
-    iters = 40
-    # A directory name a shell would expand if anything quoted it wrongly.
-    save = tmp_path / "run $(touch PWNED) 'q'"
-    ref_dir = tmp_path / "reference"
-    job = _submit(tmp_path, 1, _train_args(save, iters))
-    ref = _reference(_train_args(ref_dir, iters), tmp_path / "reference.log")
+def _flat_model(path: Path, out: Path) -> dict[str, "torch.Tensor"]:
+    """The model tensors of a DCP checkpoint, read by torch's own converter."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(path), str(out))
+    return torch.load(out, weights_only=False)["model"]
+
+
+def test_two_task_jobs_train_like_one_process_and_resume_bit_for_bit(tmp_path):
+    """Two 2-task gloo jobs from `megatron-sc2 submit`: one runs through; the other is signalled
+    (USR1), saves, requeues itself and resumes. The first matches a single process (fp32,
+    relative 1e-5); the second matches the first bit for bit."""
+    import torch
+
+    from megatron_sc2.training.checkpoint import find_checkpoint, read_meta
+
+    iters = 30
+    # The resumed run's directory has a name a shell would expand if anything quoted it wrongly.
+    whole, parts, single = tmp_path / "whole", tmp_path / "parts $(touch PWNED) 'q'", tmp_path / "single"
+    job_whole = _submit(tmp_path, 2, _train_args(whole, iters))
+    job_parts = _submit(tmp_path, 2, _train_args(parts, iters))
+    ref = _reference(_train_args(single, iters), tmp_path / "single.log")
     try:
-        # Once the job logged a few steps, deliver the script's --signal (USR1) to its tasks now
-        # instead of waiting for slurmctld's periodic time-limit check.
-        slurm.wait_until(lambda: len(_losses(save)) >= 3, 120, "the job's first steps")
-        sent = subprocess.run(["scancel", "--signal=USR1", job], capture_output=True, text=True)
+        slurm.wait_until(lambda: len(_losses(parts)) >= 3, 150, "the job's first steps")
+        sent = subprocess.run(["scancel", "--signal=USR1", job_parts], capture_output=True, text=True)
         assert sent.returncode == 0, sent.stderr
-        info = slurm.wait_job(job, 150)
+        info_whole = slurm.wait_job(job_whole, 200)
+        info_parts = slurm.wait_job(job_parts, 200)
     finally:
         ref.wait(timeout=300)
-    out = slurm.job_output(info)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, out)
-    assert info.get("Restarts") == "1", (info, out)
-    assert "SIGUSR1 received" in out and f"requeued slurm job {job}" in out, out
-    assert "restart 1" in out and "loaded checkpoint" in out, out
-    assert not (REPO / "PWNED").exists() and not (save / "PWNED").exists()
+    out_whole, out_parts = slurm.job_output(info_whole), slurm.job_output(info_parts)
+    assert info_whole["JobState"] == "COMPLETED" and info_whole["ExitCode"] == "0:0", out_whole
+    assert info_parts["JobState"] == "COMPLETED" and info_parts.get("Restarts") == "1", (info_parts, out_parts)
+    assert "SIGUSR1 received" in out_parts and f"requeued slurm job {job_parts}" in out_parts, out_parts
+    assert ref.returncode == 0, (tmp_path / "single.log").read_text()
 
-    stopped_at = int(out.split("stopping after step ")[1].split(":")[0])
-    assert 3 <= stopped_at < iters, out
-    assert ref.returncode == 0, (tmp_path / "reference.log").read_text()
-    got, want = _losses(save), _losses(ref_dir)
-    assert [s for s, _ in want] == list(range(1, iters + 1))
-    assert got == want  # every step's loss, bit for bit, across the requeue
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
+    one, two, resumed = _losses(single), _losses(whole), _losses(parts)
+    assert [s for s, _ in two] == list(range(1, iters + 1))
+    for (_, a), (_, b) in zip(one, two):
+        assert abs(a - b) <= 1e-5 * abs(a), (a, b)
+    assert resumed == two  # bit for bit across the requeue, every step
+    stopped_at = int(out_parts.split("stopping after step ")[1].split(":")[0])
+    assert 3 <= stopped_at < iters and "restart 1" in out_parts and "loaded checkpoint" in out_parts
+    assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists()
+
+    ck = find_checkpoint(whole)
+    meta = read_meta(ck)
+    assert meta["iteration"] == iters and meta["consumed_samples"] == iters * 4
+    assert meta["parallel_layout"]["world_size"] == 2
+    got = _flat_model(ck, tmp_path / "two.pt")
+    want = _flat_model(find_checkpoint(single), tmp_path / "one.pt")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_killed_rank_ends_the_job_with_an_error_within_a_minute(tmp_path):
+    save = tmp_path / "run"
+    job = _submit(tmp_path, 2, _train_args(save, 100000))
+    slurm.wait_until(lambda: len(_losses(save)) >= 2, 150, "the job's first steps")
+    pids = slurm.wait_until(lambda: (slurm.task_pids(job).get(1) or None), 30, "rank 1's pid")
+    victims = [p for p in pids if "megatron_sc2" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert victims, pids
+    killed_at = time.monotonic()
+    for pid in victims:
+        os.kill(pid, 9)
+    info = slurm.wait_job(job, 90)
+    elapsed = time.monotonic() - killed_at
+    out = slurm.job_output(info)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, out)
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end after rank 1 died"
+    assert "task 1" in out, out  # srun names the dead rank
+    assert "rank 0 of 2: a collective with the other ranks failed" in out, out  # one line from rank 0
+    assert "Traceback" not in out, out
+    assert not any(line.startswith("step ") and "/100000" in line for line in out.splitlines()[-3:]), out
