@@ -230,3 +230,32 @@ def test_example_sbatch_scripts(tmp_path, name, model, tp, pp):
     assert m.num_attention_heads % tp == 0 and m.num_layers % pp == 0
     assert "What to change" in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+# ------------------------------------------------------------------------- rank failures
+
+def test_peer_failures_become_one_line_naming_the_rank(monkeypatch, capsys):
+    from megatron_sc2.cli import run_user_main
+    from megatron_sc2.launch.failures import RankFailure, collective_failures
+
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RankFailure, match=r"rank 3 of 4: a collective .* \(Connection closed by peer"):
+        with collective_failures():
+            raise RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:1")
+
+    def timed_out(argv):
+        with collective_failures():
+            import torch.distributed as dist
+
+            raise dist.DistBackendError("Timed out waiting 15000ms for recv operation to complete")
+    assert run_user_main(timed_out, [], prog="megatron-sc2 train") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rank 3 of 4" in err and "Timed out" in err
+    with pytest.raises(ValueError):  # our own bugs keep their traceback
+        with collective_failures():
+            raise ValueError("not a collective")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError):  # one process: nothing to blame on a peer
+        with collective_failures():
+            raise RuntimeError("Connection closed by peer")
