@@ -51,15 +51,19 @@ def _run_layouts(nproc: int, layouts: list[str]) -> None:
     bad = [r for r in results if not r["ok"]]
     assert not bad, json.dumps(bad, indent=1)[:6000]
     for r in results:
-        assert len(r["losses"]) >= 5 and r["grads_checked"] > 0
+        assert r["grads_checked"] > 0
+        assert r["layout"].startswith("meta.") or len(r["losses"]) >= 5
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 # Layout specs: tpN/ppN/dpN sizes, v2 = interleaved schedule with 2 virtual stages per rank,
 # sp = sequence parallel, kv1 = one kv head (TP2 replicates it), untied = separate lm_head,
 # layers3 = 3 layers on 2 stages (uneven), full/selective = activation recomputation.
+# meta.* layouts instead check shard-by-shard initialization from the meta device (large
+# models): replicated parameters and the last stage's tied copy equal across ranks.
 WORLD2 = ["tp2", "tp2.sp", "tp2.kv1", "tp2.sp.kv1.untied", "tp2.full", "pp2", "pp2.v2",
-          "pp2.layers3.untied", "pp2.selective", "dp2"]
+          "pp2.layers3.untied", "pp2.selective", "dp2", "meta.tp2.kv1", "meta.pp2",
+          "meta.tp2.sp.untied"]
 WORLD4 = ["tp2.pp2", "tp2.pp2.v2", "tp2.dp2", "pp2.dp2", "pp2.dp2.v2", "tp2.sp.pp2",
           "tp2.kv1.dp2.sp", "tp2.pp2.mbs2.full"]
 WORLD8 = ["tp2.pp2.dp2", "tp2.sp.pp2.dp2.v2.untied"]

@@ -59,6 +59,13 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
     assert len(last["peak_memory_bytes_per_rank"]) == 4
     saved = first / "iter_0000003"
     assert (saved / "complete").is_file()
+    # The one-process exporter reads what four ranks wrote, and its logits check passes.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    conv = subprocess.run([sys.executable, "-m", "megatron_sc2.cli", "convert", "to-hf", "--load",
+                           str(saved), "--save", str(tmp_path / "hf"), "--dtype", "fp32",
+                           "--verify-logits", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-3000:]
 
     # pp2: the last stage loads its copy of the tied embedding (and its Adam state) from the
     # embedding's entries.

@@ -47,9 +47,12 @@ class ParallelModel:
     @classmethod
     def build(cls, cfg: ModelConfig, layout: ParallelLayout, mesh: DeviceMesh,
               model: Optional[StarCoder2] = None, device: Optional[torch.device] = None,
-              param_dtype: Optional[torch.dtype] = None) -> "ParallelModel":
+              param_dtype: Optional[torch.dtype] = None,
+              init_seed: Optional[int] = None) -> "ParallelModel":
         """`model`: a full StarCoder2 (the same weights on every rank, e.g. built from one
-        seed, or on the meta device); built here from `cfg` if not given."""
+        seed), or one on the meta device: then, with `init_seed`, each rank allocates and
+        initializes only its shards (parallel/init.py); without it the shards stay on meta
+        (for counting). Built here from `cfg` if not given."""
         device = device or torch.device(mesh.device_type)
         if model is None:
             model = StarCoder2(cfg)
@@ -80,9 +83,22 @@ class ParallelModel:
         del model
         for chunk in chunks:
             apply_tensor_parallel(chunk, cfg, mesh["tp"], layout.sequence_parallel)
-        if param_dtype is not None or device.type != "cpu":
+        on_meta = any(p.device.type == "meta" for c in chunks for p in c.parameters())
+        if on_meta and init_seed is not None:
+            from megatron_sc2.parallel.init import materialize
+
+            for chunk in chunks:
+                materialize(chunk, cfg, device, init_seed)
+        if not on_meta and (param_dtype is not None or device.type != "cpu"):
             for chunk in chunks:
                 chunk.to(device=device, dtype=param_dtype)
+        elif param_dtype is not None:
+            for chunk in chunks:
+                chunk.to(dtype=param_dtype)
+        for chunk in chunks:
+            # Moving or materializing a module can replace Parameter objects: tie again.
+            if tied and chunk.embed_tokens is not None and chunk.lm_head is not None:
+                chunk.lm_head.weight = chunk.embed_tokens.weight
         if layout.dp > 1:
             from torch.distributed.fsdp import fully_shard
 

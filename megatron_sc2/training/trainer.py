@@ -39,6 +39,11 @@ _ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "n
                 "num_query_groups", "tie_word_embeddings", "use_bias")
 
 
+# Models up to this size are built whole on every rank (same weights as one process); larger
+# ones are initialized shard by shard (megatron_sc2/parallel/init.py).
+FULL_BUILD_MAX_PARAMS = 1_000_000_000
+
+
 class TrainingError(UserError):
     """The run cannot go on (a NaN loss under --nan-policy stop, ...)."""
 
@@ -142,9 +147,17 @@ class Trainer:
 
         self.mesh = build_mesh(self.layout, self.device.type)
         self.dp_rank = self.mesh["dp"].get_local_rank()
-        full = StarCoder2(self.model_cfg)
+        if self.model_cfg.num_params() <= FULL_BUILD_MAX_PARAMS:
+            full = StarCoder2(self.model_cfg)
+            seed = None
+        else:
+            # Too big to build whole on every rank: build on meta, shard, then allocate and
+            # initialize only this rank's shards.
+            with torch.device("meta"):
+                full = StarCoder2(self.model_cfg)
+            seed = self.cfg.seed
         self.pm = ParallelModel.build(self.model_cfg, self.layout, self.mesh, model=full,
-                                      device=self.device)
+                                      device=self.device, init_seed=seed)
         self.model = self.pm.rank_model
         if self.rank == 0:
             print(f"parallel layout {self.layout.describe()} on {self.world_size} ranks, "

@@ -99,6 +99,43 @@ def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches):
     return losses, first_grads, norms
 
 
+def meta_init_check(cfg: ModelConfig, layout: ParallelLayout) -> dict:
+    """Shard-by-shard initialization from the meta device: nothing left on meta, replicated
+    parameters equal on every rank holding them, the last stage's tied copy equal to the
+    embedding, and weights with the configured spread."""
+    mesh = build_mesh(layout)
+    with torch.device("meta"):
+        model = StarCoder2(cfg)
+    pm = ParallelModel.build(cfg, layout, mesh, model=model, init_seed=11)
+    problems = []
+    params = dict(pm.named_parameters())
+    if any(p.device.type == "meta" for p in params.values()):
+        problems.append("parameters left on meta")
+    local = {n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone() for n, p in params.items()}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    replicated = [n for n, p in params.items()
+                  if not isinstance(p, DTensor) or all(pl.is_replicate() for pl in p.placements)]
+    tied_name = {"lm_head.weight": "embed_tokens.weight"} if cfg.tie_word_embeddings else {}
+    checked = 0
+    for name in replicated:
+        for other in everyone:
+            for key in (name, tied_name.get(name)):
+                if key in other and other[key].shape == local[name].shape:
+                    checked += 1
+                    if not torch.equal(other[key], local[name]):
+                        problems.append(f"{name} differs from {key} on another rank")
+    for name, t in local.items():
+        if name.endswith("q_proj.weight"):
+            std = float(t.std())
+            if not 0.8 * cfg.init_method_std < std < 1.2 * cfg.init_method_std:
+                problems.append(f"{name} std {std}")
+    del pm, model, mesh
+    gc.collect()
+    return {"ok": not problems and checked > 0, "problems": problems[:5], "grads_checked": checked,
+            "losses": []}
+
+
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
@@ -112,6 +149,8 @@ def parse_layout(spec: str) -> tuple[ParallelLayout, ModelConfig]:
             sp = True
         elif part == "untied":
             tied = False
+        elif part == "meta":
+            continue
         elif part in ("full", "selective"):
             recompute = part
         else:
@@ -136,6 +175,19 @@ def main() -> int:
     for spec in args.layouts:
         layout, cfg = parse_layout(spec)
         layout.validate(cfg, SEQ)
+        if spec.startswith("meta."):
+            try:
+                result = dict(meta_init_check(cfg, layout), layout=spec)
+            except Exception as e:
+                result = {"layout": spec, "ok": False, "error": f"{type(e).__name__}: {e}",
+                          "trace": traceback.format_exc()[-3000:]}
+            results = [None] * dist.get_world_size()
+            dist.all_gather_object(results, result)
+            if rank == 0:
+                bad = [r for r in results if not r["ok"]]
+                print(json.dumps(dict(bad[0] if bad else results[0], ok=not bad)), flush=True)
+            failed |= any(not r["ok"] for r in results)
+            continue
         batches = make_batches(cfg)
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         if key not in refs:
