@@ -37,6 +37,8 @@ def write_corpus(path: Path) -> tuple[int, int]:
     with open(tmp, "w", encoding="utf-8") as f:
         for _, files in iter_stdlib_repositories():
             for _, text in files:
+                if not text:
+                    continue  # an empty file is a document Megatron keeps and we refuse
                 f.write(json.dumps({"text": text}) + "\n")
                 n += 1
     os.replace(tmp, path)

@@ -99,19 +99,34 @@ class FastEncoder:
     risky_chars: Any                # compiled regex: characters needing the fallback
     stats: dict[str, int] = field(default_factory=lambda: {"texts": 0, "fallback": 0})
 
+    def __post_init__(self) -> None:
+        self.all_clean = bool(self.clean.all())  # StarCoder2: every token is clean
+        self._specials = set(self.encoding.special_tokens_set)
+
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        out: list[Optional[list[int]]] = []
+        return [a.tolist() for a in self.encode_arrays(texts)]
+
+    def _tiktoken_array(self, text: str) -> np.ndarray:
+        core = getattr(self.encoding, "_core_bpe", None)
+        if core is not None and hasattr(core, "encode_to_tiktoken_buffer"):
+            # uint32 buffer straight from Rust: no Python int list (the GIL stays released longer)
+            return np.frombuffer(core.encode_to_tiktoken_buffer(text, self._specials), dtype=np.uint32)
+        return np.asarray(self.encoding.encode(text, allowed_special="all"), dtype=np.uint32)
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Ids of each text as a uint32 array (the preprocessing fast path)."""
+        out: list[Optional[np.ndarray]] = []
         redo: list[int] = []
         for i, text in enumerate(texts):
-            if self.risky_chars is not None and self.risky_chars.search(text):
+            if self.risky_chars is not None and self.risky_chars.search(text, concurrent=True):
                 out.append(None)
                 redo.append(i)
                 continue
-            ids = self.encoding.encode(text, allowed_special="all")
-            if ids and not self.clean[np.asarray(ids, dtype=np.int64)].all():
+            ids = self._tiktoken_array(text)
+            if not self.all_clean and ids.size and not self.clean[ids].all():
                 out.append(None)
                 redo.append(i)
                 continue
@@ -119,7 +134,7 @@ class FastEncoder:
         if redo:
             encs = self.hf.encode_batch_fast([texts[i] for i in redo], add_special_tokens=False)
             for i, e in zip(redo, encs):
-                out[i] = e.ids
+                out[i] = np.asarray(e.ids, dtype=np.uint32)
         self.stats["texts"] += len(texts)
         self.stats["fallback"] += len(redo)
         return out  # type: ignore[return-value]

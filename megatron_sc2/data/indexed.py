@@ -89,6 +89,18 @@ class IndexedWriter:
         self._doc_starts.append(len(self._lengths))
         self.num_tokens += int(arr.size)
 
+    def add_document_parts(self, ids: np.ndarray, last: int) -> None:
+        """One document: `ids` then the single token `last` (the end-of-document id)."""
+        arr = np.asarray(ids)
+        if arr.dtype != self.dtype:
+            arr = arr.astype(self.dtype)
+        self._bin.write(arr.tobytes(order="C"))
+        self._bin.write(np.asarray([last], dtype=self.dtype).tobytes())
+        n = int(arr.size) + 1
+        self._lengths.append(n)
+        self._doc_starts.append(len(self._lengths))
+        self.num_tokens += n
+
     def add_index(self, other: "IndexedDataset") -> None:
         """Append a whole dataset (used by merge): its tokens and its document structure."""
         if np.dtype(other.dtype) != np.dtype(self.dtype):

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
+
 from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.data.corpus import Repository
 from megatron_sc2.data.indexed import IndexedWriter, optimal_dtype
@@ -119,13 +121,13 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
 
     def encode_texts(chunk: list[Document], key: str) -> list[list[int]]:
         try:
-            return tok.encode_batch([d.fields[key] for d in chunk])
+            return tok.encode_batch_np([d.fields[key] for d in chunk])
         except Exception:
             pass  # find the document at fault (e.g. a lone surrogate from a JSON escape)
         out = []
         for d in chunk:
             try:
-                out.append(tok.encode(d.fields[key]))
+                out.append(np.asarray(tok.encode(d.fields[key]), dtype=np.int64))
             except Exception as e:
                 if not skip_malformed:
                     raise DataError(f"{d.where}: cannot be tokenized ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
@@ -134,7 +136,7 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                 out.append(None)
         return out
 
-    def encode(chunk: list[Document]) -> list[list[list[int]]]:
+    def encode(chunk: list[Document]) -> list[list[np.ndarray]]:
         per_key = [encode_texts(chunk, k) for k in keys]
         return [[per_key[j][i] for j in range(len(keys))] for i in range(len(chunk))]
 
@@ -162,10 +164,12 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                         raise DataError(f"{doc.where}: empty document (no text to tokenize); "
                                         "pass --skip-malformed to skip such documents")
                     for k, ids in zip(keys, ids_per_key):
-                        if ids and (append_eod or eod_always):
-                            ids = ids + [tok.eod]
-                        writers[k].add_document(ids)
-                        summary.tokens += len(ids)
+                        if len(ids) and (append_eod or eod_always):
+                            writers[k].add_document_parts(ids, tok.eod)
+                            summary.tokens += len(ids) + 1
+                        else:
+                            writers[k].add_document(ids)
+                            summary.tokens += len(ids)
                     summary.documents += 1
                 bar.update(stats.input_bytes - last_bytes)
                 last_bytes = stats.input_bytes

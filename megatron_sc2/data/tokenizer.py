@@ -49,6 +49,15 @@ class Tokenizer:
             return fast.encode_batch(texts)
         return [e.ids for e in self._impl.encode_batch_fast(texts, add_special_tokens=False)]
 
+    def encode_batch_np(self, texts: Sequence[str]) -> list["np.ndarray"]:
+        """Like `encode_batch`, as integer arrays (no Python int lists on the fast path)."""
+        import numpy as np
+
+        fast = self.fast_encoder()
+        if fast is not None:
+            return fast.encode_arrays(list(texts))
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
     def encode_batch_hf(self, texts: Sequence[str]) -> list[list[int]]:
         """Reference path: `tokenizers`' own batch encoder (used to check the fast one)."""
         if self.backend != "hf":
