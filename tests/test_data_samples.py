@@ -148,3 +148,18 @@ def test_dataset_errors(tmp_path):
     ds = build_train_valid_test_datasets(TrainConfig(data_path=[str(blend_file)], split="1,0,0", seq_length=16),
                                          _Tok(), (9, 0, 0))[0]
     assert len(ds) == 10  # Megatron sizes a blend as the sum of ceil(n * weight)
+
+
+def test_per_split_data_paths(tmp_path):
+    a = _make(tmp_path / "a", 50, 0)
+    b = _make(tmp_path / "b", 40, 1)
+    cfg = TrainConfig(train_data_path=["0.5", a, "0.5", b], valid_data_path=[b], seq_length=16, seed=2,
+                      data_cache_path=str(tmp_path / "cache"))
+    train, valid, test = build_train_valid_test_datasets(cfg, _Tok(), (30, 10, 5))
+    assert test is None and len(train) >= 30 and len(valid) >= 10
+    # the valid split is the whole of b: its samples equal a plain single-dataset build
+    whole_b = build_train_valid_test_datasets(
+        TrainConfig(data_path=[b], split="1,0,0", seq_length=16, seed=2), _Tok(), (10, 0, 0))[0]
+    assert all(np.array_equal(valid[i], whole_b[i]) for i in range(10))
+    counts = np.bincount(train.dataset_index, minlength=2)
+    assert abs(counts[0] - counts[1]) <= 1

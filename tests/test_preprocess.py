@@ -165,6 +165,17 @@ def test_repo_context_jsonl_and_filters(tmp_path, tok):
     assert (s.read.duplicates, s.read.filtered_max_line_length, s.read.filtered_alphanum_fraction) == (1, 1, 1)
     ds = IndexedDataset(tmp_path / "o_text_document")
     assert "org/r0" in tok.decode(ds.document(0).tolist()) or tok.decode(ds.document(0).tolist()).startswith("<file_sep>")
+    # The Stack v2 parquet columns: files of one repository become one document, like JSONL
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"repo_name": [f"org/r{i // 3}" for i in range(6)],
+                             "path": [f"f{i}.py" for i in range(6)], "content": texts}), tmp_path / "s.parquet")
+    s = preprocess(str(tmp_path / "q"), tok, [str(tmp_path / "s.parquet")],
+                   filters=FileFilters(max_line_length=200, min_alphanum_fraction=0.25, dedup=True), progress=False)
+    assert s.documents == 2 and s.read.duplicates == 1
+    for e in (".bin", ".idx"):
+        assert (tmp_path / f"q_text_document{e}").read_bytes() == (tmp_path / f"o_text_document{e}").read_bytes()
     s = preprocess(str(tmp_path / "p"), tok, [str(inp)], json_keys=["content"],
                    filters=FileFilters(max_file_size=100), progress=False)
     assert s.documents == 5 and s.read.filtered_max_file_size == 1

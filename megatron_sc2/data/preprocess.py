@@ -81,7 +81,7 @@ def _repositories_as_documents(repos: Iterable[Repository], seed: int, filters: 
             else:
                 kept.append((path, text))
         if kept:
-            yield Document(f"repository {name}", {"text": format_repository(name, kept, seed)})
+            yield Document(f"repository {name}", {"text": format_repository(name, kept, seed)}, repo=True)
 
 
 def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[str] = (),
@@ -117,7 +117,7 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
     summary = PreprocessSummary(outputs=outputs, read=stats)
     fast = tok.fast_encoder()
     summary.encoder = "tiktoken (exact)" if fast is not None else tok.backend
-    eod_always = repo_like
+    repo_tokens_ok = all(n in tok.special_ids for n in ("repo_name", "file_sep"))
 
     def encode_texts(chunk: list[Document], key: str) -> list[list[int]]:
         try:
@@ -163,8 +163,11 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                             continue
                         raise DataError(f"{doc.where}: empty document (no text to tokenize); "
                                         "pass --skip-malformed to skip such documents")
+                    if doc.repo and not repo_tokens_ok:
+                        raise ConfigError(f"{tok.path}: repository documents ({doc.where}) need the tokens "
+                                          "<repo_name> and <file_sep>, which this tokenizer lacks")
                     for k, ids in zip(keys, ids_per_key):
-                        if len(ids) and (append_eod or eod_always):
+                        if len(ids) and (append_eod or doc.repo):
                             writers[k].add_document_parts(ids, tok.eod)
                             summary.tokens += len(ids) + 1
                         else:

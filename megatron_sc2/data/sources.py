@@ -31,6 +31,7 @@ class Document:
 
     where: str
     fields: dict[str, str]
+    repo: bool = False  # a repository document: always ends with the end-of-document token
 
     def texts(self) -> list[str]:
         return list(self.fields.values())
@@ -201,7 +202,7 @@ class RepoGrouper:
     def flush(self) -> Optional[Document]:
         doc = None
         if self.current is not None and self.files:
-            doc = Document(self.where, {"text": format_repository(self.current, self.files, self.seed)})
+            doc = Document(self.where, {"text": format_repository(self.current, self.files, self.seed)}, repo=True)
         self.current, self.files = None, []
         return doc
 
@@ -226,7 +227,7 @@ def iter_documents(inputs: Sequence[str], json_keys: Sequence[str] = ("text",), 
                     else:
                         kept.append((rel, text))
                 if kept:
-                    yield Document(f"{path}/{name}", {"text": format_repository(name, kept, seed)})
+                    yield Document(f"{path}/{name}", {"text": format_repository(name, kept, seed)}, repo=True)
             stats.binary_files += counts.binary_files
             stats.non_utf8_files += counts.non_utf8_files
             stats.loose_files += counts.loose_files
