@@ -118,6 +118,8 @@ def test_sentencepiece_model(tmp_path):
     s = "def f(x):\n    return x"
     assert tok.encode(s) == proc.encode(s)
     assert tok.encode_batch([s, s]) == [proc.encode(s)] * 2
+    with pytest.raises(DataError, match="SentencePiece .* not supported"):
+        tok.save_hf(tmp_path / "hf")
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "noeos"), vocab_size=300,
                                    model_type="bpe", eos_id=-1, bos_id=-1, unk_id=0, pad_id=-1,
                                    minloglevel=2, max_sentence_length=100000)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -98,33 +97,28 @@ class Tokenizer:
     def save_hf(self, directory: str | os.PathLike) -> Path:
         """Write files `transformers.AutoTokenizer.from_pretrained(directory)` loads, with
         bos = eos = unk = the end-of-document token."""
+        if self.backend != "hf":
+            # transformers 5 reads a bare tokenizer.model only through converters that need
+            # protobuf and fit few SentencePiece set-ups: refuse rather than write files that
+            # would load wrongly.
+            raise DataError(f"{self.path}: exporting a SentencePiece tokenizer to Hugging Face files is not "
+                            "supported; convert it to a tokenizer.json first")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         eod_text = self._id_to_token(self.eod)
-        if self.backend == "hf":
-            self._impl.save(str(out / "tokenizer.json"))
-            config = {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": eod_text, "eos_token": eod_text, "unk_token": eod_text,
-                "model_max_length": 1000000000000000019884624838656,
-                "clean_up_tokenization_spaces": False,
-                "add_bos_token": False, "add_eos_token": False,
-            }
-            additional = [t for t in self._specials_in_vocab() if t != eod_text]
-            if additional:
-                config["additional_special_tokens"] = additional
-            special_map = {"bos_token": eod_text, "eos_token": eod_text, "unk_token": eod_text}
-            if additional:
-                special_map["additional_special_tokens"] = additional
-        else:
-            shutil.copyfile(self.path, out / "tokenizer.model")
-            config = {
-                "tokenizer_class": "LlamaTokenizer", "legacy": False,
-                "bos_token": eod_text, "eos_token": eod_text, "unk_token": self._impl.id_to_piece(self._impl.unk_id()),
-                "add_bos_token": False, "add_eos_token": False,
-                "clean_up_tokenization_spaces": False,
-            }
-            special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token")}
+        self._impl.save(str(out / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": eod_text, "eos_token": eod_text, "unk_token": eod_text,
+            "model_max_length": 1000000000000000019884624838656,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False, "add_eos_token": False,
+        }
+        special_map = {"bos_token": eod_text, "eos_token": eod_text, "unk_token": eod_text}
+        additional = [t for t in self._specials_in_vocab() if t != eod_text]
+        if additional:
+            config["additional_special_tokens"] = additional
+            special_map["additional_special_tokens"] = additional
         _write_json(out / "tokenizer_config.json", config)
         _write_json(out / "special_tokens_map.json", special_map)
         return out
