@@ -55,8 +55,50 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return dt
 
 
+def bench_indices(tokens: int, seq_length: int, epochs: int) -> int:
+    """Document/sample/shuffle index building for a synthetic dataset of `tokens` tokens:
+    ours (vectorized) against megatron-core's GPTDataset steps (its C++ sample index)."""
+    import warnings
+
+    import numpy as np
+
+    from megatron_sc2.data.gpt_dataset import SampleSpec, build_indices
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 2000, size=int(tokens // 1000)).astype(np.int32)
+    total = int(sizes.sum(dtype=np.int64))
+    n = epochs * total // seq_length - 1
+    spec = SampleSpec("bench", "train", 0, len(sizes), n, seq_length, 1234)
+    t0 = time.perf_counter()
+    ours = build_indices(sizes, spec)
+    t_ours = time.perf_counter() - t0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import helpers
+        from megatron.core.datasets.gpt_dataset import _build_document_index, _build_shuffle_index
+    t0 = time.perf_counter()
+    num_epochs = ours[0].shape[0] // len(sizes)
+    state = np.random.RandomState(1234)
+    sep = num_epochs > 1 and (n - ((num_epochs - 1) * total - 1) // seq_length) < int(0.8 * ((total - 1) // seq_length))
+    doc_idx = _build_document_index(np.arange(len(sizes), dtype=np.int32), num_epochs, state, sep)
+    sample_idx = helpers.build_sample_idx(sizes, doc_idx, seq_length, num_epochs, total, True, True)
+    m = sample_idx.shape[0] - 1
+    sans = ((num_epochs - 1) * total - 1) // seq_length
+    shuffle = _build_shuffle_index(sans if sep else m, m, state)
+    t_meg = time.perf_counter() - t0
+    same = all(np.array_equal(a, b) for a, b in zip(ours, (doc_idx, sample_idx, shuffle)))
+    print(f"indices for {total / 1e9:.2f}B tokens, seq {seq_length}, {num_epochs} epoch(s), {m:,} samples: "
+          f"ours {t_ours:.2f} s, megatron-core {t_meg:.2f} s (ratio {t_meg / t_ours:.2f}x), identical: "
+          f"{'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--indices", type=float, default=None, metavar="TOKENS",
+                   help="instead: time sample-index building for a synthetic dataset of TOKENS tokens")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--megatron-lm-dir", default=os.environ.get("MEGATRON_LM_DIR"))
     p.add_argument("--extra-pythonpath", default=os.environ.get("MEGATRON_EXTRA_PYTHONPATH", ""))
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
@@ -64,6 +106,8 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "preprocess"))
     p.add_argument("--repeat", type=int, default=1, help="runs of each tool; the best time is kept")
     args = p.parse_args()
+    if args.indices:
+        return bench_indices(int(args.indices), args.seq_length, args.epochs)
     if not args.megatron_lm_dir or not (Path(args.megatron_lm_dir) / "tools" / "preprocess_data.py").is_file():
         raise SystemExit("set MEGATRON_LM_DIR (or --megatron-lm-dir) to a Megatron-LM source tree (tag core_v0.16.1)")
     out = Path(args.out)
