@@ -163,3 +163,41 @@ def test_per_split_data_paths(tmp_path):
     assert all(np.array_equal(valid[i], whole_b[i]) for i in range(10))
     counts = np.bincount(train.dataset_index, minlength=2)
     assert abs(counts[0] - counts[1]) <= 1
+
+
+def _rank_worker(rank: int, world: int, init_file: str, prefix: str, cache: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from megatron_sc2.data import gpt_dataset
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = []
+    real = gpt_dataset.build_indices
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    gpt_dataset.build_indices = counting
+    cfg = TrainConfig(data_path=[prefix], split="90,10,0", seq_length=16, seed=9, data_cache_path=cache)
+    train, valid, _ = build_train_valid_test_datasets(cfg, _Tok(), (64, 8, 0))
+    np.save(f"{out_dir}/rank{rank}.npy", np.stack([train[i] for i in range(64)] + [valid[i] for i in range(8)]))
+    np.save(f"{out_dir}/calls{rank}.npy", np.asarray([len(calls)]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_rank0_builds_others_load(tmp_path):
+    import torch.multiprocessing as mp
+
+    prefix = _make(tmp_path / "a", 120, 4)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), prefix, str(tmp_path / "cache"), str(tmp_path)),
+             nprocs=2, join=True)
+    r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    assert np.array_equal(r0, r1)
+    assert int(np.load(tmp_path / "calls0.npy")[0]) == 2  # train and valid indices built once, by rank 0
+    assert int(np.load(tmp_path / "calls1.npy")[0]) == 0  # rank 1 loaded them from the cache
+    single = build_train_valid_test_datasets(
+        TrainConfig(data_path=[prefix], split="90,10,0", seq_length=16, seed=9), _Tok(), (64, 8, 0))
+    assert np.array_equal(r0[:64], np.stack([single[0][i] for i in range(64)]))
