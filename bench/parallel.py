@@ -5,8 +5,8 @@ Megatron's analytical volume.
 
 Runs a one-process baseline in this process, then each layout under torchrun (gloo, CPU, one
 thread per rank; on a GPU machine the same code runs NCCL). Communication is measured with the
-PyTorch profiler: every c10d collective / p2p call records its message size
-(`record_param_comms`), summed per step and rank. The analytical volume is Megatron's
+PyTorch profiler: every gloo collective / p2p call is recorded with its message shape
+(`gloo:*` events with record_shapes), summed per step and rank. The analytical volume is Megatron's
 payload per step for the layout (TP: 2 all-reduces of b x s x h per layer forward, 2
 backward, plus the embedding's; PP: one activation forward and one gradient backward per
 micro-batch per stage boundary; DP: the gradient volume), with fp32 elements.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -33,21 +34,26 @@ from megatron_sc2.config import preset  # noqa: E402
 
 
 def analytic_bytes(layout: dict, cfg, seq: int, gbs: int, mbs: int) -> dict[str, float]:
-    """Megatron's message payload per step for one rank (fp32), by kind."""
+    """Megatron's communication per step for the busiest rank (fp32), in the convention the
+    measurement uses: the size of the tensor each call hands to the backend (an all-reduce or
+    reduce-scatter its full buffer, an all-gather its local shard, a send/recv its message)."""
     tp, pp, dp = layout["tp"], layout["pp"], layout["dp"]
     h, L = cfg.hidden_size, cfg.num_layers
     n_mb = gbs // (mbs * dp)
     act = mbs * seq * h * 4
     out: dict[str, float] = {}
     if tp > 1:
-        layers_here = L / pp
-        # 2 all-reduces forward + 2 backward per layer, plus the embedding's forward all-reduce
-        # (first stage); the vocab-parallel loss adds 3 reductions of b x s (negligible).
-        out["tp"] = n_mb * (4 * layers_here * act + (act if pp == 1 else act / pp))
+        # Per layer 2 all-reduces forward (attention and MLP outputs) and 2 backward (their
+        # inputs), plus the vocab-parallel embedding's forward all-reduce on the first stage.
+        out["tp"] = n_mb * (4 * (L / pp) * act + act)
     if pp > 1:
-        out["pp"] = n_mb * 2 * act  # one forward send and one backward send per boundary
+        out["pp"] = n_mb * 2 * act  # activations sent forward, gradients received back
+        if cfg.tie_word_embeddings:
+            out["pp_tied_embedding"] = cfg.vocab_size * h * 4 / tp  # Megatron's embedding group
     if dp > 1:
-        out["dp"] = cfg.num_params() * 4 / (tp * pp)
+        # Distributed optimizer: reduce-scatter the gradients, all-gather the parameters.
+        grads = cfg.num_params() * 4 / (tp * pp)
+        out["dp"] = grads + grads / dp
     return out
 
 
@@ -70,20 +76,22 @@ def run_layout(layout: dict, args) -> dict:
 
 
 def _comm_bytes(trace_file: str) -> dict[str, float]:
-    """Sum of message sizes of collectives / p2p calls in a chrome trace, by collective name."""
+    """Bytes of the messages of gloo collectives / p2p calls in a chrome trace (the first
+    input of each `gloo:*` event, which the profiler records with record_shapes), by name."""
     events = json.loads(Path(trace_file).read_text()).get("traceEvents", [])
-    sizes = {"Float": 4, "BFloat16": 2, "Half": 2, "Long": 8, "Int": 4, "Double": 8, "Byte": 1,
-             "Bool": 1, "Char": 1}
+    sizes = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4,
+             "double": 8, "unsigned char": 1, "bool": 1}
     total: dict[str, float] = {}
     for e in events:
-        if e.get("name") != "record_param_comms":
+        name = str(e.get("name", ""))
+        if not name.startswith("gloo:") or name in ("gloo:barrier",):
             continue
         a = e.get("args", {})
-        name = a.get("Collective name", "?")
-        if name in ("barrier", "init", "wait"):
-            continue
-        n = max(int(a.get("In msg nelems", 0) or 0), int(a.get("Out msg nelems", 0) or 0))
-        total[name] = total.get(name, 0.0) + n * sizes.get(a.get("dtype", "Float"), 4)
+        dims = (a.get("Input Dims") or [[]])[0]
+        kind = (a.get("Input type") or ["float"])[0]
+        shapes = dims if dims and isinstance(dims[0], list) else [dims]
+        n = sum(math.prod(d) for d in shapes if d is not None)
+        total[name] = total.get(name, 0.0) + n * sizes.get(kind, 4)
     return total
 
 
@@ -119,7 +127,7 @@ def worker(args) -> None:
         step()
     dist.barrier()
     dt = (time.perf_counter() - t0) / args.steps
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     trace = f"{args.out}.rank{dist.get_rank()}.trace.json"
     prof.export_chrome_trace(trace)

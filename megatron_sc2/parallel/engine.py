@@ -168,7 +168,10 @@ class ParallelModel:
             docs = document_ids.chunk(n_mb) if document_ids is not None else [None] * n_mb
             for i, (t, y) in enumerate(zip(tokens.chunk(n_mb), target.chunk(n_mb))):
                 if self.layout.dp > 1:
+                    # Reduce gradients, and free the gathered parameters, only after the last
+                    # micro-batch (one all-gather and one reduction per step).
                     chunk.set_requires_gradient_sync(i == n_mb - 1)
+                    chunk.set_reshard_after_backward(i == n_mb - 1)
                 loss = loss_fn(chunk(t, pos[i], docs[i]), y)
                 loss.backward()
                 loss_sum += loss.detach()
