@@ -206,6 +206,16 @@ def test_bad_inputs(tmp_path, tok, capsys, starcoder2_tokenizer_path):
     data = gzip.compress(("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 200)).encode())
     (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
     _expect_error(tmp_path, tok, [str(tmp_path / "cut.jsonl.gz")], r"cut\.jsonl\.gz: compressed stream")
+    import zstandard
+
+    zdata = zstandard.ZstdCompressor().compress(("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 200)).encode())
+    (tmp_path / "cut.jsonl.zst").write_bytes(zdata[: len(zdata) // 2])
+    _expect_error(tmp_path, tok, [str(tmp_path / "cut.jsonl.zst")], r"cut\.jsonl\.zst: .*(corrupt|ends early)")
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    if not os.access(tmp_path / "ro", os.W_OK):  # root ignores permissions
+        with pytest.raises(DataError, match="cannot write"):
+            preprocess(str(tmp_path / "ro" / "x"), tok, [str(empty)], progress=False)
     repo = tmp_path / "repos" / "r1"
     repo.mkdir(parents=True)
     (repo / "a.py").write_bytes(b"caf\xe9 = 1\n")

@@ -142,10 +142,23 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
 
     from tqdm import tqdm
 
-    bar = tqdm(total=None, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
+    total = None
+    if repositories is None and inputs:
+        paths = [Path(s) for s in inputs]
+        if all(p.is_file() and p.suffix in (".jsonl", ".json") for p in paths):
+            total = sum(p.stat().st_size for p in paths)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
                disable=not progress, mininterval=0.5)
     t0 = time.perf_counter()
-    writers = {k: IndexedWriter(outputs[k], dtype) for k in keys}
+    writers: dict[str, IndexedWriter] = {}
+    try:
+        for k in keys:
+            writers[k] = IndexedWriter(outputs[k], dtype)
+    except OSError as e:
+        for w in writers.values():
+            w.abort()
+        bar.close()
+        raise DataError(f"cannot write {outputs[k]}.bin: {e.strerror or e}") from None
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             pending: deque = deque()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import io
 import json
 import os
 import zlib
@@ -108,14 +107,49 @@ def expand_inputs(specs: Sequence[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def _zstd_chunks(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of a .zst file (several frames allowed); a stream that stops inside
+    a frame raises EOFError (zstandard's own stream reader returns short data silently)."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    dobj = dctx.decompressobj()
+    in_frame = False  # bytes of the current frame were fed and its end not yet seen
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(1 << 20)
+            if not raw:
+                break
+            while raw:
+                in_frame = True
+                out = dobj.decompress(raw)
+                if out:
+                    yield out
+                if dobj.eof:
+                    raw = dobj.unused_data
+                    dobj = dctx.decompressobj()
+                    in_frame = False
+                else:
+                    raw = b""
+    if in_frame:
+        raise EOFError("the last zstd frame is incomplete")
+
+
+def _lines_of_chunks(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for chunk in chunks:
+        data = rest + chunk
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
 def _open_binary(path: Path):
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
-    if path.name.endswith(".zst"):
-        import zstandard
-
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")
 
 
@@ -124,6 +158,12 @@ def iter_lines(path: Path, stats: Optional[ReadStats] = None) -> Iterator[tuple[
     is corrupt is a DataError naming the file and the last good line."""
     lineno = 0
     try:
+        if path.name.endswith(".zst"):
+            for lineno, line in enumerate(_lines_of_chunks(_zstd_chunks(path)), start=1):
+                if stats is not None:
+                    stats.input_bytes += len(line)
+                yield lineno, line
+            return
         with _open_binary(path) as f:
             for lineno, line in enumerate(f, start=1):
                 if stats is not None:
