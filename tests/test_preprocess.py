@@ -66,7 +66,6 @@ def test_megatron_core_reads_our_output(tmp_path, tok, starcoder2_tokenizer_path
 
 
 def test_we_read_megatron_core_output(tmp_path):
-    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,7 +75,7 @@ def test_we_read_megatron_core_output(tmp_path):
             for _ in range(30)]
     b = IndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=np.int32)
     for doc in docs:
-        b.add_document(torch.from_numpy(np.concatenate(doc)), [len(s) for s in doc])
+        b.add_document(np.concatenate(doc), [len(s) for s in doc])
     b.finalize(str(tmp_path / "m.idx"))
     ours = IndexedDataset(tmp_path / "m")
     flat = [s for doc in docs for s in doc]
