@@ -235,6 +235,27 @@ def test_save_streams_one_tensor_at_a_time(tmp_path):
     assert [float(got[s.name][0, 0]) for s in specs] == [float(i) for i in range(8)]
 
 
+def test_from_hf_verification_reads_back_what_was_written(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_sc2.convert.from_hf import verify_checkpoint
+
+    specs = [TensorSpec(f"w{i}", (64, 256), torch.float32) for i in range(3)]
+    data = {s.name: torch.randn(s.shape) for s in specs}
+    save_model_streaming(tmp_path / "ck", specs, lambda n: data[n].clone())
+    sums = {n: checksum(t) for n, t in data.items()}
+    verify_checkpoint(tmp_path / "ck", specs, sums)
+    with pytest.raises(CheckpointError, match="tensors missing"):
+        verify_checkpoint(tmp_path / "ck", specs + [TensorSpec("w9", (1,), torch.float32)], {**sums, "w9": 0})
+    md = FileSystemReader(str(tmp_path / "ck")).read_metadata()
+    path = tmp_path / "ck" / next(v.relative_path for k, v in md.storage_data.items() if k.fqn == "model.w1")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x40  # inside the tensor's bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum of w1"):
+        verify_checkpoint(tmp_path / "ck", specs, sums)
+
+
 def _one_line_error(capsys, argv, expect: str) -> None:
     capsys.readouterr()  # drop what earlier (successful) calls printed
     assert _cli(*argv) == 2

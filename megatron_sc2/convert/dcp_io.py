@@ -123,5 +123,24 @@ def save_model_streaming(out_dir: Path, specs: list[TensorSpec],
         dcp.save(meta_sd, storage_writer=writer, planner=_OnDemandSavePlanner(fetch), no_dist=True)
 
 
+def iter_own_files_mmap(ckpt: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for a checkpoint written by `save_model_streaming` (one tensor per
+    file), each file memory-mapped by `torch.load` — the bytes DCP itself would `torch.load`,
+    without a second in-memory copy. Used to verify what was just written at low peak memory."""
+    md = FileSystemReader(str(ckpt)).read_metadata()
+    for index, info in (md.storage_data or {}).items():
+        if not index.fqn.startswith(MODEL_PREFIX):
+            continue
+        path = ckpt / info.relative_path
+        if info.offset != 0 or info.length != path.stat().st_size or getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{path}: not a one-tensor file as written by the converter")
+        try:
+            t = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except (RuntimeError, OSError, EOFError) as e:
+            raise CheckpointError(f"{path}: cannot be read back ({str(e).splitlines()[0]})") from None
+        yield index.fqn[len(MODEL_PREFIX):], t
+        del t
+
+
 __all__ = ["TensorSpec", "read_model_specs", "iter_model_tensors", "save_model_streaming",
-           "batched"]
+           "batched", "iter_own_files_mmap"]

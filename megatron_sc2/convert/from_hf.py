@@ -18,7 +18,7 @@ from typing import BinaryIO, Optional
 import torch
 
 from megatron_sc2.config import ModelConfig
-from megatron_sc2.convert.dcp_io import TensorSpec, iter_model_tensors, save_model_streaming
+from megatron_sc2.convert.dcp_io import TensorSpec, iter_own_files_mmap, save_model_streaming
 from megatron_sc2.convert.hf_dir import TOKENIZER_FILES, HFSource, open_hf_dir
 from megatron_sc2.convert.progress import progress_bar
 from megatron_sc2.convert.safetensors_io import read_tensor
@@ -72,8 +72,15 @@ class _ShardReader:
         self.files: dict[Path, BinaryIO] = {}
         self.sums: dict[str, int] = {}
         self.on_tensor = lambda nbytes: None
+        self._previous: Optional[torch.Tensor] = None
 
     def __call__(self, name: str) -> torch.Tensor:
+        # DCP's writer still references the previous tensor while it asks for this one, though
+        # that tensor's file is written and closed: free its memory now so at most one tensor
+        # is resident (what was written is checked against the checksums afterwards).
+        if self._previous is not None:
+            self._previous.untyped_storage().resize_(0)
+            self._previous = None
         path, entry = self.src.tensors[name]
         f = self.files.get(path)
         if f is None:
@@ -83,6 +90,7 @@ class _ShardReader:
             t = t.to(self.out_dtype)
         self.sums[name] = checksum(t)
         self.on_tensor(t.numel() * t.element_size())
+        self._previous = t
         return t
 
     def close(self) -> None:
@@ -146,13 +154,23 @@ def from_hf(opts: FromHFOptions) -> FromHFResult:
 
 
 def verify_checkpoint(ckpt: Path, specs: list[TensorSpec], sums: dict[str, int]) -> None:
-    """Read every tensor back through DCP and compare shape, dtype and checksum."""
-    for spec, (name, t) in zip(specs, iter_model_tensors(ckpt, specs)):
+    """Read every tensor back (DCP's metadata, each file's bytes memory-mapped) and compare
+    names, shapes, dtypes and checksums with what was written."""
+    want = {s.name: s for s in specs}
+    seen: set[str] = set()
+    for name, t in iter_own_files_mmap(ckpt):
+        spec = want.get(name)
+        if spec is None:
+            raise CheckpointError(f"verify: {ckpt} holds an unexpected tensor {name}")
         if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
             raise CheckpointError(f"verify: {name} reads back as {tuple(t.shape)} {t.dtype}, "
                                   f"wrote {spec.shape} {spec.dtype}")
         if checksum(t) != sums[name]:
             raise CheckpointError(f"verify: checksum of {name} in {ckpt} differs from what was written")
+        seen.add(name)
+        del t
+    if seen != set(want):
+        raise CheckpointError(f"verify: tensors missing from {ckpt}: {sorted(set(want) - seen)[:3]}")
 
 
 def _copy_tokenizer(hf_dir: Path, dest: Path) -> bool:

@@ -9,6 +9,7 @@ first from the known shapes and then stream each tensor's bytes with plain file 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -47,11 +48,15 @@ def nbytes_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    """The raw little-endian bytes of a CPU tensor (contiguous copy if needed), writable, without
+    a copy. Made through ctypes rather than `.numpy()`, which would pin the storage's size and so
+    stop its memory from being released early (see from_hf); the view keeps the tensor alive."""
     t = t.detach().contiguous()
     if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
+        return memoryview(bytearray())
+    raw = (ctypes.c_char * t.nbytes).from_address(t.data_ptr())
+    raw.owner = t  # type: ignore[attr-defined]
+    return memoryview(raw).cast("B")
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -90,7 +95,7 @@ def read_tensor(f: BinaryIO, entry: TensorEntry) -> torch.Tensor:
     """Read one tensor into fresh memory (no mmap), exactly `nbytes` allocated."""
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     f.seek(entry.start)
-    view = memoryview(buf.numpy())
+    view = tensor_bytes(buf)
     got = 0
     while got < entry.nbytes:
         n = f.readinto(view[got:])
