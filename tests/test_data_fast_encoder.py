@@ -44,6 +44,11 @@ def test_stdlib_id_for_id(sc2):
     assert not diff, f"{len(diff)} files differ"
     # the fast path really was used for (nearly) all of it
     assert fast.stats["fallback"] - before["fallback"] <= len(texts) // 100
+    # repository documents: special-token text between the files
+    from megatron_sc2.data.repo_format import format_repository
+
+    docs = [format_repository(name, files, 7) for name, files in list(iter_stdlib_repositories())[:60]]
+    assert fast.encode_batch(docs) == _hf(tok, docs)
 
 
 def test_edge_cases(sc2):
