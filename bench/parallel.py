@@ -44,8 +44,9 @@ def analytic_bytes(layout: dict, cfg, seq: int, gbs: int, mbs: int) -> dict[str,
     out: dict[str, float] = {}
     if tp > 1:
         # Per layer 2 all-reduces forward (attention and MLP outputs) and 2 backward (their
-        # inputs), plus the vocab-parallel embedding's forward all-reduce on the first stage.
-        out["tp"] = n_mb * (4 * (L / pp) * act + act)
+        # inputs), plus the vocab-parallel embedding's forward all-reduce (first stage) and the
+        # column-parallel output layer's input-gradient all-reduce (last stage).
+        out["tp"] = n_mb * (4 * (L / pp) * act + (2 if pp == 1 else 1) * act)
     if pp > 1:
         out["pp"] = n_mb * 2 * act  # activations sent forward, gradients received back
         if cfg.tie_word_embeddings:
