@@ -251,3 +251,27 @@ def test_corrupt_index_files(tmp_path):
     os.remove(tmp_path / "d.bin")
     with pytest.raises(DataError, match=r"d\.bin: missing"):
         IndexedDataset(tmp_path / "d")
+
+
+def test_tools_script_runs_without_torch(tmp_path, starcoder2_tokenizer_path):
+    """`python tools/preprocess_data.py` as Megatron users call it; start-up stays light
+    (neither torch nor megatron-core nor transformers is imported on this path)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    inp = _jsonl(tmp_path / "in.jsonl", TEXTS)
+    probe = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+             "rc = 0\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as e:\n    rc = e.code\n"
+             "print('HEAVY', [m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules]); sys.exit(rc)")
+    args = [sys.executable, "-c", probe, str(repo / "tools" / "preprocess_data.py"), "--input", str(inp),
+            "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", str(starcoder2_tokenizer_path),
+            "--append-eod", "--workers", "2"]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
+    assert "documents: 6" in proc.stderr
+    assert IndexedDataset(tmp_path / "o_text_document").num_documents == len(TEXTS)
+    bad = subprocess.run(args[:5] + [str(tmp_path / "missing.jsonl")] + args[6:], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "input not found" in bad.stderr

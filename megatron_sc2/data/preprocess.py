@@ -25,7 +25,7 @@ from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.data.corpus import Repository
 from megatron_sc2.data.indexed import IndexedWriter, optimal_dtype
 from megatron_sc2.data.repo_format import format_repository
-from megatron_sc2.data.sources import Document, FileFilters, ReadStats, iter_documents
+from megatron_sc2.data.sources import Document, FileFilters, ReadStats, expand_inputs, iter_documents
 from megatron_sc2.data.tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20   # about 1 MB of text per encode task
@@ -101,6 +101,8 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
         raise ConfigError("nothing to preprocess: give --input")
     filters = filters or FileFilters()
     stats = ReadStats()
+    if repositories is None:
+        expand_inputs(inputs)  # a missing input fails here, before any output or progress bar
     repo_like = repositories is not None or repo_context or any(Path(s).is_dir() for s in inputs)
     if repo_like:
         missing = [n for n in ("repo_name", "file_sep") if n not in tok.special_ids]
@@ -148,7 +150,7 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
         if all(p.is_file() and p.suffix in (".jsonl", ".json") for p in paths):
             total = sum(p.stat().st_size for p in paths)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
-               disable=not progress, mininterval=0.5)
+               disable=True if not progress else None, mininterval=0.5, leave=False)  # None: off unless a TTY
     t0 = time.perf_counter()
     writers: dict[str, IndexedWriter] = {}
     try:
