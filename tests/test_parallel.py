@@ -156,23 +156,35 @@ def _expected_tp_rank_params(cfg: ModelConfig, tp: int) -> int:
     return v * h // tp + cfg.num_layers * layer + 2 * h + head
 
 
-@pytest.mark.parametrize("name,total", [("starcoder2-3b", 3_030_371_328),
-                                        ("starcoder2-15b", 15_957_889_024)])
-def test_meta_param_counts_at_tp8(name, total):
+COUNT_CASES = [("starcoder2-3b", 3_030_371_328, 8), ("starcoder2-3b", 3_030_371_328, 4),
+               ("starcoder2-15b", 15_957_889_024, 8)]
+
+
+@pytest.fixture(scope="module")
+def meta_counts() -> dict:
+    """Per-rank counts of every case, from one subprocess (it needs its own fake world)."""
     code = (
         "import json; from megatron_sc2.config import preset; "
         "from megatron_sc2.parallel.layout import ParallelLayout; "
         "from megatron_sc2.parallel.param_count import parameter_counts_per_rank; "
-        f"print(json.dumps(parameter_counts_per_rank(preset('{name}'), ParallelLayout(tp=8))))")
+        f"cases = {[(n, tp) for n, _, tp in COUNT_CASES]!r}; "
+        "print(json.dumps([parameter_counts_per_rank(preset(n), ParallelLayout(tp=tp)) "
+        "for n, tp in cases]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          timeout=300, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {(n, tp): c for (n, _, tp), c in zip(COUNT_CASES, out)}
+
+
+@pytest.mark.parametrize("name,total,tp", COUNT_CASES)
+def test_meta_param_counts(meta_counts, name, total, tp):
+    counts = meta_counts[(name, tp)]
     cfg = preset(name)
     assert cfg.num_params() == total
-    assert counts == [_expected_tp_rank_params(cfg, 8)] * 8
+    assert counts == [_expected_tp_rank_params(cfg, tp)] * tp
     # Sharded parts add up to the model; replicated parts are held by every rank.
     h, kv = cfg.hidden_size, cfg.num_query_groups * cfg.head_dim
-    replicated_per_layer = 2 * h + 4 * h + (2 * (h * kv + kv) if cfg.num_query_groups < 8 else 0)
+    replicated_per_layer = 2 * h + 4 * h + (2 * (h * kv + kv) if cfg.num_query_groups < tp else 0)
     replicated = cfg.num_layers * replicated_per_layer + 2 * h
-    assert sum(counts) - 7 * replicated == total
+    assert sum(counts) - (tp - 1) * replicated == total
