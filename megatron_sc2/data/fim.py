@@ -15,7 +15,6 @@ sample is the same in any process, with any number of workers, before and after 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

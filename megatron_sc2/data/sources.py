@@ -13,7 +13,6 @@ import glob
 import gzip
 import hashlib
 import json
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
