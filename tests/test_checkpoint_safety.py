@@ -29,6 +29,14 @@ ITERS = 8
 TRIALS = 6
 
 
+@pytest.fixture(autouse=True)
+def _one_process(monkeypatch):
+    """These trainers are single processes, whatever launch variables the test runner has."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.setenv(k, "0")
+        monkeypatch.delenv(k)
+
+
 def _args(save: Path, *extra: str) -> list[str]:
     # A save after every step, each taking longer (DCP's writes and fsyncs) than the tiny step:
     # most of the run's time is spent saving.

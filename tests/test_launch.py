@@ -56,7 +56,8 @@ def test_first_host_without_scontrol(monkeypatch, nodelist, first):
 
 def test_export_sets_env_rendezvous(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "x")  # recorded, so export()'s values are undone after the test
+        monkeypatch.delenv(k)
     monkeypatch.setenv("PATH", "/nonexistent")
     detect({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]",
             "SLURM_JOB_ID": "7"}).export()

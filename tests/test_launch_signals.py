@@ -20,6 +20,14 @@ from megatron_sc2.training.signals import StopRequests, parse_signal
 from megatron_sc2.training.trainer import Trainer
 
 
+@pytest.fixture(autouse=True)
+def _one_process(monkeypatch):
+    """These trainers are single processes, whatever launch variables the test runner has."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.setenv(k, "0")
+        monkeypatch.delenv(k)
+
+
 def _args(save: Path, *extra: str) -> list[str]:
     return ["--mock-data", "--model", "starcoder2-tiny", "--seq-length", "16", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--train-iters", "6", "--lr", "1e-3", "--lr-warmup-iters", "2",
