@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 BASE = ["--model", "starcoder2-tiny", "--mock-data", "--seq-length", "32",  # window 16 < 32
         "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4",
-        "--lr-warmup-iters", "1", "--clip-grad", "1.0", "--log-interval", "1", "--seed", "5"]
+        "--lr-warmup-iters", "1", "--clip-grad", "1.0", "--log-interval", "1", "--seed", "5",
+        "--eval-interval", "4", "--eval-iters", "1"]
 
 
 def _free_port() -> int:
@@ -79,3 +80,5 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
         assert got["consumed_samples"] == last["consumed_samples"]
         assert abs(got["loss"] - last["loss"]) <= 1e-5 * abs(last["loss"]), (name, got, last)
         assert abs(got["grad_norm"] - last["grad_norm"]) <= 1e-5 * abs(last["grad_norm"]), (name, got, last)
+        # Validation after step 4 (forward-only pipeline schedule at TP2 x PP2).
+        assert abs(got["valid_loss"] - last["valid_loss"]) <= 1e-5 * abs(last["valid_loss"]), (name, got, last)

@@ -148,11 +148,13 @@ class ParallelModel:
                          loss_mask: Optional[torch.Tensor] = None,
                          total_tokens: Optional[float] = None,
                          position_ids: Optional[torch.Tensor] = None,
-                         document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         document_ids: Optional[torch.Tensor] = None,
+                         backward: bool = True) -> torch.Tensor:
         """Run this data-parallel rank's share of the global batch (local_batch, seq) as
         micro-batches, accumulating the gradients of sum(token loss x mask) / total_tokens
         (total_tokens: loss tokens of the whole global batch; default every token). Every
-        rank returns that global loss (fp32 scalar)."""
+        rank returns that global loss (fp32 scalar). backward=False: forward and loss only
+        (evaluation; may run under torch.no_grad)."""
         n_mb = self.layout.num_microbatches
         if loss_mask is None:
             loss_mask = torch.ones_like(labels)
@@ -167,26 +169,28 @@ class ParallelModel:
             pos = position_ids.chunk(n_mb) if position_ids is not None else [None] * n_mb
             docs = document_ids.chunk(n_mb) if document_ids is not None else [None] * n_mb
             for i, (t, y) in enumerate(zip(tokens.chunk(n_mb), target.chunk(n_mb))):
-                if self.layout.dp > 1:
+                if self.layout.dp > 1 and backward:
                     # Reduce gradients, and free the gathered parameters, only after the last
                     # micro-batch (one all-gather and one reduction per step).
                     chunk.set_requires_gradient_sync(i == n_mb - 1)
                     chunk.set_reshard_after_backward(i == n_mb - 1)
                 loss = loss_fn(chunk(t, pos[i], docs[i]), y)
-                loss.backward()
+                if backward:
+                    loss.backward()
                 loss_sum += loss.detach()
         else:
             if position_ids is not None or document_ids is not None:
                 raise ConfigError("--reset-position-ids / --reset-attention-mask are not supported "
                                   "with --pipeline-model-parallel-size > 1 yet")
-            loss_sum = self._pipeline_step(tokens, target, loss_fn)
-        self._reduce_tied_grads()
+            loss_sum = self._pipeline_step(tokens, target, loss_fn, backward)
+        if backward:
+            self._reduce_tied_grads()
         loss_sum = loss_sum / self._dp_scale
         if self.layout.dp > 1:
             dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
         return loss_sum
 
-    def _pipeline_step(self, tokens, target, loss_fn) -> torch.Tensor:
+    def _pipeline_step(self, tokens, target, loss_fn, backward: bool = True) -> torch.Tensor:
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                                   ScheduleInterleaved1F1B)
 
@@ -213,7 +217,10 @@ class ParallelModel:
         losses: list[torch.Tensor] = []
         args = (tokens,) if first else ()
         kwargs = {"target": target, "losses": losses} if last else {}
-        self._schedule.step(*args, **kwargs)
+        if backward:
+            self._schedule.step(*args, **kwargs)
+        else:
+            self._schedule.eval(*args, **kwargs)
         if last:
             loss_sum = torch.stack([l.detach().float() for l in losses]).sum()
         else:

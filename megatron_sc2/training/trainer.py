@@ -305,8 +305,7 @@ class Trainer:
             cat = {k: torch.cat([b[k] for b in batches]) for k in ("tokens", "labels", "loss_mask")}
             with self._autocast():
                 loss = self.pm.forward_backward(cat["tokens"], cat["labels"], cat["loss_mask"],
-                                                max(n, 1.0))
-            self.optimizer.zero_grad(set_to_none=True)  # the pass above accumulated gradients
+                                                max(n, 1.0), backward=False)
             total += float(loss) * n
             tokens += n
         return total / max(tokens, 1.0)
