@@ -106,3 +106,11 @@ def test_handlers_step_aside_without_a_listener():
         assert seen == [signal.SIGUSR2]  # the handler that was there before ours
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+def test_stop_right_after_a_periodic_save_does_not_save_twice(tmp_path, capsys, fake_slurm):
+    trainer = Trainer(parse_train_args(_args(tmp_path, "--save-interval", "1")))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    trainer.train()
+    assert capsys.readouterr().out.count("saved checkpoint") == 1
+    assert read_meta(find_checkpoint(tmp_path))["iteration"] == 1

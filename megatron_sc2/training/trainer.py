@@ -352,11 +352,13 @@ class Trainer:
                     print(f"step {it:>6}/{cfg.train_iters} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | "
                           f"grad norm {out['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s", flush=True)
             records.append(record)
-            if cfg.save and cfg.save_interval > 0 and it % cfg.save_interval == 0 and it != cfg.train_iters:
+            saved = bool(cfg.save) and cfg.save_interval > 0 and it % cfg.save_interval == 0 \
+                and it != cfg.train_iters
+            if saved:
                 self.save()
             reason = self._exit_reason(it)
             if reason:
-                if cfg.save:
+                if cfg.save and not saved:  # a stop right after a periodic save: not twice
                     self.save()
                 if self.rank == 0:
                     print(f"stopping after step {it}: {reason}", flush=True)
