@@ -12,6 +12,7 @@ file per tensor so that the writer drops each tensor once its file is written.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,11 +117,20 @@ def save_model_streaming(out_dir: Path, specs: list[TensorSpec],
         meta_sd = {"model": {s.name: torch.empty(s.shape, dtype=s.dtype) for s in specs}}
     # One file per tensor: with one file per rank, the writer keeps every tensor of the file
     # alive until the file is closed.
+    # Files are fsynced together at the end rather than one by one, so the disk writes back
+    # while the next tensors are read; the checkpoint is durable before this returns.
     writer = FileSystemWriter(str(out_dir), single_file_per_rank=False, thread_count=1,
-                              sync_files=True, overwrite=False)
+                              sync_files=False, overwrite=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(meta_sd, storage_writer=writer, planner=_OnDemandSavePlanner(fetch), no_dist=True)
+    for f in sorted(Path(out_dir).iterdir()):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def iter_own_files_mmap(ckpt: Path) -> Iterator[tuple[str, torch.Tensor]]:
