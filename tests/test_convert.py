@@ -267,7 +267,7 @@ def _leftovers(root: Path) -> list[str]:
     return [p.name for p in root.rglob("*") if ".tmp-" in p.name]
 
 
-def test_refusals_name_the_problem_and_leave_nothing(tmp_path, capsys):
+def test_refusals_name_the_problem_and_leave_nothing(tmp_path, capsys, monkeypatch):
     src = tmp_path / "src"
     make_hf_dir(src, False, torch.float32)
     capsys.readouterr()  # transformers' own progress output while saving the source
@@ -300,7 +300,18 @@ def test_refusals_name_the_problem_and_leave_nothing(tmp_path, capsys):
             (half / "iter_0000007" / f.name).write_bytes(f.read_bytes())
     _one_line_error(capsys, ["to-hf", "--load", half, "--save", tmp_path / "h1"], "no finished checkpoint")
     _one_line_error(capsys, ["from-hf", "--load", src, "--save", ck], "already holds checkpoints")
-    # A failure after the shards were written (unknown tokenizer) leaves no output behind.
+    # Failures part-way leave no output behind: a missing tokenizer (checked first), and a
+    # verification failure after every shard was written.
+    import megatron_sc2.convert.to_hf as to_hf_module
+
+    def failing_verify(*args, **kwargs):
+        assert len(list(glob.glob(str(args[0] / "model-*.safetensors")))) == 1  # shards written
+        raise CheckpointError("verify: simulated mismatch")
+
+    with monkeypatch.context() as m:
+        m.setattr(to_hf_module, "verify_shards", failing_verify)
+        _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h2"], "simulated mismatch")
+    assert not (tmp_path / "h2").exists() and not _leftovers(tmp_path)
     _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h2", "--tokenizer",
                              tmp_path / "nope.json"], "tokenizer not found")
     assert not (tmp_path / "h2").exists() and not _leftovers(tmp_path)

@@ -131,6 +131,10 @@ def to_hf(opts: ToHFOptions) -> ToHFResult:
     final = Path(opts.save)
     tmp = prepare_out_dir(final, opts.force)
     try:
+        # Tokenizer first: a wrong one is refused before the weights are converted.
+        if tokenizer:
+            write_tokenizer(tokenizer, tmp, cfg)
+        write_generation_config(tmp, cfg)
         sums: dict[str, int] = {}
         total = sum(s.nbytes for s in out_specs)
         source = iter_model_tensors(ckpt, [stored[n] for n in order], dtype=out_dtype)
@@ -156,9 +160,6 @@ def to_hf(opts: ToHFOptions) -> ToHFResult:
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(
             json.dumps(to_hf_config_dict(cfg, HF_DTYPE_NAMES[out_dtype]), indent=2) + "\n")
-        if tokenizer:
-            write_tokenizer(tokenizer, tmp, cfg)
-        write_generation_config(tmp, cfg)
         verify_shards(tmp, {hf_key(s.name): s for s in out_specs}, weight_map, sums)
         diff = None
         if opts.verify_logits:
