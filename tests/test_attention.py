@@ -125,7 +125,7 @@ def _check_case(case, dtype, tol, seed):
 
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_fp32_matches_float64(case, isa):
-    _check_case(case, torch.float32, 1e-5, seed=hash(case) % 1000)
+    _check_case(case, torch.float32, 1e-5, seed=CASES.index(case))
 
 
 @pytest.mark.parametrize("case", CASES[:8], ids=[str(c) for c in CASES[:8]])

@@ -72,7 +72,7 @@ GPU_CASES = [  # (batch, seq, heads, kv_heads, window, documents)
 @pytest.mark.parametrize("case", GPU_CASES, ids=[str(c) for c in GPU_CASES])
 def test_cuda_matches_float64(case, head_dim, dtype):
     b, s, h, kvh, window, doc_kind = case
-    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    gen = torch.Generator().manual_seed(GPU_CASES.index(case))
     q, k, v, go = (torch.randn(shape, generator=gen).to(dtype) for shape in
                    ((b, s, h, head_dim), (b, s, kvh, head_dim), (b, s, kvh, head_dim),
                     (b, s, h, head_dim)))
