@@ -133,10 +133,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-mask-seq", type=int, default=1 << 30,
                    help="skip SDPA-with-mask above this length (it costs O(seq^2) time and memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch (and our kernel's) CPU threads")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
