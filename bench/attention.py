@@ -134,6 +134,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-mask-seq", type=int, default=1 << 30,
                    help="skip SDPA-with-mask above this length (it costs O(seq^2) time and memory)")
     p.add_argument("--threads", type=int, default=None, help="torch (and our kernel's) CPU threads")
+    p.add_argument("--phases", action="store_true",
+                   help="only our kernel: forward and backward timed apart, with useful GFLOP/s")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
@@ -155,6 +157,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"# cpu kernel isa={mod.isa() if mod else 'not built'}", flush=True)
     else:
         print(f"# gpu={torch.cuda.get_device_name()}", flush=True)
+    if args.phases:
+        return phases(args, device, d, dtype)
     rows = []
     for seq in [int(x) for x in args.seqs.split(",")]:
         for window in [int(x) for x in args.windows.split(",")]:
@@ -199,6 +203,46 @@ def main(argv: Optional[list[str]] = None) -> int:
         tmp = args.json.with_name(args.json.name + ".tmp")
         tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1))
         tmp.replace(args.json)
+    return 0
+
+
+def phases(args, device: str, d: int, dtype: torch.dtype) -> int:
+    """Our kernel alone: forward and backward apart, useful GFLOP/s by wall and by CPU time."""
+    for seq in [int(x) for x in args.seqs.split(",")]:
+        for window in [int(x) for x in args.windows.split(",")]:
+            gen = torch.Generator().manual_seed(seq + window)
+            q, k, v, go = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+                           for shape in ((args.batch, seq, args.heads, d),
+                                         (args.batch, seq, args.kv_heads, d),
+                                         (args.batch, seq, args.kv_heads, d),
+                                         (args.batch, seq, args.heads, d)))
+            fwd_flops = visible_pairs(seq, window) * args.batch * args.heads * 4 * d
+            holder = {}
+
+            def forward():
+                with torch.no_grad():
+                    sliding_window_attention(q, k, v, window=window)
+
+            def backward():
+                xs = [t.detach().requires_grad_() for t in (q, k, v)]
+                holder["out"] = sliding_window_attention(*xs, window=window)
+                t0, c0 = time.perf_counter(), time.process_time()
+                holder["out"].backward(go)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                holder["t"] = (time.perf_counter() - t0, time.process_time() - c0)
+
+            fw, fc = timed(forward, args.repeats, args.warmup, device)
+            backs = []
+            for _ in range(max(1, args.repeats)):
+                backward()
+                backs.append(holder["t"])
+            bw = statistics.median(t[0] for t in backs)
+            bc = statistics.median(t[1] for t in backs)
+            print(f"seq={seq:6d} window={window:5d} ours forward {fw:.3f}s (cpu {fc:.3f}s) "
+                  f"{fwd_flops / fw / 1e9:.1f} GFLOP/s wall, {fwd_flops / fc / 1e9:.1f} per cpu-s | "
+                  f"backward {bw:.3f}s (cpu {bc:.3f}s) {2.5 * fwd_flops / bw / 1e9:.1f} GFLOP/s "
+                  f"wall, {2.5 * fwd_flops / bc / 1e9:.1f} per cpu-s", flush=True)
     return 0
 
 
