@@ -19,13 +19,13 @@ from megatron_sc2.errors import ConfigError
 
 
 def world_from_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's variables, else slurm's, else (0, 0, 1)."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return 0, 0, 1
+    """(rank, local_rank, world_size) from torchrun's variables, else an srun step's, else (0, 0, 1)."""
+    from megatron_sc2.launch.env import detect
+
+    env = detect()
+    if env.distributed and env.source == "slurm":
+        env.export()  # MASTER_ADDR/PORT for env:// rendezvous
+    return env.rank, env.local_rank, env.world_size
 
 
 def init_distributed(timeout_minutes: float = 10.0, device: Optional[str] = None) -> torch.device:

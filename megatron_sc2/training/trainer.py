@@ -338,6 +338,7 @@ class Trainer:
         records = []
         self.model.train()
         tokens_per_step = self.global_batch_size * cfg.seq_length
+        start_iteration = self.state.iteration
         while self.state.iteration < cfg.train_iters:
             t0 = time.perf_counter()
             out = self.train_step()
@@ -367,7 +368,7 @@ class Trainer:
                     print(f"stopping after step {it}: {reason}", flush=True)
                 self.stop_requests.after_save(self.rank, resumable=bool(cfg.save) and it < cfg.train_iters)
                 return records
-        if cfg.save:
+        if cfg.save and self.state.iteration > start_iteration:  # a finished run resumed: nothing new
             self.save()
         return records
 
