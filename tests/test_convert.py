@@ -52,7 +52,7 @@ def _hf_config(tie: bool) -> Starcoder2Config:
 
 
 def make_hf_dir(path: Path, tie: bool, dtype: torch.dtype, seed: int = 0,
-                tokenizer: Path | None = None) -> Starcoder2ForCausalLM:
+                tokenizer: Path | None = None, max_shard_size: str = "60KB") -> Starcoder2ForCausalLM:
     """A transformers-saved StarCoder2 in several shards, every parameter non-trivial."""
     torch.manual_seed(seed)
     model = Starcoder2ForCausalLM(_hf_config(tie)).eval()
@@ -60,7 +60,7 @@ def make_hf_dir(path: Path, tie: bool, dtype: torch.dtype, seed: int = 0,
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    model.to(dtype).save_pretrained(path, max_shard_size="60KB")
+    model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
     if tokenizer is not None:
         AutoTokenizer.from_pretrained(tokenizer).save_pretrained(path)
     return model
@@ -126,7 +126,9 @@ def test_hf_ours_hf_round_trip_is_bit_exact(tmp_path, tokenizer_dir, tie, dtype)
 @pytest.mark.parametrize("tie", [True, False])
 def test_from_hf_checkpoint_computes_transformers_logits(tmp_path, tie):
     src, ck = tmp_path / "src", tmp_path / "ck"
-    hf = make_hf_dir(src, tie, torch.float32, seed=3)
+    # The tied model as one model.safetensors (no index), the untied one sharded.
+    hf = make_hf_dir(src, tie, torch.float32, seed=3, max_shard_size="1GB" if tie else "60KB")
+    assert (src / "model.safetensors").is_file() == tie
     assert _cli("from-hf", "--load", src, "--save", ck, "--verify-logits") == 0
     path = find_checkpoint(ck)
     ours = load_our_model(path, ModelConfig(**read_meta(path)["model_config"]))
@@ -443,3 +445,15 @@ def test_released_configs_map_to_our_presets(name, values):
     for key, value in released.items():
         if not key.endswith("dropout"):  # pretraining used none; we write 0.0
             assert written[key] == value, key
+
+
+def test_tools_script_is_the_same_command(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "tools" / "convert_checkpoint.py"
+    proc = subprocess.run([sys.executable, str(script), "from-hf", "--load", str(tmp_path / "none"),
+                           "--save", str(tmp_path / "ck")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"convert_checkpoint.py: error: Hugging Face directory not found: {tmp_path / 'none'}"]
