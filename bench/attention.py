@@ -136,6 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch (and our kernel's) CPU threads")
     p.add_argument("--phases", action="store_true",
                    help="only our kernel: forward and backward timed apart, with useful GFLOP/s")
+    p.add_argument("--isa", choices=["avx2", "baseline"], default=None,
+                   help="force this instruction-set build of our C++ kernel")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
@@ -154,6 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device == "cpu":
         from megatron_sc2.ops import kernels
         mod = kernels.cpu_module()
+        if mod is not None and args.isa:
+            mod.set_isa(args.isa)
         print(f"# cpu kernel isa={mod.isa() if mod else 'not built'}", flush=True)
     else:
         print(f"# gpu={torch.cuda.get_device_name()}", flush=True)
