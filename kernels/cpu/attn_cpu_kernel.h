@@ -311,23 +311,26 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
   const MaskInfo mi(s, doc);
   const int D = static_cast<int>(s.D), DP = static_cast<int>(s.DP);
   const int64_t group = s.H / s.KV, nqb = (s.S + BQ - 1) / BQ;
-  const int64_t ntasks = s.B * s.H * nqb;
+  const int64_t ntasks = s.H * nqb;  // per batch element
   const float scale2 = s.scale * 1.4426950408889634f;
-  const int64_t kv_elems = s.B * s.S * s.KV * s.DP;  // one thread's dK (or dV) accumulator
+  const int64_t kv_elems = s.S * s.KV * s.DP;  // one thread's dK (or dV) accumulator
   int nt = std::max(1, nthreads);
-  // dK and dV gather contributions from many query tiles: each thread owns a zeroed fp32 copy.
+  // dK and dV gather contributions from many query tiles: each thread owns an fp32 copy for one
+  // batch element at a time (batch elements never share keys), zeroed before each.
   std::vector<float> acc(static_cast<size_t>(nt) * 2 * kv_elems);
+  for (int64_t b = 0; b < s.B; ++b)
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
     float* dk_acc = acc.data() + static_cast<size_t>(tid) * 2 * kv_elems;
     float* dv_acc = dk_acc + kv_elems;
+    std::fill(dk_acc, dk_acc + 2 * kv_elems, 0.0f);
     Scratch w(DP);
     // Static round-robin: each thread sees the same tasks in the same order on every run, so the
     // fp32 sums into its accumulator (and the gradients) are bit-for-bit reproducible.
 #pragma omp for schedule(static, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
-      const int64_t qb = nqb - 1 - t % nqb, h = (t / nqb) % s.H, b = t / (nqb * s.H);
+      const int64_t qb = nqb - 1 - t % nqb, h = t / nqb;
       const int64_t g = h / group, i0 = qb * BQ;
       const int nq = static_cast<int>(std::min<int64_t>(BQ, s.S - i0));
       for (int r = 0; r < BQ; ++r) {
@@ -381,8 +384,8 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
         // A full tile adds straight into this thread's accumulators; the last, partial tile of
         // a row goes through a scratch tile so that nothing lands beyond its nk keys.
         const int64_t ldc = s.KV * s.DP;
-        float* dv_dst = dv_acc + ((b * s.S + j0) * s.KV + g) * s.DP;
-        float* dk_dst = dk_acc + ((b * s.S + j0) * s.KV + g) * s.DP;
+        float* dv_dst = dv_acc + (j0 * s.KV + g) * s.DP;
+        float* dk_dst = dk_acc + (j0 * s.KV + g) * s.DP;
         if (nk == BK) {
           gemm_tn_acc(w.s.data(), w.dO.data(), dv_dst, BK, DP, BQ, ldc);
           gemm_tn_acc(w.p.data(), w.qraw.data(), dk_dst, BK, DP, BQ, ldc);
@@ -403,10 +406,11 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
         for (int c = 0; c < D; ++c) from_f32(w.o[r * DP + c] * s.scale, dst + c);
       }
     }
-    // Sum the per-thread accumulators into dk/dv, row by row.
-    const int64_t rows = s.B * s.S * s.KV;
+    // Sum the per-thread accumulators into this batch element's dk/dv, row by row.
+    const int64_t rows = s.S * s.KV;
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
+      const int64_t out_row = b * rows + row;
       for (int c = 0; c < D; ++c) {
         float sk = 0.0f, sv = 0.0f;
         for (int th = 0; th < nt; ++th) {
@@ -414,8 +418,8 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
           sk += base[row * s.DP + c];
           sv += base[kv_elems + row * s.DP + c];
         }
-        from_f32(sk * s.scale, dk + row * s.D + c);
-        from_f32(sv, dv + row * s.D + c);
+        from_f32(sk * s.scale, dk + out_row * s.D + c);
+        from_f32(sv, dv + out_row * s.D + c);
       }
     }
   }
