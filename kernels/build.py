@@ -110,6 +110,7 @@ class Plan:
     """How to build one module: compile commands (source -> object), then one link command."""
 
     output: Path
+    stamp: Path  # where the fingerprint of the last successful build is kept (not in output's dir)
     compiles: list[list[str]] = field(default_factory=list)
     link: list[str] = field(default_factory=list)
     inputs: list[Path] = field(default_factory=list)
@@ -121,6 +122,11 @@ class Plan:
             h.update(path.read_bytes())
         h.update(json.dumps([self.compiles, self.link]).encode())
         return h.hexdigest()
+
+
+def _stamp(output: Path, tmpdir: Path) -> Path:
+    tag = hashlib.sha256(str(output).encode()).hexdigest()[:12]
+    return tmpdir / f"{output.name}.{tag}.buildhash"
 
 
 def _python_includes() -> list[str]:
@@ -137,7 +143,8 @@ def cpu_plan(output: Path, tmpdir: Path) -> Plan:
     cxx = _cxx()
     common = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-Wall",
               "-Wno-psabi", f"-I{CPU_DIR}"]
-    plan = Plan(output=output, inputs=sorted(CPU_DIR.glob("*.cpp")) + sorted(CPU_DIR.glob("*.h")))
+    plan = Plan(output=output, stamp=_stamp(output, tmpdir),
+                inputs=sorted(CPU_DIR.glob("*.cpp")) + sorted(CPU_DIR.glob("*.h")))
     variants = [("sc2_cpu_baseline", [])]
     if platform.machine() in ("x86_64", "AMD64"):
         variants.append(("sc2_cpu_avx2", ["-mavx2", "-mfma", "-mf16c"]))
@@ -163,7 +170,8 @@ def cuda_plan(output: Path, tmpdir: Path, cuda_home: Path) -> Plan:
     for a in archs:
         gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer
-    plan = Plan(output=output, inputs=sorted(CUDA_DIR.glob("*.c[up]*")) + sorted(CUDA_DIR.glob("*.h")))
+    plan = Plan(output=output, stamp=_stamp(output, tmpdir),
+                inputs=sorted(CUDA_DIR.glob("*.c[up]*")) + sorted(CUDA_DIR.glob("*.h")))
     kobj = tmpdir / "attn_cuda_kernel.o"
     plan.compiles.append([nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
                           "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{CUDA_DIR}", *gencode,
@@ -205,12 +213,11 @@ def build_plans(plans: list[Plan], jobs: Optional[int] = None, force: bool = Fal
     """Builds the stale plans (all compiles in parallel, then links); returns what was rebuilt."""
     stale = []
     for plan in plans:
-        stamp = plan.output.with_name(plan.output.name + ".buildhash")
         fp = plan.fingerprint()
-        if (not force and plan.output.is_file() and stamp.is_file()
-                and stamp.read_text().strip() == fp):
+        if (not force and plan.output.is_file() and plan.stamp.is_file()
+                and plan.stamp.read_text().strip() == fp):
             continue
-        stale.append((plan, stamp, fp))
+        stale.append((plan, plan.stamp, fp))
     if not stale:
         return []
     compiles = [c for plan, _, _ in stale for c in plan.compiles]
