@@ -1,5 +1,11 @@
-"""Python face of the attention kernels: one entry point the model calls."""
+"""Python face of the attention kernels: one entry point the model calls.
 
-from megatron_sc2.ops.attention import sliding_window_attention
+`sliding_window_attention` picks the CUDA kernel, the C++ kernel or the PyTorch reference
+(`attention_backend` says which); see megatron_sc2/ops/attention.py and kernels/README.md.
+"""
 
-__all__ = ["sliding_window_attention"]
+from megatron_sc2.ops.attention import (AttentionInputError, attention_backend,
+                                        reference_attention, sliding_window_attention)
+
+__all__ = ["AttentionInputError", "attention_backend", "reference_attention",
+           "sliding_window_attention"]
