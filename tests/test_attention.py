@@ -313,3 +313,24 @@ def test_reference_fallback_when_module_missing(monkeypatch, caplog):
     monkeypatch.setenv("MEGATRON_SC2_ATTENTION", "reference")
     assert attention_backend(q) == "reference"
     assert attention_backend(q.double()) == "reference"  # no float64 kernel: reference in fp64
+
+
+def test_thread_count_changes_only_the_dk_dv_summation_order():
+    gen = torch.Generator().manual_seed(29)
+    q, k, v = (torch.randn(2, 200, n, 16, generator=gen) for n in (4, 2, 2))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            xs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = sliding_window_attention(*xs, window=30)
+            out.square().sum().backward()
+            results.append((out, *(x.grad for x in xs)))
+    finally:
+        torch.set_num_threads(before)
+    ref = results[0]
+    for other in results[1:]:
+        assert torch.equal(other[0], ref[0]) and torch.equal(other[1], ref[1])  # out, dq: per tile
+        for a, b in zip(other[2:], ref[2:]):  # dk, dv: summed over threads' partial sums
+            assert rel_err(a, b.double()) <= 1e-6
