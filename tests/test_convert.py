@@ -326,10 +326,16 @@ def test_refusals_name_the_problem_and_leave_nothing(tmp_path, capsys, monkeypat
     _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h2", "--tokenizer", big],
                     "has 600 tokens but the model's vocabulary has only 512")
     assert not (tmp_path / "h2").exists() and not _leftovers(tmp_path)
+    # Re-exporting over a previous export replaces it; any other non-empty directory needs --force.
     assert _cli("to-hf", "--load", ck, "--save", tmp_path / "h3") == 0
-    _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h3"], "already exists")
-    assert _cli("to-hf", "--load", ck, "--save", tmp_path / "h3", "--force", "--dtype", "bf16") == 0
+    assert _cli("to-hf", "--load", ck, "--save", tmp_path / "h3", "--dtype", "bf16") == 0
     assert {t.dtype for t in _tensors(tmp_path / "h3").values()} == {torch.bfloat16}
+    (tmp_path / "h3" / "notes.txt").write_text("mine")
+    _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h3"], "already exists")
+    assert (tmp_path / "h3" / "notes.txt").is_file()
+    assert _cli("to-hf", "--load", ck, "--save", tmp_path / "h3", "--force") == 0
+    assert {t.dtype for t in _tensors(tmp_path / "h3").values()} == {torch.float32}
+    assert not (tmp_path / "h3" / "notes.txt").exists()
     _one_line_error(capsys, ["to-hf", "--load", ck, "--save", tmp_path / "h4", "--max-shard-size", "5XB"],
                     "--max-shard-size")
     assert not _leftovers(tmp_path)

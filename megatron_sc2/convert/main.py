@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", help="tokenizer to export (default: the one recorded in meta.json)")
     t.add_argument("--verify-logits", action="store_true",
                    help="after writing, compare our model's logits with transformers' on the output")
-    t.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
+    t.add_argument("--force", action="store_true",
+                   help="replace an existing output directory even if it is not a previous export")
     _progress_flags(t)
 
     f = sub.add_parser("from-hf", help="HF StarCoder2 directory -> our model-only checkpoint (iteration 0)")

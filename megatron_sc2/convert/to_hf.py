@@ -82,10 +82,23 @@ def _model_config(meta: dict, ckpt: Path) -> ModelConfig:
         raise CheckpointError(f"{ckpt}/meta.json: no usable model_config ({e})") from None
 
 
+_EXPORT_FILES = ("*.safetensors", "*.json", "merges.txt", "vocab.json", "tokenizer.model")
+
+
+def _is_previous_export(d: Path) -> bool:
+    """A directory holding only what an export writes (config.json and model/tokenizer files):
+    replacing it is what re-running an export means. Anything else needs --force."""
+    if not (d / "config.json").is_file():
+        return False
+    return all(f.is_file() and any(f.match(p) for p in _EXPORT_FILES) for f in d.iterdir())
+
+
 def prepare_out_dir(final: Path, force: bool) -> Path:
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        if not force:
-            raise CheckpointError(f"output {final} already exists and is not empty (pass --force to replace it)")
+        if not force and not (final.is_dir() and _is_previous_export(final)):
+            raise CheckpointError(
+                f"output {final} already exists and holds files other than a Hugging Face export "
+                f"(pass --force to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
