@@ -25,3 +25,11 @@ def _quiet_threads(monkeypatch):
     # Two cores here; keep each test process from oversubscribing them.
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "false"))
     yield
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """Trainers built in the test process are single processes, whatever launch variables
+    (torchrun's or an srun step's) the test runner itself has."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)

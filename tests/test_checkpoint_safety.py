@@ -29,12 +29,7 @@ ITERS = 8
 TRIALS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_process(monkeypatch):
-    """These trainers are single processes, whatever launch variables the test runner has."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.setenv(k, "0")
-        monkeypatch.delenv(k)
+pytestmark = pytest.mark.usefixtures("one_process")
 
 
 def _args(save: Path, *extra: str) -> list[str]:

@@ -20,12 +20,7 @@ from megatron_sc2.training.signals import StopRequests, parse_signal
 from megatron_sc2.training.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_process(monkeypatch):
-    """These trainers are single processes, whatever launch variables the test runner has."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.setenv(k, "0")
-        monkeypatch.delenv(k)
+pytestmark = pytest.mark.usefixtures("one_process")
 
 
 def _args(save: Path, *extra: str) -> list[str]:

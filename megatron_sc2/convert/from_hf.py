@@ -23,7 +23,7 @@ from megatron_sc2.convert.hf_dir import TOKENIZER_FILES, HFSource, open_hf_dir
 from megatron_sc2.convert.progress import progress_bar
 from megatron_sc2.convert.safetensors_io import read_tensor
 from megatron_sc2.convert.to_hf import DTYPES
-from megatron_sc2.convert.verify import checksum, verify_logits
+from megatron_sc2.convert.verify import check_read_back, checksum, verify_logits
 from megatron_sc2.errors import CheckpointError, ConfigError
 
 ITERATION = 0
@@ -162,11 +162,7 @@ def verify_checkpoint(ckpt: Path, specs: list[TensorSpec], sums: dict[str, int])
         spec = want.get(name)
         if spec is None:
             raise CheckpointError(f"verify: {ckpt} holds an unexpected tensor {name}")
-        if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-            raise CheckpointError(f"verify: {name} reads back as {tuple(t.shape)} {t.dtype}, "
-                                  f"wrote {spec.shape} {spec.dtype}")
-        if checksum(t) != sums[name]:
-            raise CheckpointError(f"verify: checksum of {name} in {ckpt} differs from what was written")
+        check_read_back(name, t, spec.shape, spec.dtype, sums[name], ckpt)
         seen.add(name)
         del t
     if seen != set(want):

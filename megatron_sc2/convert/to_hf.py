@@ -26,7 +26,7 @@ from megatron_sc2.convert.layout import check_names_and_shapes
 from megatron_sc2.convert.progress import progress_bar
 from megatron_sc2.convert.safetensors_io import ShardWriter
 from megatron_sc2.convert.tokenizer_files import write_generation_config, write_tokenizer
-from megatron_sc2.convert.verify import checksum, verify_logits
+from megatron_sc2.convert.verify import check_read_back, checksum, verify_logits
 from megatron_sc2.errors import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -199,11 +199,7 @@ def verify_shards(out_dir: Path, specs: dict[str, TensorSpec], weight_map: dict[
                     raise CheckpointError(f"verify: {fname} holds {key}, which the index does not place there")
                 t = f.get_tensor(key)
                 spec = specs[key]
-                if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-                    raise CheckpointError(f"verify: {key} reads back as {tuple(t.shape)} {t.dtype}, "
-                                          f"wrote {spec.shape} {spec.dtype}")
-                if checksum(t) != sums[key]:
-                    raise CheckpointError(f"verify: checksum of {key} in {fname} differs from what was written")
+                check_read_back(key, t, spec.shape, spec.dtype, sums[key], fname)
                 seen.add(key)
                 del t
     if seen != set(specs):

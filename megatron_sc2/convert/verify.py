@@ -28,6 +28,16 @@ def checksum(t: torch.Tensor) -> int:
     return zlib.crc32(tensor_bytes(t))
 
 
+def check_read_back(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype,
+                    expected_sum: int, where: object) -> None:
+    """A tensor read back after writing must have the written shape, dtype and checksum."""
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise CheckpointError(f"verify: {name} reads back as {tuple(t.shape)} {t.dtype}, "
+                              f"wrote {tuple(shape)} {dtype}")
+    if checksum(t) != expected_sum:
+        raise CheckpointError(f"verify: checksum of {name} in {where} differs from what was written")
+
+
 def load_our_model(ckpt: Path, cfg: ModelConfig, round_to: Optional[torch.dtype] = None):
     """Our StarCoder2 in fp32 with the checkpoint's weights (rounded through `round_to`)."""
     from megatron_sc2.model import StarCoder2
