@@ -15,6 +15,8 @@ from megatron_sc2.training.checkpoint import find_checkpoint, read_meta
 from megatron_sc2.training.metrics import read_metrics
 from megatron_sc2.training.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_process")
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py",
            "colorsys.py", "keyword.py", "string.py", "copy.py", "queue.py", "sched.py"]
