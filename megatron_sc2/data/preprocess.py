@@ -24,8 +24,8 @@ import numpy as np
 from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.data.corpus import Repository
 from megatron_sc2.data.indexed import IndexedWriter, optimal_dtype
-from megatron_sc2.data.repo_format import format_repository
-from megatron_sc2.data.sources import Document, FileFilters, ReadStats, expand_inputs, iter_documents
+from megatron_sc2.data.sources import (Document, FileFilters, ReadStats, expand_inputs, iter_documents,
+                                      repository_documents)
 from megatron_sc2.data.tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20   # about 1 MB of text per encode task
@@ -69,21 +69,6 @@ def _chunks(docs: Iterable[Document]) -> Iterator[list[Document]]:
         yield chunk
 
 
-def _repositories_as_documents(repos: Iterable[Repository], seed: int, filters: FileFilters,
-                               stats: ReadStats) -> Iterator[Document]:
-    for name, files in repos:
-        kept = []
-        for path, text in files:
-            stats.input_bytes += len(text)
-            reason = filters.reject_reason(text) if filters.active() else None
-            if reason:
-                setattr(stats, reason, getattr(stats, reason) + 1)
-            else:
-                kept.append((path, text))
-        if kept:
-            yield Document(f"repository {name}", {"text": format_repository(name, kept, seed)}, repo=True)
-
-
 def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[str] = (),
                repositories: Optional[Iterable[Repository]] = None, json_keys: Sequence[str] = ("text",),
                append_eod: bool = False, workers: int = 1, repo_context: bool = False, seed: int = 1234,
@@ -111,7 +96,7 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                               f"<file_sep>, which this tokenizer lacks")
     keys = ["text"] if (repositories is not None or repo_context) else list(json_keys)
     if repositories is not None:
-        docs: Iterable[Document] = _repositories_as_documents(repositories, seed, filters, stats)
+        docs: Iterable[Document] = repository_documents(iter(repositories), seed, filters, stats)
     else:
         docs = iter_documents(inputs, keys, repo_context, seed, skip_malformed, filters, stats)
     dtype = optimal_dtype(tok.vocab_size)

@@ -85,6 +85,23 @@ class ReadStats:
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".gz", ".zst")
 
 
+def repository_documents(repos: Iterator[tuple[str, list[tuple[str, str]]]], seed: int,
+                         filters: FileFilters, stats: ReadStats, where: str = "repository ") -> Iterator[Document]:
+    """Each repository one document in StarCoder2's format, after the file filters (each
+    rejected file counted under its reason); a repository with no file left yields nothing."""
+    for name, files in repos:
+        kept = []
+        for rel, text in files:
+            stats.input_bytes += len(text)
+            reason = filters.reject_reason(text) if filters.active() else None
+            if reason:
+                setattr(stats, reason, getattr(stats, reason) + 1)
+            else:
+                kept.append((rel, text))
+        if kept:
+            yield Document(f"{where}{name}", {"text": format_repository(name, kept, seed)}, repo=True)
+
+
 def expand_inputs(specs: Sequence[str]) -> list[tuple[str, Path]]:
     """(kind, path) for each input: kind is "jsonl", "parquet" or "repodir"."""
     out: list[tuple[str, Path]] = []
@@ -256,17 +273,8 @@ def iter_documents(inputs: Sequence[str], json_keys: Sequence[str] = ("text",), 
         stats.input_files += 1
         if kind == "repodir":
             counts = ReadCounts()
-            for name, files in iter_repository_dir(path, counts, skip_non_utf8=skip_malformed):
-                kept = []
-                for rel, text in files:
-                    stats.input_bytes += len(text)
-                    reason = filters.reject_reason(text) if filters.active() else None
-                    if reason:
-                        setattr(stats, reason, getattr(stats, reason) + 1)
-                    else:
-                        kept.append((rel, text))
-                if kept:
-                    yield Document(f"{path}/{name}", {"text": format_repository(name, kept, seed)}, repo=True)
+            yield from repository_documents(iter_repository_dir(path, counts, skip_non_utf8=skip_malformed),
+                                            seed, filters, stats, where=f"{path}/")
             stats.binary_files += counts.binary_files
             stats.non_utf8_files += counts.non_utf8_files
             stats.loose_files += counts.loose_files
