@@ -43,9 +43,9 @@ def test_cuda_module_without_gpu_raises_cleanly():
     if mod.device_count() > 0:
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="CUDA"):
-        mod.forward(0, 0, 0, 0, 0, 0, 0, 0, 1, 8, 2, 1, 64, 0.125, 1, 0)
+        mod.forward(0, 0, 0, 0, 0, 0, 0, 0, 1, 8, 2, 1, 64, 0.125, 1, 0, 1)
     with pytest.raises(ValueError, match="head dim"):
-        mod.forward(0, 0, 0, 0, 0, 0, 0, 0, 1, 8, 2, 1, 48, 0.125, 1, 0)
+        mod.forward(0, 0, 0, 0, 0, 0, 0, 0, 1, 8, 2, 1, 48, 0.125, 1, 0, 1)
 
 
 needs_gpu = pytest.mark.skipif(

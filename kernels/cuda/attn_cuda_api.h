@@ -21,6 +21,7 @@ struct CudaAttnArgs {
   int64_t B = 0, S = 0, H = 0, KV = 0, D = 0;
   float scale = 1.0f;
   int dtype = 0;  // 0: float16, 1: bfloat16
+  int kernel = 0; // 0: tensor cores (mma.sync, attn_cuda_mma.cuh), 1: SIMT (attn_cuda_kernel.cu)
   uintptr_t stream = 0;
 };
 

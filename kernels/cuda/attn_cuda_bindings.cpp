@@ -12,7 +12,7 @@ namespace py = pybind11;
 
 namespace {
 
-void check_sizes(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dtype) {
+void check_sizes(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dtype, int kernel) {
   if (B < 1 || S < 1 || H < 1 || KV < 1 || H % KV || (D != 64 && D != 128))
     throw std::invalid_argument("CUDA attention: bad sizes B=" + std::to_string(B) + " S=" +
                                 std::to_string(S) + " H=" + std::to_string(H) + " KV=" +
@@ -21,6 +21,7 @@ void check_sizes(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dty
   if (S > INT32_MAX || H > 65535 || B > 65535)
     throw std::invalid_argument("CUDA attention: sizes beyond the launch grid");
   if (dtype != 0 && dtype != 1) throw std::invalid_argument("CUDA attention: dtype code 0 (fp16) or 1 (bf16)");
+  if (kernel != 0 && kernel != 1) throw std::invalid_argument("CUDA attention: kernel code 0 (tensor cores) or 1 (SIMT)");
 }
 
 void raise_if(const std::string& err) {
@@ -42,14 +43,14 @@ PYBIND11_MODULE(_attn_cuda, m) {
   m.def("forward",
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t lo,
            uintptr_t doc, uintptr_t by_id, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D,
-           double scale, int dtype, uintptr_t stream) {
-          check_sizes(B, S, H, KV, D, dtype);
+           double scale, int dtype, uintptr_t stream, int kernel) {
+          check_sizes(B, S, H, KV, D, dtype, kernel);
           CudaAttnArgs a;
           a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
           a.o = as<void>(o); a.lse = as<float>(lse); a.lo = as<const int32_t>(lo);
           a.doc = as<const int64_t>(doc); a.by_id = as<const uint8_t>(by_id);
           a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D;
-          a.scale = static_cast<float>(scale); a.dtype = dtype; a.stream = stream;
+          a.scale = static_cast<float>(scale); a.dtype = dtype; a.stream = stream; a.kernel = kernel;
           std::string err;
           {
             py::gil_scoped_release release;
@@ -61,8 +62,8 @@ PYBIND11_MODULE(_attn_cuda, m) {
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
            uintptr_t lo, uintptr_t doc, uintptr_t by_id, uintptr_t dq, uintptr_t dk, uintptr_t dv,
            int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, double scale, int dtype,
-           uintptr_t stream) {
-          check_sizes(B, S, H, KV, D, dtype);
+           uintptr_t stream, int kernel) {
+          check_sizes(B, S, H, KV, D, dtype, kernel);
           CudaAttnArgs a;
           a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
           a.dout = as<const void>(dout); a.lse = as<float>(lse); a.delta = as<const float>(delta);
@@ -70,7 +71,7 @@ PYBIND11_MODULE(_attn_cuda, m) {
           a.by_id = as<const uint8_t>(by_id);
           a.dq = as<void>(dq); a.dk = as<float>(dk); a.dv = as<float>(dv);
           a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D;
-          a.scale = static_cast<float>(scale); a.dtype = dtype; a.stream = stream;
+          a.scale = static_cast<float>(scale); a.dtype = dtype; a.stream = stream; a.kernel = kernel;
           std::string err;
           {
             py::gil_scoped_release release;

@@ -9,14 +9,12 @@
 // block's warps in shared memory, then added to fp32 global buffers with atomics.
 //
 // These kernels use SIMT FMAs, not tensor cores: a correct baseline, not the fastest possible.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cmath>
 #include <string>
 
 #include "attn_cuda_api.h"
+#include "attn_cuda_mma.cuh"
+#include "sc2_device.cuh"
 
 namespace {
 
@@ -24,24 +22,12 @@ constexpr int BQ = 64;      // query rows per block
 constexpr int BKT = 32;     // key rows per tile (one per lane)
 constexpr int WARPS = 8;
 constexpr int ROWS = BQ / WARPS;
-constexpr unsigned FULL = 0xffffffffu;
+constexpr unsigned FULL = sc2::kFullMask;
 
-__device__ __forceinline__ float tof(__half x) { return __half2float(x); }
-__device__ __forceinline__ float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T fromf(float x);
-template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o);
-  return x;
-}
+using sc2::warp_max;
+using sc2::warp_sum;
+template <typename T> __device__ __forceinline__ float tof(T x) { return sc2::to_float(x); }
+template <typename T> __device__ __forceinline__ T fromf(float x) { return sc2::from_float<T>(x); }
 
 struct Params {
   CudaAttnArgs a;
@@ -58,7 +44,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(WARPS * 32) forward_kernel(Params p) {
   constexpr int KP = D + 2;  // padded K row: lane l reads row l without bank conflicts
   constexpr int CPL = D / 32;
-  extern __shared__ __align__(16) unsigned char smem[];
+  SC2_DYNAMIC_SMEM(smem);
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = Qs + BQ * D;
   T* Vs = Ks + BKT * KP;
@@ -153,7 +139,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(WARPS * 32) backward_kernel(Params p) {
   constexpr int KP = D + 2;
   constexpr int CPL = D / 32;
-  extern __shared__ __align__(16) unsigned char smem[];
+  SC2_DYNAMIC_SMEM(smem);
   float* dKs = reinterpret_cast<float*>(smem);  // BKT * D
   float* dVs = dKs + BKT * D;                    // BKT * D
   T* Qs = reinterpret_cast<T*>(dVs + BKT * D);   // BQ * D
@@ -276,6 +262,7 @@ std::string check_device() {
 
 template <typename T, int D>
 std::string launch(const CudaAttnArgs& a, bool fwd) {
+  if (a.kernel == 0) return sc2_mma::launch<T, D>(a, fwd);
   Params p{a, a.scale * 1.4426950408889634f};
   const dim3 grid(static_cast<unsigned>((a.S + BQ - 1) / BQ), static_cast<unsigned>(a.H),
                   static_cast<unsigned>(a.B));
@@ -287,7 +274,7 @@ std::string launch(const CudaAttnArgs& a, bool fwd) {
     err = cudaFuncSetAttribute(forward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes));
     if (err == cudaSuccess) {
-      forward_kernel<T, D><<<grid, WARPS * 32, bytes, stream>>>(p);
+      SC2_LAUNCH(grid, WARPS * 32, bytes, stream, forward_kernel<T, D>)(p);
       err = cudaGetLastError();
     }
   } else {
@@ -295,7 +282,7 @@ std::string launch(const CudaAttnArgs& a, bool fwd) {
     err = cudaFuncSetAttribute(backward_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes));
     if (err == cudaSuccess) {
-      backward_kernel<T, D><<<grid, WARPS * 32, bytes, stream>>>(p);
+      SC2_LAUNCH(grid, WARPS * 32, bytes, stream, backward_kernel<T, D>)(p);
       err = cudaGetLastError();
     }
   }

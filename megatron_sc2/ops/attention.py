@@ -133,7 +133,8 @@ class _CudaAttention(torch.autograd.Function):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         with torch.cuda.device(q.device):
             mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(lo), _ptr(doc),
-                        _ptr(by_id), b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream)
+                        _ptr(by_id), b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream,
+                        kernels.cuda_kernel_code())
         ctx.save_for_backward(q, k, v, o, lse, doc, lo, by_id)
         ctx.scale = scale
         return o
@@ -154,7 +155,7 @@ class _CudaAttention(torch.autograd.Function):
             kernels.cuda_module().backward(
                 _ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
                 _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d,
-                ctx.scale, _CUDA_DTYPES[q.dtype], stream)
+                ctx.scale, _CUDA_DTYPES[q.dtype], stream, kernels.cuda_kernel_code())
         return dq, dk32.to(k.dtype), dv32.to(v.dtype), None, None, None
 
 

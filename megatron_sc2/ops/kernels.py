@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from types import ModuleType
 from typing import Optional
 
@@ -36,6 +37,18 @@ def cpu_module() -> Optional[ModuleType]:
 def cuda_module() -> Optional[ModuleType]:
     """The CUDA kernel module `_attn_cuda`, or None when it was not built."""
     return _load("_attn_cuda")
+
+
+CUDA_KERNELS = {"mma": 0, "simt": 1}
+DEFAULT_CUDA_KERNEL = "simt"
+
+
+def cuda_kernel_code() -> int:
+    """Which CUDA kernel family runs: MEGATRON_SC2_CUDA_KERNEL=mma (tensor cores) or simt."""
+    name = os.environ.get("MEGATRON_SC2_CUDA_KERNEL", "").strip().lower() or DEFAULT_CUDA_KERNEL
+    if name not in CUDA_KERNELS:
+        raise ValueError(f"MEGATRON_SC2_CUDA_KERNEL={name!r}: expected one of {sorted(CUDA_KERNELS)}")
+    return CUDA_KERNELS[name]
 
 
 def load_error(name: str) -> str:
