@@ -317,14 +317,15 @@ def test_reference_fallback_when_module_missing(monkeypatch, caplog):
 
 def test_thread_count_changes_only_the_dk_dv_summation_order():
     gen = torch.Generator().manual_seed(29)
-    q, k, v = (torch.randn(2, 200, n, 16, generator=gen) for n in (4, 2, 2))
+    # 2*4*300*64*32 = 4.9M multiply-adds: above the kernel's serial cut-off (1M), so threads share it.
+    q, k, v = (torch.randn(2, 300, n, 32, generator=gen) for n in (4, 2, 2))
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             xs = [t.clone().requires_grad_() for t in (q, k, v)]
-            out = sliding_window_attention(*xs, window=30)
+            out = sliding_window_attention(*xs, window=64)
             out.square().sum().backward()
             results.append((out, *(x.grad for x in xs)))
     finally:
