@@ -2,7 +2,8 @@
 
 On the CPU: our C++ kernel vs PyTorch SDPA given the equivalent boolean mask, and vs SDPA plain
 causal (which does less masking work but more attention work than a window needs).
-On a GPU (when one exists): our CUDA kernel vs the same two, and vs FlexAttention
+On a GPU (when one exists): our CUDA kernels (the default family as `ours`, the other as
+`ours_<family>`: tensor-core `mma` and `simt`) vs the same two, and vs FlexAttention
 (`torch.nn.attention.flex_attention`, compiled) with a sliding-window block mask; with achieved
 TFLOP/s (useful work only: 4*d flops per visible (query, key) pair forward, 2.5x that backward).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -84,6 +86,26 @@ def make_methods(q, k, v, go, window: int, device: str, with_flex: bool,
         sliding_window_attention(*a, window=window).backward(go)
 
     methods = {"ours": ours}
+    if device == "cuda":  # both CUDA kernel families, whichever is the default
+        from megatron_sc2.ops import kernels
+
+        default = kernels.DEFAULT_CUDA_KERNEL
+        for family in kernels.CUDA_KERNELS:
+            if family == default:
+                continue
+
+            def ours_family(family=family):
+                saved = os.environ.get("MEGATRON_SC2_CUDA_KERNEL")
+                os.environ["MEGATRON_SC2_CUDA_KERNEL"] = family
+                try:
+                    ours()
+                finally:
+                    if saved is None:
+                        os.environ.pop("MEGATRON_SC2_CUDA_KERNEL")
+                    else:
+                        os.environ["MEGATRON_SC2_CUDA_KERNEL"] = saved
+
+            methods[f"ours_{family}"] = ours_family
     if with_mask:
         mask = window_mask(q.shape[1], window, q.device)
 
