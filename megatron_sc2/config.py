@@ -181,6 +181,7 @@ class TrainConfig:
     log_interval: int = 1
     log_dir: Optional[str] = None
     keep_last: int = 0
+    async_save: bool = False      # write checkpoints in a background thread; training goes on
     finetune: bool = False
     exit_duration_in_mins: Optional[float] = None
     exit_interval: int = 0

@@ -45,12 +45,15 @@ def _metrics(d: Path) -> list[dict]:
 
 
 def test_checkpoint_resumes_under_other_layouts(tmp_path):
-    """TP2 x PP2 runs 4 steps, saving after step 3. Resuming that checkpoint at TP1 x PP1 and
-    at DP2 must give step 4 as the uninterrupted TP2 x PP2 run computed it (which is what
-    resuming at TP2 x PP2 must also give: resume is exact)."""
+    """TP2 x PP2 runs 4 steps, saving after step 3 in the background (--async-save: step 4 runs
+    while it is written). Resuming that checkpoint at TP1 x PP1 and at DP2 must give step 4 as
+    the uninterrupted TP2 x PP2 run computed it (which is what resuming at TP2 x PP2 must also
+    give: resume is exact)."""
     first = tmp_path / "tp2pp2"
-    _train(4, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-           "--train-iters", "4", "--save-interval", "3", "--save", str(first))
+    proc = _train(4, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                  "--train-iters", "4", "--save-interval", "3", "--save", str(first), "--async-save")
+    assert "saving checkpoint of iteration 3 in the background" in proc.stdout
+    assert sorted(p.name for p in first.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
     records = _metrics(first)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # one writer, one record per step
     last = records[-1]

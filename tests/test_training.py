@@ -109,3 +109,29 @@ def test_yaml_config_and_cli_override(tmp_path):
     cfg = parse_train_args(["--config", str(cfg_file), "--seq-length", "48"])
     assert cfg.seq_length == 48 and cfg.micro_batch_size == 2 and cfg.bf16
     assert cfg.data_path == ["0.3", "A", "0.7", "B"]
+
+
+def test_async_save_snapshots_each_iteration_and_resumes_exactly(corpus, tmp_path, capsys):
+    """--async-save: every checkpoint holds the weights of its own iteration although training
+    went on while it was written, and resuming from one continues the uninterrupted curve."""
+    whole, bg = tmp_path / "whole", tmp_path / "bg"
+    flags = ("--train-iters", "6", "--save-interval", "2")
+    Trainer(parse_train_args(_args(corpus, whole, *flags))).train()
+    Trainer(parse_train_args(_args(corpus, bg, *flags, "--async-save"))).train()
+    assert "in the background" in capsys.readouterr().out
+    assert sorted(p.name for p in bg.glob("iter_*")) == [f"iter_000000{i}" for i in (2, 4, 6)]
+    for i in (2, 4, 6):
+        assert read_meta(find_checkpoint(bg, i))["iteration"] == i
+    assert (bg / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    resumed = tmp_path / "resumed"
+    Trainer(parse_train_args(_args(corpus, resumed, "--train-iters", "6",
+                                   "--load", str(bg / "iter_0000002")))).train()
+    a = [r["loss"] for r in read_metrics(whole)]
+    b = [r["loss"] for r in read_metrics(resumed)]
+    assert b == a[2:]
+    # A stop (here --exit-interval) waits for the background write: the run's last checkpoint
+    # is complete when train() returns.
+    stop = tmp_path / "stop"
+    Trainer(parse_train_args(_args(corpus, stop, *flags, "--async-save", "--exit-interval", "3"))).train()
+    assert read_meta(find_checkpoint(stop))["iteration"] == 3
+    assert sorted(p.name for p in stop.glob("iter_*")) == ["iter_0000002", "iter_0000003"]

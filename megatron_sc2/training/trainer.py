@@ -49,6 +49,17 @@ class TrainingError(UserError):
 
 
 @dataclass
+class PendingSave:
+    """A checkpoint being written in the background (--async-save)."""
+
+    future: Any  # concurrent.futures.Future from torch.distributed.checkpoint.async_save
+    tmp: Path
+    iteration: int
+    meta: dict[str, Any]
+    started: float
+
+
+@dataclass
 class TrainState:
     iteration: int = 0          # completed optimizer steps
     consumed_samples: int = 0   # global samples consumed by those steps
@@ -78,6 +89,8 @@ class Trainer:
         self.dp_rank, self.dp_size = 0, 1
         self.rank, self.world_size = 0, 1
         self.pm = None  # megatron_sc2.parallel.engine.ParallelModel under several processes
+        self._pending_save: Optional[PendingSave] = None
+        self._ckpt_group = None
         self._init_distributed()
         self.tokenizer = self._load_tokenizer()
         self.model_cfg: ModelConfig = cfg.model_config(
@@ -360,16 +373,20 @@ class Trainer:
                 and it != cfg.train_iters
             if saved:
                 self.save()
+            else:
+                self.finish_pending_save(wait=False)
             reason = self._exit_reason(it)
             if reason:
                 if cfg.save and not saved:  # a stop right after a periodic save: not twice
                     self.save()
+                self.finish_pending_save(wait=True)
                 if self.rank == 0:
                     print(f"stopping after step {it}: {reason}", flush=True)
                 self.stop_requests.after_save(self.rank, resumable=bool(cfg.save) and it < cfg.train_iters)
                 return records
         if cfg.save and self.state.iteration > start_iteration:  # a finished run resumed: nothing new
             self.save()
+        self.finish_pending_save(wait=True)
         return records
 
     def _exit_reason(self, it: int) -> Optional[str]:
@@ -418,34 +435,93 @@ class Trainer:
         return str(box[0])
 
     def save(self) -> Path:
+        """Checkpoint the current iteration; with --async-save the files are written in a
+        background thread and the checkpoint is finished (marked complete, renamed, pointed to by
+        the tracker) once every rank's writes are done: see `finish_pending_save`."""
         import torch.distributed.checkpoint as dcp
 
+        self.finish_pending_save(wait=True)  # one save in flight at a time
         it = self.state.iteration
         tmp = ckpt.temporary_dir(self.cfg.save, it, self._nonce())
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         self._barrier()
         model_sd, optim_sd = self._state_dicts()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
                    tmp / "rng" / f"rank_{self.rank}.pt")
+        meta = {
+            "iteration": it, "consumed_samples": self.state.consumed_samples,
+            "model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
+            "tokenizer": str(Path(self.cfg.tokenizer_model).resolve()) if self.cfg.tokenizer_model else None,
+            "has_optimizer": True,
+            "parallel_layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                                "world_size": self.world_size},
+        }
+        state = {"model": model_sd, "optimizer": optim_sd}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            if self.cfg.async_save:
+                # The state is copied to staging memory before this returns, so the next
+                # optimizer steps cannot change what is written. The writer thread talks over
+                # its own process group, never interleaving with the training collectives.
+                future = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=self.world_size == 1,
+                                        process_group=self._checkpoint_group())
+                self._pending_save = PendingSave(future, tmp, it, meta, time.perf_counter())
+                if self.rank == 0:
+                    print(f"saving checkpoint of iteration {it} in the background", flush=True)
+                return ckpt.checkpoint_dir(self.cfg.save, it)
+            dcp.save(state, checkpoint_id=str(tmp))
+        return self._complete_save(tmp, it, meta)
+
+    def _complete_save(self, tmp: Path, it: int, meta: dict[str, Any]) -> Path:
+        """Every rank has written its part: rank 0 writes meta.json, marks the directory complete
+        and renames it into place."""
         self._barrier()
         final = ckpt.checkpoint_dir(self.cfg.save, it)
         if self.rank == 0:
-            ckpt.write_meta(tmp, {
-                "iteration": it, "consumed_samples": self.state.consumed_samples,
-                "model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
-                "tokenizer": str(Path(self.cfg.tokenizer_model).resolve()) if self.cfg.tokenizer_model else None,
-                "has_optimizer": True,
-                "parallel_layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
-                                    "world_size": self.world_size},
-            })
+            ckpt.write_meta(tmp, meta)
             final = ckpt.finalize(tmp, self.cfg.save, it)
             ckpt.prune(self.cfg.save, self.cfg.keep_last)
             print(f"saved checkpoint {final}", flush=True)
         self._barrier()
         return final
+
+    def finish_pending_save(self, wait: bool) -> Optional[Path]:
+        """Finish a background save whose writes are done on every rank (all ranks call this at
+        the same point: after each step, and before another save or an exit). With wait=True,
+        block until it is done. A failed background write raises CheckpointError here."""
+        pending = self._pending_save
+        if pending is None:
+            return None
+        if not wait:
+            done = torch.tensor([1 if pending.future.done() else 0], dtype=torch.int32,
+                                device=self.device)
+            if self.world_size > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(done, op=dist.ReduceOp.MIN)  # done only when done everywhere
+            if not int(done.item()):
+                return None
+        self._pending_save = None
+        try:
+            pending.future.result()
+        except Exception as exc:
+            raise CheckpointError(f"background save of iteration {pending.iteration} to "
+                                  f"{pending.tmp} failed: {type(exc).__name__}: {exc}") from exc
+        final = self._complete_save(pending.tmp, pending.iteration, pending.meta)
+        if self.rank == 0:
+            print(f"background save of iteration {pending.iteration} took "
+                  f"{time.perf_counter() - pending.started:.2f}s", flush=True)
+        return final
+
+    def _checkpoint_group(self):
+        """A gloo process group of all ranks for the background writer (None in one process)."""
+        if self.world_size == 1:
+            return None
+        if self._ckpt_group is None:
+            import torch.distributed as dist
+
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return self._ckpt_group
 
     def load(self, load_dir: str) -> None:
         import torch.distributed.checkpoint as dcp
