@@ -460,6 +460,8 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             if self.cfg.async_save:
+                if self.world_size == 1:  # DCP's writer thread says it; one process is the intent
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 # The state is copied to staging memory before this returns, so the next
                 # optimizer steps cannot change what is written. The writer thread talks over
                 # its own process group, never interleaving with the training collectives.
