@@ -457,11 +457,12 @@ class Trainer:
                                 "world_size": self.world_size},
         }
         state = {"model": model_sd, "optimizer": optim_sd}
+        if self.cfg.async_save and self.world_size == 1:
+            # DCP's writer thread says so outside any catch_warnings; one process is the intent.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             if self.cfg.async_save:
-                if self.world_size == 1:  # DCP's writer thread says it; one process is the intent
-                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 # The state is copied to staging memory before this returns, so the next
                 # optimizer steps cannot change what is written. The writer thread talks over
                 # its own process group, never interleaving with the training collectives.
