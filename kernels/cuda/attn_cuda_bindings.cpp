@@ -1,5 +1,8 @@
 // pybind11 module megatron_sc2.ops._attn_cuda: raw device pointers (as integers), sizes and the
 // CUDA stream handle in; no torch headers. Imports without a GPU; calls raise RuntimeError then.
+// Built a second time as megatron_sc2.ops._attn_cuda_emu (-DSC2_CUDA_EMULATION, the kernels run
+// on the CPU emulator in emu/; pointers are CPU memory), which also holds the emulator's
+// self-tests.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -7,6 +10,13 @@
 #include <string>
 
 #include "attn_cuda_api.h"
+#ifdef SC2_CUDA_EMULATION
+#include "emu/emu_selftest.h"
+#endif
+
+#ifndef SC2_CUDA_MODULE_NAME
+#define SC2_CUDA_MODULE_NAME _attn_cuda
+#endif
 
 namespace py = pybind11;
 
@@ -33,8 +43,13 @@ P* as(uintptr_t x) { return reinterpret_cast<P*>(x); }
 
 }  // namespace
 
-PYBIND11_MODULE(_attn_cuda, m) {
+PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
+#ifdef SC2_CUDA_EMULATION
+  m.doc() = "Sliding-window GQA attention, CUDA kernels run by the CPU emulator (tests only)";
+  sc2_emu::bind_selftests(m);
+#else
   m.doc() = "Sliding-window GQA attention, CUDA kernels (sm_80/sm_90, fp16/bf16, head dim 64/128)";
+#endif
   m.def("device_count", [] {
     int n = 0;
     sc2_cuda_device_count(&n);
@@ -62,10 +77,11 @@ PYBIND11_MODULE(_attn_cuda, m) {
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
            uintptr_t lo, uintptr_t doc, uintptr_t by_id, uintptr_t dq, uintptr_t dk, uintptr_t dv,
            int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, double scale, int dtype,
-           uintptr_t stream, int kernel) {
+           uintptr_t stream, int kernel, uintptr_t dq32) {
           check_sizes(B, S, H, KV, D, dtype, kernel);
           CudaAttnArgs a;
           a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
+          a.dq32 = as<float>(dq32);
           a.dout = as<const void>(dout); a.lse = as<float>(lse); a.delta = as<const float>(delta);
           a.lo = as<const int32_t>(lo); a.doc = as<const int64_t>(doc);
           a.by_id = as<const uint8_t>(by_id);
@@ -78,5 +94,10 @@ PYBIND11_MODULE(_attn_cuda, m) {
             err = sc2_cuda_backward(a);
           }
           raise_if(err);
-        });
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("lse"), py::arg("delta"),
+        py::arg("lo"), py::arg("doc"), py::arg("by_id"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("B"), py::arg("S"), py::arg("H"), py::arg("KV"), py::arg("D"), py::arg("scale"),
+        py::arg("dtype"), py::arg("stream"), py::arg("kernel"),
+        py::arg("dq32") = uintptr_t{0});  // kernel 0: zeroed fp32 (B, S, H, D) scratch for dQ
 }

@@ -1,6 +1,30 @@
-// Sliding-window GQA attention on tensor cores (mma.sync m16n8k16): PLACEHOLDER, being written.
+// Sliding-window GQA attention on tensor cores (mma.sync m16n8k16, fp32 accumulation), in the
+// style of FlashAttention-2. Same contract as the SIMT kernels in attn_cuda_kernel.cu: q
+// (B,S,H,D), k/v (B,S,KV,D) fp16/bf16; query i sees key j iff lo[b,i] <= j <= i and, where
+// by_id[b], doc[b,i] == doc[b,j]; lse (B,H,S) is the base-2 log-sum-exp of the scores times
+// scale*log2(e), so either family's forward feeds either family's backward.
+//
+// Forward: one block per (64 query rows, head, batch), 4 warps of 16 rows. Q fragments are loaded
+// once; key tiles of 64 rows (K and V, rows padded to D+8 elements so ldmatrix is free of bank
+// conflicts) are staged in shared memory, from the tile holding lo[first query] to the tile of the
+// last query. A warp skips tiles none of its rows can see and tests elements only in tiles that
+// touch the window edge, the diagonal or (unsorted ids) documents. Online softmax in registers;
+// P goes from the score accumulators straight into A fragments (no shared memory).
+//
+// Backward: one block per (64 keys, kv head, batch), 4 warps of 16 keys; it loops over the
+// group's query heads and over the 32-row query tiles that can see its keys: queries from its
+// first key to the first query whose lo is past its last key (lo is nondecreasing along the
+// sequence: key_bounds builds it from the window and, for sorted ids, the document starts; for
+// unsorted ids lo is only the window bound and documents are tested element by element). dK and
+// dV stay in registers and are stored once (the block owns its keys); dQ is added with fp32
+// atomics into a zeroed (B,S,H,D) buffer that a second kernel scales and casts into dq.
+//
+// Only the helpers of sc2_device.cuh and plain CUDA builtins are used, so the CPU emulator
+// (SC2_CUDA_EMULATION) runs this exact source in the tests.
 #pragma once
 
+#include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "attn_cuda_api.h"
@@ -8,9 +32,484 @@
 
 namespace sc2_mma {
 
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kFwdRows = 64;  // query rows per forward block (16 per warp)
+constexpr int kFwdKeys = 64;  // keys per forward tile
+constexpr int kBwdKeys = 64;  // keys per backward block (16 per warp)
+constexpr int kBwdRows = 32;  // query rows per backward step
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct Params {
+  CudaAttnArgs a;
+  float scale2;  // softmax scale * log2(e): scores in base 2
+};
+
+__device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+
+// ROWS x D elements from global (row stride gstride elements) into shared memory (row stride
+// LD), 16 bytes per thread and step; rows >= valid are zero-filled.
+template <typename T, int D, int ROWS, int LD>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t gstride, int valid, int tid) {
+  constexpr int kChunks = D / 8;
+  static_assert((ROWS * kChunks) % kThreads == 0, "tile must split evenly over the block");
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
+    const int e = tid + it * kThreads;
+    const int r = e / kChunks, c = e % kChunks;
+    uint4 val = {0u, 0u, 0u, 0u};
+    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * gstride + c * 8);
+    *reinterpret_cast<uint4*>(dst + r * LD + c * 8) = val;
+  }
+}
+
+// Lane addresses for ldmatrix_x4 (see sc2_device.cuh for the fragment layouts). `base` points at
+// the 16x16 block's top-left element in shared memory, rows LD elements apart.
+//  A operand (16 rows x 16 k), rows in memory: r[0..3] = a[0..3].
+template <typename T>
+__device__ __forceinline__ const T* a_addr(const T* base, int ld, int lane) {
+  return base + (lane & 15) * ld + (lane >> 4) * 8;
+}
+//  B operand of two n-tiles from memory holding B^T (rows = n, columns = k), no transpose:
+//  r[0..1] = b of n-tile 0, r[2..3] = b of n-tile 1.
+template <typename T>
+__device__ __forceinline__ const T* bt_addr(const T* base, int ld, int lane) {
+  return base + ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;
+}
+//  B operand of two n-tiles from memory holding B (rows = k, columns = n), with .trans.
+template <typename T>
+__device__ __forceinline__ const T* b_addr(const T* base, int ld, int lane) {
+  return base + ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;
+}
+//  A operand from memory holding A^T (rows = k, columns = m), with .trans.
+template <typename T>
+__device__ __forceinline__ const T* at_addr(const T* base, int ld, int lane) {
+  return base + ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;
+}
+
+// A fragment (16 x 16) from two C fragments (16 x 8 each) holding columns 0..7 and 8..15.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+  a[0] = sc2::pack2<T>(c0[0], c0[1]);
+  a[1] = sc2::pack2<T>(c0[2], c0[3]);
+  a[2] = sc2::pack2<T>(c1[0], c1[1]);
+  a[3] = sc2::pack2<T>(c1[2], c1[3]);
+}
+
 template <typename T, int D>
-std::string launch(const CudaAttnArgs&, bool) {
-  return "CUDA attention: the tensor-core kernels are not written yet; use kernel=1 (SIMT)";
+struct FwdSmem {
+  static constexpr int LD = D + 8;
+  static constexpr size_t kBytes = sizeof(T) * 2 * kFwdKeys * LD + sizeof(int64_t) * kFwdKeys;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
+  constexpr int LD = FwdSmem<T, D>::LD;
+  constexpr int KT = D / 16;         // k-steps over the head dim
+  constexpr int NS = kFwdKeys / 8;   // score n-tiles per key tile
+  constexpr int NO = D / 8;          // output n-tiles
+  SC2_DYNAMIC_SMEM(smem);
+  T* Ks = reinterpret_cast<T*>(smem);  // also the Q tile at the start, the O tile at the end
+  T* Vs = Ks + kFwdKeys * LD;
+  int64_t* kdoc = reinterpret_cast<int64_t*>(Vs + kFwdKeys * LD);
+
+  const CudaAttnArgs& a = p.a;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t S = a.S, H = a.H, KV = a.KV;
+  const int64_t b = blockIdx.z, h = blockIdx.y, i0 = static_cast<int64_t>(blockIdx.x) * kFwdRows;
+  const int64_t kvh = h / (H / KV);
+  const int nq = static_cast<int>(min64(S - i0, kFwdRows));
+  const bool by_id = a.by_id != nullptr && a.by_id[b] != 0;
+  const int32_t* lo = a.lo + b * S;
+  const int64_t* doc = a.doc == nullptr ? nullptr : a.doc + b * S;
+
+  load_tile<T, D, kFwdRows, LD>(Ks, static_cast<const T*>(a.q) + ((b * S + i0) * H + h) * D, H * D, nq, tid);
+  __syncthreads();
+  const int r0 = warp * 16;
+  uint32_t qf[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) sc2::ldmatrix_x4(qf[kk], a_addr(Ks + r0 * LD + kk * 16, LD, lane));
+
+  // This thread's two rows (g and g + 8 of the warp's 16), clamped for look-ups past the end.
+  const int64_t wfirst = i0 + r0, wlast = min64(wfirst + 15, S - 1);
+  const int64_t row[2] = {wfirst + g, wfirst + g + 8};
+  const int32_t rlo[2] = {lo[min64(row[0], S - 1)], lo[min64(row[1], S - 1)]};
+  int64_t rdoc[2] = {0, 0};
+  if (by_id) {
+    rdoc[0] = doc[min64(row[0], S - 1)];
+    rdoc[1] = doc[min64(row[1], S - 1)];
+  }
+  const bool warp_live = wfirst < S;
+  const int64_t wlo_first = warp_live ? lo[wfirst] : 0, wlo_last = lo[wlast];
+
+  float o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this thread's partial sums
+
+  const int64_t kbeg = (static_cast<int64_t>(lo[i0]) / kFwdKeys) * kFwdKeys, kend = i0 + nq;
+  for (int64_t j0 = kbeg; j0 < kend; j0 += kFwdKeys) {
+    __syncthreads();  // the Q fragments / the previous tile are read
+    const int nk = static_cast<int>(min64(S - j0, kFwdKeys));
+    const int64_t koff = ((b * S + j0) * KV + kvh) * D;
+    load_tile<T, D, kFwdKeys, LD>(Ks, static_cast<const T*>(a.k) + koff, KV * D, nk, tid);
+    load_tile<T, D, kFwdKeys, LD>(Vs, static_cast<const T*>(a.v) + koff, KV * D, nk, tid);
+    if (by_id)
+      for (int e = tid; e < kFwdKeys; e += kThreads) kdoc[e] = e < nk ? doc[j0 + e] : 0;
+    __syncthreads();
+    // Warp-uniform: skip tiles none of this warp's rows can see; test elements only at edges.
+    if (!warp_live || j0 > wlast || j0 + kFwdKeys - 1 < wlo_first) continue;
+    const bool full = !by_id && j0 + kFwdKeys - 1 <= wfirst && j0 >= wlo_last;
+
+    float s[NS][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t kb[4];
+        sc2::ldmatrix_x4(kb, bt_addr(Ks + np * 16 * LD + kk * 16, LD, lane));
+        sc2::mma_16816<T>(s[2 * np], qf[kk], kb);
+        sc2::mma_16816<T>(s[2 * np + 1], qf[kk], kb + 2);
+      }
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[n][e] * p.scale2;
+        if (!full) {
+          const int r = e >> 1;
+          const int jj = n * 8 + 2 * t + (e & 1);
+          const int64_t j = j0 + jj;
+          const bool ok = j <= row[r] && j >= rlo[r] && (!by_id || kdoc[jj] == rdoc[r]);
+          if (!ok) x = -INFINITY;
+        }
+        s[n][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    }
+    float alpha[2], mref[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mnew = fmaxf(m[r], sc2::quad_max(mx[r]));
+      mref[r] = mnew == -INFINITY ? 0.0f : mnew;  // a row with nothing visible yet stays at 0
+      alpha[r] = exp2f(m[r] - mref[r]);
+      m[r] = mnew;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = exp2f(s[n][e] - mref[e >> 1]);
+        l[e >> 1] += s[n][e];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < kFwdKeys / 16; ++kk) {
+      uint32_t pa[4];
+      c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int np = 0; np < NO / 2; ++np) {
+        uint32_t vb[4];
+        sc2::ldmatrix_x4_trans(vb, b_addr(Vs + kk * 16 * LD + np * 16, LD, lane));
+        sc2::mma_16816<T>(o[2 * np], pa, vb);
+        sc2::mma_16816<T>(o[2 * np + 1], pa, vb + 2);
+      }
+    }
+  }
+
+  // Normalise; the O tile goes through shared memory so the global stores are 16-byte rows.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = sc2::quad_sum(l[r]);
+    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < NO; ++n) {
+    T* dst = Ks + (r0 + g) * LD + n * 8 + 2 * t;
+    *reinterpret_cast<uint32_t*>(dst) = sc2::pack2<T>(o[n][0] * inv[0], o[n][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(dst + 8 * LD) = sc2::pack2<T>(o[n][2] * inv[1], o[n][3] * inv[1]);
+  }
+  if (t == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row[r] < S) a.lse[(b * H + h) * S + row[r]] = m[r] + log2f(l[r]);
+  }
+  __syncthreads();
+  constexpr int kChunks = D / 8;
+  T* out = static_cast<T*>(a.o) + ((b * S + i0) * H + h) * D;
+#pragma unroll
+  for (int it = 0; it < kFwdRows * kChunks / kThreads; ++it) {
+    const int e = tid + it * kThreads;
+    const int r = e / kChunks, c = e % kChunks;
+    if (r < nq)
+      *reinterpret_cast<uint4*>(out + r * H * D + c * 8) = *reinterpret_cast<const uint4*>(Ks + r * LD + c * 8);
+  }
+}
+
+template <typename T, int D>
+struct BwdSmem {
+  static constexpr int LD = D + 8;          // K, V, Q, dO rows
+  static constexpr int LDS = kBwdRows + 8;  // dS^T rows (one per key)
+  static constexpr size_t kT = static_cast<size_t>(2 * kBwdKeys * LD + 2 * kBwdRows * LD + kBwdKeys * LDS);
+  static constexpr size_t kBytes =
+      sizeof(T) * kT + kBwdRows * (2 * sizeof(float) + sizeof(int32_t) + sizeof(int64_t));
+  static_assert((sizeof(T) * kT) % 16 == 0, "row arrays keep the tail 16-byte aligned");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
+  using L = BwdSmem<T, D>;
+  constexpr int LD = L::LD, LDS = L::LDS;
+  constexpr int KT = D / 16;
+  constexpr int NQ = kBwdRows / 8;  // query n-tiles of S^T
+  constexpr int ND = D / 8;         // head-dim n-tiles of dK, dV
+  constexpr int NQD = D / 16;       // head-dim n-tiles of a warp's half of dQ
+  SC2_DYNAMIC_SMEM(smem);
+  T* Ks = reinterpret_cast<T*>(smem);
+  T* Vs = Ks + kBwdKeys * LD;
+  T* Qs = Vs + kBwdKeys * LD;
+  T* dOs = Qs + kBwdRows * LD;
+  T* dSs = dOs + kBwdRows * LD;  // dS^T: kBwdKeys rows of kBwdRows queries
+  int64_t* qdoc = reinterpret_cast<int64_t*>(dSs + kBwdKeys * LDS);
+  float* qlse = reinterpret_cast<float*>(qdoc + kBwdRows);
+  float* qdelta = qlse + kBwdRows;
+  int32_t* qlo = reinterpret_cast<int32_t*>(qdelta + kBwdRows);
+
+  const CudaAttnArgs& a = p.a;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t S = a.S, H = a.H, KV = a.KV, group = H / KV;
+  const int64_t b = blockIdx.z, kvh = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.x) * kBwdKeys;
+  const int nk = static_cast<int>(min64(S - j0, kBwdKeys));
+  const bool by_id = a.by_id != nullptr && a.by_id[b] != 0;
+  const int32_t* lo = a.lo + b * S;
+  const int64_t* doc = a.doc == nullptr ? nullptr : a.doc + b * S;
+
+  const int64_t koff = ((b * S + j0) * KV + kvh) * D;
+  load_tile<T, D, kBwdKeys, LD>(Ks, static_cast<const T*>(a.k) + koff, KV * D, nk, tid);
+  load_tile<T, D, kBwdKeys, LD>(Vs, static_cast<const T*>(a.v) + koff, KV * D, nk, tid);
+
+  // Queries that can see a key of this block: [j0, iend), iend the first i with lo[i] > last key.
+  const int64_t jlast = j0 + nk - 1;
+  int64_t lo_i = j0, hi_i = S;
+  while (lo_i < hi_i) {
+    const int64_t mid = (lo_i + hi_i) / 2;
+    if (lo[mid] > jlast) hi_i = mid; else lo_i = mid + 1;
+  }
+  const int64_t iend = lo_i;
+
+  // This thread's two keys (rows g, g + 8 of the warp's 16 in S^T).
+  const int k0 = warp * 16;
+  const int64_t wkey = j0 + k0;
+  const int64_t key[2] = {wkey + g, wkey + g + 8};
+  int64_t kdoc[2] = {0, 0};
+  if (by_id) {
+    kdoc[0] = doc[min64(key[0], S - 1)];
+    kdoc[1] = doc[min64(key[1], S - 1)];
+  }
+  const bool warp_live = wkey < S;
+
+  float dk[ND][4], dv[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+
+  const int qr0 = (warp & 1) * 16;         // dQ: this warp's query rows ...
+  const int dc0 = (warp >> 1) * (D / 2);   // ... and head-dim half
+  for (int64_t hh = 0; hh < group; ++hh) {
+    const int64_t h = kvh * group + hh;
+    for (int64_t i0 = j0; i0 < iend; i0 += kBwdRows) {
+      const int nq = static_cast<int>(min64(S - i0, kBwdRows));
+      const int64_t qoff = ((b * S + i0) * H + h) * D;
+      __syncthreads();  // the previous step's Q, dO and dS^T are read
+      load_tile<T, D, kBwdRows, LD>(Qs, static_cast<const T*>(a.q) + qoff, H * D, nq, tid);
+      load_tile<T, D, kBwdRows, LD>(dOs, static_cast<const T*>(a.dout) + qoff, H * D, nq, tid);
+      for (int e = tid; e < kBwdRows; e += kThreads) {
+        const bool valid = e < nq;
+        const int64_t idx = (b * H + h) * S + i0 + e;
+        qlse[e] = valid ? a.lse[idx] : INFINITY;  // padded rows: P = 0
+        qdelta[e] = valid ? a.delta[idx] : 0.0f;
+        qlo[e] = lo[min64(i0 + e, S - 1)];
+        if (by_id) qdoc[e] = valid ? doc[i0 + e] : 0;
+      }
+      __syncthreads();
+      const int64_t qlast = i0 + nq - 1;
+      // Warp-uniform: some of this warp's keys may be visible to some of these queries.
+      const bool live = warp_live && wkey <= qlast && qlo[0] <= wkey + 15;
+      if (live) {
+        const bool full = !by_id && wkey + 15 <= i0 && wkey >= qlo[nq - 1];
+        float st[NQ][4], dpt[NQ][4];  // S^T = K Q^T and dP^T = V dO^T, rows = keys
+#pragma unroll
+        for (int n = 0; n < NQ; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk) {
+          uint32_t ka[4], va[4];
+          sc2::ldmatrix_x4(ka, a_addr(Ks + k0 * LD + kk * 16, LD, lane));
+          sc2::ldmatrix_x4(va, a_addr(Vs + k0 * LD + kk * 16, LD, lane));
+#pragma unroll
+          for (int np = 0; np < NQ / 2; ++np) {
+            uint32_t qb[4], ob[4];
+            sc2::ldmatrix_x4(qb, bt_addr(Qs + np * 16 * LD + kk * 16, LD, lane));
+            sc2::ldmatrix_x4(ob, bt_addr(dOs + np * 16 * LD + kk * 16, LD, lane));
+            sc2::mma_16816<T>(st[2 * np], ka, qb);
+            sc2::mma_16816<T>(st[2 * np + 1], ka, qb + 2);
+            sc2::mma_16816<T>(dpt[2 * np], va, ob);
+            sc2::mma_16816<T>(dpt[2 * np + 1], va, ob + 2);
+          }
+        }
+        // P^T from the saved lse; dS^T = P^T * (dP^T - delta) (w.r.t. the scaled scores).
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int qc = n * 8 + 2 * t + (e & 1);
+            bool ok = true;
+            if (!full) {
+              const int64_t j = key[e >> 1], i = i0 + qc;
+              ok = j <= i && j >= qlo[qc] && (!by_id || qdoc[qc] == kdoc[e >> 1]);
+            }
+            const float pr = ok ? exp2f(st[n][e] * p.scale2 - qlse[qc]) : 0.0f;
+            st[n][e] = pr;
+            dpt[n][e] = pr * (dpt[n][e] - qdelta[qc]);
+          }
+        }
+        // dV += P^T dO, dK += dS^T Q.
+#pragma unroll
+        for (int kk = 0; kk < kBwdRows / 16; ++kk) {
+          uint32_t pa[4], da[4];
+          c_to_a<T>(pa, st[2 * kk], st[2 * kk + 1]);
+          c_to_a<T>(da, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+          for (int np = 0; np < ND / 2; ++np) {
+            uint32_t ob[4], qb[4];
+            sc2::ldmatrix_x4_trans(ob, b_addr(dOs + kk * 16 * LD + np * 16, LD, lane));
+            sc2::ldmatrix_x4_trans(qb, b_addr(Qs + kk * 16 * LD + np * 16, LD, lane));
+            sc2::mma_16816<T>(dv[2 * np], pa, ob);
+            sc2::mma_16816<T>(dv[2 * np + 1], pa, ob + 2);
+            sc2::mma_16816<T>(dk[2 * np], da, qb);
+            sc2::mma_16816<T>(dk[2 * np + 1], da, qb + 2);
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+          T* dst = dSs + (k0 + g) * LDS + n * 8 + 2 * t;
+          *reinterpret_cast<uint32_t*>(dst) = sc2::pack2<T>(dpt[n][0], dpt[n][1]);
+          *reinterpret_cast<uint32_t*>(dst + 8 * LDS) = sc2::pack2<T>(dpt[n][2], dpt[n][3]);
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+          T* dst = dSs + (k0 + g) * LDS + n * 8 + 2 * t;
+          *reinterpret_cast<uint32_t*>(dst) = 0u;
+          *reinterpret_cast<uint32_t*>(dst + 8 * LDS) = 0u;
+        }
+      }
+      __syncthreads();
+      // dQ (this warp: 16 query rows x D/2 columns) += dS K over the block's 64 keys.
+      float dq[NQD][4];
+#pragma unroll
+      for (int n = 0; n < NQD; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+        uint32_t sa[4];
+        sc2::ldmatrix_x4_trans(sa, at_addr(dSs + kk * 16 * LDS + qr0, LDS, lane));
+#pragma unroll
+        for (int np = 0; np < NQD / 2; ++np) {
+          uint32_t kb[4];
+          sc2::ldmatrix_x4_trans(kb, b_addr(Ks + kk * 16 * LD + dc0 + np * 16, LD, lane));
+          sc2::mma_16816<T>(dq[2 * np], sa, kb);
+          sc2::mma_16816<T>(dq[2 * np + 1], sa, kb + 2);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int qr = qr0 + g + 8 * r;
+        if (qr >= nq) continue;
+        float* dst = a.dq32 + qoff + static_cast<int64_t>(qr) * H * D + dc0 + 2 * t;
+#pragma unroll
+        for (int n = 0; n < NQD; ++n) {
+          atomicAdd(dst + n * 8, dq[n][2 * r]);
+          atomicAdd(dst + n * 8 + 1, dq[n][2 * r + 1]);
+        }
+      }
+    }
+  }
+
+  // The block owns its keys: dK (scaled) and dV are stored, not accumulated.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (key[r] >= S) continue;
+    const int64_t off = ((b * S + key[r]) * KV + kvh) * D + 2 * t;
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+      a.dk[off + n * 8] = dk[n][2 * r] * p.a.scale;
+      a.dk[off + n * 8 + 1] = dk[n][2 * r + 1] * p.a.scale;
+      a.dv[off + n * 8] = dv[n][2 * r];
+      a.dv[off + n * 8 + 1] = dv[n][2 * r + 1];
+    }
+  }
+}
+
+// dq = scale * dq32, cast to T (pairs of elements; D is even).
+template <typename T>
+__global__ void __launch_bounds__(256) dq_cast_kernel(const float* src, T* dst, int64_t pairs, float scale) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < pairs; e += stride)
+    reinterpret_cast<uint32_t*>(dst)[e] = sc2::pack2<T>(src[2 * e] * scale, src[2 * e + 1] * scale);
+}
+
+template <typename T, int D>
+std::string launch(const CudaAttnArgs& a, bool fwd) {
+  const Params p{a, a.scale * kLog2e};
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
+  cudaError_t err;
+  if (fwd) {
+    const dim3 grid(static_cast<unsigned>((a.S + kFwdRows - 1) / kFwdRows), static_cast<unsigned>(a.H),
+                    static_cast<unsigned>(a.B));
+    const size_t bytes = FwdSmem<T, D>::kBytes;
+    err = cudaFuncSetAttribute(fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(bytes));
+    if (err == cudaSuccess) {
+      SC2_LAUNCH(grid, kThreads, bytes, stream, fwd_kernel<T, D>)(p);
+      err = cudaGetLastError();
+    }
+  } else {
+    if (a.dq32 == nullptr)
+      return "CUDA attention (tensor cores): the backward needs the zeroed fp32 dq32 buffer";
+    const dim3 grid(static_cast<unsigned>((a.S + kBwdKeys - 1) / kBwdKeys), static_cast<unsigned>(a.KV),
+                    static_cast<unsigned>(a.B));
+    const size_t bytes = BwdSmem<T, D>::kBytes;
+    err = cudaFuncSetAttribute(bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(bytes));
+    if (err == cudaSuccess) {
+      SC2_LAUNCH(grid, kThreads, bytes, stream, bwd_kernel<T, D>)(p);
+      err = cudaGetLastError();
+    }
+    if (err == cudaSuccess) {
+      const int64_t pairs = a.B * a.S * a.H * D / 2;
+      const int64_t blocks = (pairs + 255) / 256;
+      const dim3 cgrid(static_cast<unsigned>(blocks < 4096 ? blocks : 4096));
+      SC2_LAUNCH(cgrid, 256, 0, stream, dq_cast_kernel<T>)(a.dq32, static_cast<T*>(a.dq), pairs, a.scale);
+      err = cudaGetLastError();
+    }
+  }
+  return err == cudaSuccess ? "" : std::string("CUDA attention kernel (tensor cores): ") + cudaGetErrorString(err);
 }
 
 }  // namespace sc2_mma

@@ -150,12 +150,15 @@ class _CudaAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        code = kernels.cuda_kernel_code()
+        # Tensor cores (code 0) add dQ atomically into a zeroed fp32 scratch, then cast it into dq.
+        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if code == 0 else None
         stream = torch.cuda.current_stream(q.device).cuda_stream
         with torch.cuda.device(q.device):
             kernels.cuda_module().backward(
                 _ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
                 _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d,
-                ctx.scale, _CUDA_DTYPES[q.dtype], stream, kernels.cuda_kernel_code())
+                ctx.scale, _CUDA_DTYPES[q.dtype], stream, code, _ptr(dq32))
         return dq, dk32.to(k.dtype), dv32.to(v.dtype), None, None, None
 
 
