@@ -58,14 +58,16 @@ def _run_layouts(nproc: int, layouts: list[str]) -> None:
 
 # Layout specs: tpN/ppN/dpN sizes, v2 = interleaved schedule with 2 virtual stages per rank,
 # sp = sequence parallel, kv1 = one kv head (TP2 replicates it), untied = separate lm_head,
-# layers3 = 3 layers on 2 stages (uneven), full/selective = activation recomputation.
+# layers3 = 3 layers on 2 stages (uneven), full/selective = activation recomputation,
+# docs = packed documents with --reset-position-ids --reset-attention-mask.
 # meta.* layouts instead check shard-by-shard initialization from the meta device (large
 # models): replicated parameters and the last stage's tied copy equal across ranks.
 WORLD2 = ["tp2", "tp2.sp", "tp2.kv1", "tp2.sp.kv1.untied", "tp2.full", "pp2", "pp2.v2",
-          "pp2.layers3.untied", "pp2.selective", "dp2", "meta.tp2.kv1", "meta.pp2",
+          "pp2.layers3.untied", "pp2.selective", "dp2", "pp2.v2.docs", "tp2.sp.docs",
+          "meta.tp2.kv1", "meta.pp2",
           "meta.tp2.sp.untied"]
 WORLD4 = ["tp2.pp2", "tp2.pp2.v2", "tp2.dp2", "pp2.dp2", "pp2.dp2.v2", "tp2.sp.pp2",
-          "tp2.kv1.dp2.sp", "tp2.pp2.mbs2.full"]
+          "tp2.kv1.dp2.sp", "tp2.pp2.mbs2.full", "tp2.pp2.dp1.docs.full"]
 WORLD8 = ["tp2.pp2.dp2", "tp2.sp.pp2.dp2.v2.untied"]
 
 

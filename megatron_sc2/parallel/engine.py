@@ -21,7 +21,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from megatron_sc2.config import ModelConfig
-from megatron_sc2.errors import ConfigError
 from megatron_sc2.model.starcoder2 import StarCoder2
 from megatron_sc2.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_sc2.parallel.layout import ParallelLayout, split_layers
@@ -179,10 +178,9 @@ class ParallelModel:
                     loss.backward()
                 loss_sum += loss.detach()
         else:
-            if position_ids is not None or document_ids is not None:
-                raise ConfigError("--reset-position-ids / --reset-attention-mask are not supported "
-                                  "with --pipeline-model-parallel-size > 1 yet")
-            loss_sum = self._pipeline_step(tokens, target, loss_fn, backward)
+            side = {name: t for name, t in (("position_ids", position_ids),
+                                            ("document_ids", document_ids)) if t is not None}
+            loss_sum = self._pipeline_step(tokens, target, loss_fn, backward, side)
         if backward:
             self._reduce_tied_grads()
         loss_sum = loss_sum / self._dp_scale
@@ -190,7 +188,11 @@ class ParallelModel:
             dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
         return loss_sum
 
-    def _pipeline_step(self, tokens, target, loss_fn, backward: bool = True) -> torch.Tensor:
+    def _pipeline_step(self, tokens, target, loss_fn, backward: bool = True,
+                       side: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """One step through the pipeline schedule. `side`: position/document ids of the local
+        batch; every rank holds them, and the schedule splits them into micro-batches and hands
+        each stage its own as keyword arguments (they never travel between stages)."""
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                                   ScheduleInterleaved1F1B)
 
@@ -217,6 +219,7 @@ class ParallelModel:
         losses: list[torch.Tensor] = []
         args = (tokens,) if first else ()
         kwargs = {"target": target, "losses": losses} if last else {}
+        kwargs.update(side or {})
         if backward:
             self._schedule.step(*args, **kwargs)
         else:

@@ -98,9 +98,6 @@ class Trainer:
         from megatron_sc2.parallel.layout import layout_from_args
 
         self.layout = layout_from_args(cfg, self.world_size, self.model_cfg)
-        if self.layout.pp > 1 and (cfg.reset_position_ids or cfg.reset_attention_mask):
-            raise ConfigError("--reset-position-ids / --reset-attention-mask are not supported with "
-                              "--pipeline-model-parallel-size > 1 yet")
         self.dp_size = self.layout.dp
         self.global_batch_size = cfg.global_batch_size or cfg.micro_batch_size * self.dp_size
         per_step = cfg.micro_batch_size * self.dp_size

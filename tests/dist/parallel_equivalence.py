@@ -12,12 +12,14 @@ import os
 import sys
 import traceback
 from dataclasses import replace
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_sc2.config import ModelConfig
+from megatron_sc2.data.batch import get_batch
 from megatron_sc2.model.starcoder2 import StarCoder2
 from megatron_sc2.parallel.engine import ParallelModel, build_mesh
 from megatron_sc2.parallel.layout import ParallelLayout
@@ -39,12 +41,23 @@ def tiny_config(tied: bool, kv_heads: int = 2, layers: int = 4) -> ModelConfig:
                        tie_word_embeddings=tied).validate()
 
 
-def make_batches(cfg: ModelConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+EOD = 0
+
+
+def make_batches(cfg: ModelConfig, docs: bool = False) -> list[dict[str, Optional[torch.Tensor]]]:
+    """Random samples; with docs, packed documents (end-of-document tokens at random places)
+    with reset position ids and document ids, as --reset-position-ids --reset-attention-mask
+    give them."""
     g = torch.Generator().manual_seed(7)
     out = []
     for _ in range(STEPS):
-        t = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
-        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+        t = torch.randint(1, cfg.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
+        if docs:
+            t[torch.rand(t.shape, generator=g) < 0.15] = EOD
+        batch = get_batch(t, EOD, reset_position_ids=docs, reset_attention_mask=docs)
+        if not docs:
+            batch["position_ids"] = None
+        out.append(batch)
     return out
 
 
@@ -58,10 +71,10 @@ def reference_run(cfg: ModelConfig, batches):
     model = StarCoder2(cfg)
     opt = make_optimizer(model.parameters())
     losses, first_grads, norms = [], None, []
-    for step, (t, l) in enumerate(batches):
+    for step, b in enumerate(batches):
         opt.zero_grad()
-        logits = model(t)
-        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), l.reshape(-1))
+        logits = model(b["tokens"], position_ids=b["position_ids"], document_ids=b["document_ids"])
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), b["labels"].reshape(-1))
         loss.backward()
         if step == 0:
             first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -84,10 +97,16 @@ def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches):
     opt = make_optimizer(pm.parameters())
     dp_rank = mesh["dp"].get_local_rank()
     losses, first_grads, norms = [], None, []
-    for step, (t, l) in enumerate(batches):
+    n = layout.local_batch_size
+
+    def local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t[dp_rank * n:(dp_rank + 1) * n]
+
+    for step, b in enumerate(batches):
         opt.zero_grad()
-        n = layout.local_batch_size
-        loss = pm.forward_backward(t[dp_rank * n:(dp_rank + 1) * n], l[dp_rank * n:(dp_rank + 1) * n])
+        loss = pm.forward_backward(local(b["tokens"]), local(b["labels"]),
+                                   position_ids=local(b["position_ids"]),
+                                   document_ids=local(b["document_ids"]))
         if step == 0:
             first_grads = {name: full_grad(p).detach().clone()
                            for name, p in pm.named_parameters() if p.grad is not None}
@@ -141,7 +160,8 @@ def rel(a: float, b: float) -> float:
 
 
 def parse_layout(spec: str) -> tuple[ParallelLayout, ModelConfig]:
-    """'tp2.pp2.dp1.v2.sp.untied.full.kv1.layers3' -> layout, model config."""
+    """'tp2.pp2.dp1.v2.sp.untied.full.kv1.layers3.docs' -> layout, model config ('docs' is
+    read by main: packed documents with reset positions and attention)."""
     vals = {"tp": 1, "pp": 1, "dp": 1, "v": 1, "mbs": 1, "kv": 2, "layers": 4}
     sp, tied, recompute = False, True, None
     for part in spec.split("."):
@@ -149,7 +169,7 @@ def parse_layout(spec: str) -> tuple[ParallelLayout, ModelConfig]:
             sp = True
         elif part == "untied":
             tied = False
-        elif part == "meta":
+        elif part in ("meta", "docs"):
             continue
         elif part in ("full", "selective"):
             recompute = part
@@ -188,8 +208,9 @@ def main() -> int:
                 print(json.dumps(dict(bad[0] if bad else results[0], ok=not bad)), flush=True)
             failed |= any(not r["ok"] for r in results)
             continue
-        batches = make_batches(cfg)
-        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        docs = "docs" in spec.split(".")
+        batches = make_batches(cfg, docs)
+        key = json.dumps(dict(cfg.to_dict(), docs=docs), sort_keys=True)
         if key not in refs:
             refs[key] = reference_run(cfg, batches)
         ref_losses, ref_grads, ref_norms = refs[key]
