@@ -47,20 +47,41 @@ struct Params {
 
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
-// ROWS x D elements from global (row stride gstride elements) into shared memory (row stride
-// LD), 16 bytes per thread and step; rows >= valid are zero-filled.
+// A ROWS x D tile moved global -> registers -> shared memory, 16 bytes per thread and step, so
+// the global loads can be issued a whole compute phase before the data is stored (no cp.async).
+template <int D, int ROWS>
+struct TileRegs {
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr int kSteps = ROWS * kChunks / kThreads;
+  static_assert((ROWS * kChunks) % kThreads == 0, "tile must split evenly over the block");
+  uint4 r[kSteps];
+
+  // Rows >= valid read as zeros; global rows are gstride elements apart.
+  template <typename T>
+  __device__ __forceinline__ void fetch(const T* src, int64_t gstride, int valid, int tid) {
+#pragma unroll
+    for (int it = 0; it < kSteps; ++it) {
+      const int e = tid + it * kThreads;
+      const int row = e / kChunks, c = e % kChunks;
+      r[it] = uint4{0u, 0u, 0u, 0u};
+      if (row < valid) r[it] = *reinterpret_cast<const uint4*>(src + row * gstride + c * 8);
+    }
+  }
+  template <typename T, int LD>
+  __device__ __forceinline__ void store(T* dst, int tid) const {
+#pragma unroll
+    for (int it = 0; it < kSteps; ++it) {
+      const int e = tid + it * kThreads;
+      *reinterpret_cast<uint4*>(dst + (e / kChunks) * LD + (e % kChunks) * 8) = r[it];
+    }
+  }
+};
+
 template <typename T, int D, int ROWS, int LD>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t gstride, int valid, int tid) {
-  constexpr int kChunks = D / 8;
-  static_assert((ROWS * kChunks) % kThreads == 0, "tile must split evenly over the block");
-#pragma unroll
-  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
-    const int e = tid + it * kThreads;
-    const int r = e / kChunks, c = e % kChunks;
-    uint4 val = {0u, 0u, 0u, 0u};
-    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * gstride + c * 8);
-    *reinterpret_cast<uint4*>(dst + r * LD + c * 8) = val;
-  }
+  TileRegs<D, ROWS> t;
+  t.fetch(src, gstride, valid, tid);
+  t.template store<T, LD>(dst, tid);
 }
 
 // Lane addresses for ldmatrix_x4 (see sc2_device.cuh for the fragment layouts). `base` points at
@@ -109,8 +130,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   constexpr int NS = kFwdKeys / 8;   // score n-tiles per key tile
   constexpr int NO = D / 8;          // output n-tiles
   SC2_DYNAMIC_SMEM(smem);
-  T* Ks = reinterpret_cast<T*>(smem);  // also the Q tile at the start, the O tile at the end
-  T* Vs = Ks + kFwdKeys * LD;
+  T* Ks = reinterpret_cast<T*>(smem);  // also the O tile at the end
+  T* Vs = Ks + kFwdKeys * LD;           // also the Q tile at the start
   int64_t* kdoc = reinterpret_cast<int64_t*>(Vs + kFwdKeys * LD);
 
   const CudaAttnArgs& a = p.a;
@@ -123,12 +144,13 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   const int32_t* lo = a.lo + b * S;
   const int64_t* doc = a.doc == nullptr ? nullptr : a.doc + b * S;
 
-  load_tile<T, D, kFwdRows, LD>(Ks, static_cast<const T*>(a.q) + ((b * S + i0) * H + h) * D, H * D, nq, tid);
+  // Q goes through the V buffer (V is first stored after the first score phase).
+  load_tile<T, D, kFwdRows, LD>(Vs, static_cast<const T*>(a.q) + ((b * S + i0) * H + h) * D, H * D, nq, tid);
   __syncthreads();
   const int r0 = warp * 16;
   uint32_t qf[KT][4];
 #pragma unroll
-  for (int kk = 0; kk < KT; ++kk) sc2::ldmatrix_x4(qf[kk], a_addr(Ks + r0 * LD + kk * 16, LD, lane));
+  for (int kk = 0; kk < KT; ++kk) sc2::ldmatrix_x4(qf[kk], a_addr(Vs + r0 * LD + kk * 16, LD, lane));
 
   // This thread's two rows (g and g + 8 of the warp's 16), clamped for look-ups past the end.
   const int64_t wfirst = i0 + r0, wlast = min64(wfirst + 15, S - 1);
@@ -147,86 +169,108 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this thread's partial sums
 
+  // Software pipeline, two barriers per tile: V(j) is fetched during the score phase of tile j
+  // and K(j+1) during its P V phase; each is stored when the phase that last read its buffer is
+  // over on every warp.
+  const T* kbase = static_cast<const T*>(a.k) + (b * S * KV + kvh) * D;
+  const T* vbase = static_cast<const T*>(a.v) + (b * S * KV + kvh) * D;
   const int64_t kbeg = (static_cast<int64_t>(lo[i0]) / kFwdKeys) * kFwdKeys, kend = i0 + nq;
+  TileRegs<D, kFwdKeys> kv;
+  kv.fetch(kbase + kbeg * KV * D, KV * D, static_cast<int>(min64(S - kbeg, kFwdKeys)), tid);
+  __syncthreads();  // every warp holds its Q fragments: the V buffer is free
+  kv.template store<T, LD>(Ks, tid);
+  __syncthreads();
   for (int64_t j0 = kbeg; j0 < kend; j0 += kFwdKeys) {
-    __syncthreads();  // the Q fragments / the previous tile are read
     const int nk = static_cast<int>(min64(S - j0, kFwdKeys));
-    const int64_t koff = ((b * S + j0) * KV + kvh) * D;
-    load_tile<T, D, kFwdKeys, LD>(Ks, static_cast<const T*>(a.k) + koff, KV * D, nk, tid);
-    load_tile<T, D, kFwdKeys, LD>(Vs, static_cast<const T*>(a.v) + koff, KV * D, nk, tid);
-    if (by_id)
-      for (int e = tid; e < kFwdKeys; e += kThreads) kdoc[e] = e < nk ? doc[j0 + e] : 0;
-    __syncthreads();
+    kv.fetch(vbase + j0 * KV * D, KV * D, nk, tid);
     // Warp-uniform: skip tiles none of this warp's rows can see; test elements only at edges.
-    if (!warp_live || j0 > wlast || j0 + kFwdKeys - 1 < wlo_first) continue;
+    const bool live = warp_live && j0 <= wlast && j0 + kFwdKeys - 1 >= wlo_first;
     const bool full = !by_id && j0 + kFwdKeys - 1 <= wfirst && j0 >= wlo_last;
 
     float s[NS][4];
 #pragma unroll
     for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    if (live) {
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) {
+      for (int kk = 0; kk < KT; ++kk) {
 #pragma unroll
-      for (int np = 0; np < NS / 2; ++np) {
-        uint32_t kb[4];
-        sc2::ldmatrix_x4(kb, bt_addr(Ks + np * 16 * LD + kk * 16, LD, lane));
-        sc2::mma_16816<T>(s[2 * np], qf[kk], kb);
-        sc2::mma_16816<T>(s[2 * np + 1], qf[kk], kb + 2);
-      }
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < NS; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * p.scale2;
-        if (!full) {
-          const int r = e >> 1;
-          const int jj = n * 8 + 2 * t + (e & 1);
-          const int64_t j = j0 + jj;
-          const bool ok = j <= row[r] && j >= rlo[r] && (!by_id || kdoc[jj] == rdoc[r]);
-          if (!ok) x = -INFINITY;
+        for (int np = 0; np < NS / 2; ++np) {
+          uint32_t kb[4];
+          sc2::ldmatrix_x4(kb, bt_addr(Ks + np * 16 * LD + kk * 16, LD, lane));
+          sc2::mma_16816<T>(s[2 * np], qf[kk], kb);
+          sc2::mma_16816<T>(s[2 * np + 1], qf[kk], kb + 2);
         }
-        s[n][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
     }
-    float alpha[2], mref[2];
+    kv.template store<T, LD>(Vs, tid);  // the previous tile's P V is over (barrier below)
+    if (by_id)
+      for (int e = tid; e < kFwdKeys; e += kThreads) kdoc[e] = e < nk ? doc[j0 + e] : 0;
+    __syncthreads();  // V(j) and its ids stored; every warp is done reading K(j)
+    const int64_t jn = j0 + kFwdKeys;
+    if (jn < kend) kv.fetch(kbase + jn * KV * D, KV * D, static_cast<int>(min64(S - jn, kFwdKeys)), tid);
+    if (live) {
+      float mx[2] = {-INFINITY, -INFINITY};
+      // Visible: lo <= j <= row, as 32-bit offsets from the tile start (clamped to the tile).
+      int vis_lo[2], vis_hi[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float mnew = fmaxf(m[r], sc2::quad_max(mx[r]));
-      mref[r] = mnew == -INFINITY ? 0.0f : mnew;  // a row with nothing visible yet stays at 0
-      alpha[r] = exp2f(m[r] - mref[r]);
-      m[r] = mnew;
-      l[r] *= alpha[r];
-    }
+      for (int r = 0; r < 2; ++r) {
+        vis_lo[r] = static_cast<int>(min64(static_cast<int64_t>(rlo[r]) - j0 + kFwdKeys, 2 * kFwdKeys)) - kFwdKeys;
+        vis_hi[r] = static_cast<int>(min64(row[r] - j0, kFwdKeys));
+      }
 #pragma unroll
-    for (int n = 0; n < NS; ++n) {
+      for (int n = 0; n < NS; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = exp2f(s[n][e] - mref[e >> 1]);
-        l[e >> 1] += s[n][e];
+        for (int e = 0; e < 4; ++e) {
+          float x = s[n][e] * p.scale2;
+          if (!full) {
+            const int r = e >> 1;
+            const int jj = n * 8 + 2 * t + (e & 1);
+            const bool ok = jj <= vis_hi[r] && jj >= vis_lo[r] && (!by_id || kdoc[jj] == rdoc[r]);
+            if (!ok) x = -INFINITY;
+          }
+          s[n][e] = x;
+          mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+      }
+      float alpha[2], mref[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float mnew = fmaxf(m[r], sc2::quad_max(mx[r]));
+        mref[r] = mnew == -INFINITY ? 0.0f : mnew;  // a row with nothing visible yet stays at 0
+        alpha[r] = exp2f(m[r] - mref[r]);
+        m[r] = mnew;
+        l[r] *= alpha[r];
+      }
+#pragma unroll
+      for (int n = 0; n < NS; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[n][e] = exp2f(s[n][e] - mref[e >> 1]);
+          l[e >> 1] += s[n][e];
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[n][0] *= alpha[0];
+        o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1];
+        o[n][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kk = 0; kk < kFwdKeys / 16; ++kk) {
+        uint32_t pa[4];
+        c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int np = 0; np < NO / 2; ++np) {
+          uint32_t vb[4];
+          sc2::ldmatrix_x4_trans(vb, b_addr(Vs + kk * 16 * LD + np * 16, LD, lane));
+          sc2::mma_16816<T>(o[2 * np], pa, vb);
+          sc2::mma_16816<T>(o[2 * np + 1], pa, vb + 2);
+        }
       }
     }
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int kk = 0; kk < kFwdKeys / 16; ++kk) {
-      uint32_t pa[4];
-      c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int np = 0; np < NO / 2; ++np) {
-        uint32_t vb[4];
-        sc2::ldmatrix_x4_trans(vb, b_addr(Vs + kk * 16 * LD + np * 16, LD, lane));
-        sc2::mma_16816<T>(o[2 * np], pa, vb);
-        sc2::mma_16816<T>(o[2 * np + 1], pa, vb + 2);
-      }
-    }
+    if (jn < kend) kv.template store<T, LD>(Ks, tid);  // every warp is past its scores of K(j)
+    __syncthreads();  // K(j+1) stored; every warp is done reading V(j)
   }
 
   // Normalise; the O tile goes through shared memory so the global stores are 16-byte rows.
