@@ -308,10 +308,29 @@ template <typename T, int D>
 struct BwdSmem {
   static constexpr int LD = D + 8;          // K, V, Q, dO rows
   static constexpr int LDS = kBwdRows + 8;  // dS^T rows (one per key)
-  static constexpr size_t kT = static_cast<size_t>(2 * kBwdKeys * LD + 2 * kBwdRows * LD + kBwdKeys * LDS);
-  static constexpr size_t kBytes =
-      sizeof(T) * kT + kBwdRows * (2 * sizeof(float) + sizeof(int32_t) + sizeof(int64_t));
-  static_assert((sizeof(T) * kT) % 16 == 0, "row arrays keep the tail 16-byte aligned");
+  // K, V; then two buffers each of Q, dO and dS^T (steps alternate between them).
+  static constexpr size_t kT = static_cast<size_t>(2 * kBwdKeys * LD + 2 * (2 * kBwdRows * LD + kBwdKeys * LDS));
+  static constexpr size_t kRowBytes = kBwdRows * (sizeof(int64_t) + 2 * sizeof(float) + sizeof(int32_t));
+  static constexpr size_t kBytes = sizeof(T) * kT + 2 * kRowBytes;
+  static_assert((sizeof(T) * kT) % 16 == 0, "the per-row arrays stay 16-byte aligned");
+};
+
+// Per-row inputs of one backward step (query rows i0 .. i0 + kBwdRows - 1), in shared memory.
+struct BwdRows {
+  int64_t* doc;
+  float* lse;
+  float* delta;
+  int32_t* lo;
+  __device__ __forceinline__ explicit BwdRows(unsigned char* base)
+      : doc(reinterpret_cast<int64_t*>(base)), lse(reinterpret_cast<float*>(doc + kBwdRows)),
+        delta(lse + kBwdRows), lo(reinterpret_cast<int32_t*>(delta + kBwdRows)) {}
+};
+
+// One step's row inputs held in registers between fetch and store (threads < kBwdRows).
+struct RowRegs {
+  int64_t doc = 0;
+  float lse = INFINITY, delta = 0.0f;
+  int32_t lo = 0;
 };
 
 template <typename T, int D>
@@ -325,13 +344,12 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
   SC2_DYNAMIC_SMEM(smem);
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + kBwdKeys * LD;
-  T* Qs = Vs + kBwdKeys * LD;
-  T* dOs = Qs + kBwdRows * LD;
-  T* dSs = dOs + kBwdRows * LD;  // dS^T: kBwdKeys rows of kBwdRows queries
-  int64_t* qdoc = reinterpret_cast<int64_t*>(dSs + kBwdKeys * LDS);
-  float* qlse = reinterpret_cast<float*>(qdoc + kBwdRows);
-  float* qdelta = qlse + kBwdRows;
-  int32_t* qlo = reinterpret_cast<int32_t*>(qdelta + kBwdRows);
+  // Buffer pairs, buffer `buf` at base + buf * size (indexing arrays of pointers would put them
+  // in local memory).
+  T* Q0 = Vs + kBwdKeys * LD;              // 2 x kBwdRows * LD
+  T* dO0 = Q0 + 2 * kBwdRows * LD;         // 2 x kBwdRows * LD
+  T* dS0 = dO0 + 2 * kBwdRows * LD;        // 2 x kBwdKeys * LDS (dS^T)
+  unsigned char* rows0 = reinterpret_cast<unsigned char*>(dS0 + 2 * kBwdKeys * LDS);  // 2 x kRowBytes
 
   const CudaAttnArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -341,6 +359,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
   const bool by_id = a.by_id != nullptr && a.by_id[b] != 0;
   const int32_t* lo = a.lo + b * S;
   const int64_t* doc = a.doc == nullptr ? nullptr : a.doc + b * S;
+  const T* qg = static_cast<const T*>(a.q);
+  const T* dog = static_cast<const T*>(a.dout);
 
   const int64_t koff = ((b * S + j0) * KV + kvh) * D;
   load_tile<T, D, kBwdKeys, LD>(Ks, static_cast<const T*>(a.k) + koff, KV * D, nk, tid);
@@ -354,6 +374,44 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     if (lo[mid] > jlast) hi_i = mid; else lo_i = mid + 1;
   }
   const int64_t iend = lo_i;
+  // Steps: every query head of the group times the query tiles of [j0, iend).
+  const int64_t tiles = (iend - j0 + kBwdRows - 1) / kBwdRows, steps = group * tiles;
+
+  // Step `st` as (head, first row); fetch its Q, dO and row inputs into registers.
+  TileRegs<D, kBwdRows> qr, dor;
+  RowRegs rr;
+  auto step_rows = [&](int64_t st, int64_t& h, int64_t& i0, int& nq) {
+    h = kvh * group + st / tiles;
+    i0 = j0 + (st % tiles) * kBwdRows;
+    nq = static_cast<int>(min64(S - i0, kBwdRows));
+  };
+  auto fetch = [&](int64_t st) {
+    int64_t h, i0;
+    int nq;
+    step_rows(st, h, i0, nq);
+    const int64_t qoff = ((b * S + i0) * H + h) * D;
+    qr.fetch(qg + qoff, H * D, nq, tid);
+    dor.fetch(dog + qoff, H * D, nq, tid);
+    if (tid < kBwdRows) {
+      const bool valid = tid < nq;
+      const int64_t idx = (b * H + h) * S + i0 + tid;
+      rr.lse = valid ? a.lse[idx] : INFINITY;  // padded rows: P = 0
+      rr.delta = valid ? a.delta[idx] : 0.0f;
+      rr.lo = lo[min64(i0 + tid, S - 1)];
+      rr.doc = by_id && valid ? doc[i0 + tid] : 0;
+    }
+  };
+  auto store = [&](int buf) {
+    qr.template store<T, LD>(Q0 + buf * kBwdRows * LD, tid);
+    dor.template store<T, LD>(dO0 + buf * kBwdRows * LD, tid);
+    if (tid < kBwdRows) {
+      const BwdRows rw(rows0 + buf * L::kRowBytes);
+      rw.lse[tid] = rr.lse;
+      rw.delta[tid] = rr.delta;
+      rw.lo[tid] = rr.lo;
+      rw.doc[tid] = rr.doc;
+    }
+  };
 
   // This thread's two keys (rows g, g + 8 of the warp's 16 in S^T).
   const int k0 = warp * 16;
@@ -364,6 +422,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     kdoc[0] = doc[min64(key[0], S - 1)];
     kdoc[1] = doc[min64(key[1], S - 1)];
   }
+  const int key32[2] = {static_cast<int>(key[0]), static_cast<int>(key[1])};
   const bool warp_live = wkey < S;
 
   float dk[ND][4], dv[ND][4];
@@ -374,123 +433,121 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
 
   const int qr0 = (warp & 1) * 16;         // dQ: this warp's query rows ...
   const int dc0 = (warp >> 1) * (D / 2);   // ... and head-dim half
-  for (int64_t hh = 0; hh < group; ++hh) {
-    const int64_t h = kvh * group + hh;
-    for (int64_t i0 = j0; i0 < iend; i0 += kBwdRows) {
-      const int nq = static_cast<int>(min64(S - i0, kBwdRows));
-      const int64_t qoff = ((b * S + i0) * H + h) * D;
-      __syncthreads();  // the previous step's Q, dO and dS^T are read
-      load_tile<T, D, kBwdRows, LD>(Qs, static_cast<const T*>(a.q) + qoff, H * D, nq, tid);
-      load_tile<T, D, kBwdRows, LD>(dOs, static_cast<const T*>(a.dout) + qoff, H * D, nq, tid);
-      for (int e = tid; e < kBwdRows; e += kThreads) {
-        const bool valid = e < nq;
-        const int64_t idx = (b * H + h) * S + i0 + e;
-        qlse[e] = valid ? a.lse[idx] : INFINITY;  // padded rows: P = 0
-        qdelta[e] = valid ? a.delta[idx] : 0.0f;
-        qlo[e] = lo[min64(i0 + e, S - 1)];
-        if (by_id) qdoc[e] = valid ? doc[i0 + e] : 0;
-      }
-      __syncthreads();
-      const int64_t qlast = i0 + nq - 1;
-      // Warp-uniform: some of this warp's keys may be visible to some of these queries.
-      const bool live = warp_live && wkey <= qlast && qlo[0] <= wkey + 15;
-      if (live) {
-        const bool full = !by_id && wkey + 15 <= i0 && wkey >= qlo[nq - 1];
-        float st[NQ][4], dpt[NQ][4];  // S^T = K Q^T and dP^T = V dO^T, rows = keys
+  if (steps > 0) {
+    fetch(0);
+    store(0);
+  }
+  __syncthreads();  // K, V and step 0 stored
+  // One barrier per step: step st reads buffers st % 2 and stores step st + 1 into the others,
+  // whose last readers (step st - 1, before that step's barrier) are done.
+  for (int64_t st = 0; st < steps; ++st) {
+    const int buf = static_cast<int>(st & 1);
+    int64_t h, i0;
+    int nq;
+    step_rows(st, h, i0, nq);
+    const T* Qs = Q0 + buf * kBwdRows * LD;
+    const T* dOs = dO0 + buf * kBwdRows * LD;
+    T* dSs = dS0 + buf * kBwdKeys * LDS;
+    const BwdRows rw(rows0 + buf * L::kRowBytes);
+    const int64_t qlast = i0 + nq - 1;
+    // Warp-uniform: some of this warp's keys may be visible to some of these queries.
+    const bool live = warp_live && wkey <= qlast && rw.lo[0] <= wkey + 15;
+    const bool full = !by_id && wkey + 15 <= i0 && wkey >= rw.lo[nq - 1];
+    const int i032 = static_cast<int>(i0);
+    float st_[NQ][4], dpt[NQ][4];  // S^T = K Q^T and dP^T = V dO^T, rows = keys
 #pragma unroll
-        for (int n = 0; n < NQ; ++n)
+    for (int n = 0; n < NQ; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) st_[n][e] = dpt[n][e] = 0.0f;
+    if (live) {
 #pragma unroll
-        for (int kk = 0; kk < KT; ++kk) {
-          uint32_t ka[4], va[4];
-          sc2::ldmatrix_x4(ka, a_addr(Ks + k0 * LD + kk * 16, LD, lane));
-          sc2::ldmatrix_x4(va, a_addr(Vs + k0 * LD + kk * 16, LD, lane));
+      for (int kk = 0; kk < KT; ++kk) {
+        uint32_t ka[4], va[4];
+        sc2::ldmatrix_x4(ka, a_addr(Ks + k0 * LD + kk * 16, LD, lane));
+        sc2::ldmatrix_x4(va, a_addr(Vs + k0 * LD + kk * 16, LD, lane));
 #pragma unroll
-          for (int np = 0; np < NQ / 2; ++np) {
-            uint32_t qb[4], ob[4];
-            sc2::ldmatrix_x4(qb, bt_addr(Qs + np * 16 * LD + kk * 16, LD, lane));
-            sc2::ldmatrix_x4(ob, bt_addr(dOs + np * 16 * LD + kk * 16, LD, lane));
-            sc2::mma_16816<T>(st[2 * np], ka, qb);
-            sc2::mma_16816<T>(st[2 * np + 1], ka, qb + 2);
-            sc2::mma_16816<T>(dpt[2 * np], va, ob);
-            sc2::mma_16816<T>(dpt[2 * np + 1], va, ob + 2);
-          }
-        }
-        // P^T from the saved lse; dS^T = P^T * (dP^T - delta) (w.r.t. the scaled scores).
-#pragma unroll
-        for (int n = 0; n < NQ; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int qc = n * 8 + 2 * t + (e & 1);
-            bool ok = true;
-            if (!full) {
-              const int64_t j = key[e >> 1], i = i0 + qc;
-              ok = j <= i && j >= qlo[qc] && (!by_id || qdoc[qc] == kdoc[e >> 1]);
-            }
-            const float pr = ok ? exp2f(st[n][e] * p.scale2 - qlse[qc]) : 0.0f;
-            st[n][e] = pr;
-            dpt[n][e] = pr * (dpt[n][e] - qdelta[qc]);
-          }
-        }
-        // dV += P^T dO, dK += dS^T Q.
-#pragma unroll
-        for (int kk = 0; kk < kBwdRows / 16; ++kk) {
-          uint32_t pa[4], da[4];
-          c_to_a<T>(pa, st[2 * kk], st[2 * kk + 1]);
-          c_to_a<T>(da, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-          for (int np = 0; np < ND / 2; ++np) {
-            uint32_t ob[4], qb[4];
-            sc2::ldmatrix_x4_trans(ob, b_addr(dOs + kk * 16 * LD + np * 16, LD, lane));
-            sc2::ldmatrix_x4_trans(qb, b_addr(Qs + kk * 16 * LD + np * 16, LD, lane));
-            sc2::mma_16816<T>(dv[2 * np], pa, ob);
-            sc2::mma_16816<T>(dv[2 * np + 1], pa, ob + 2);
-            sc2::mma_16816<T>(dk[2 * np], da, qb);
-            sc2::mma_16816<T>(dk[2 * np + 1], da, qb + 2);
-          }
-        }
-#pragma unroll
-        for (int n = 0; n < NQ; ++n) {
-          T* dst = dSs + (k0 + g) * LDS + n * 8 + 2 * t;
-          *reinterpret_cast<uint32_t*>(dst) = sc2::pack2<T>(dpt[n][0], dpt[n][1]);
-          *reinterpret_cast<uint32_t*>(dst + 8 * LDS) = sc2::pack2<T>(dpt[n][2], dpt[n][3]);
-        }
-      } else {
-#pragma unroll
-        for (int n = 0; n < NQ; ++n) {
-          T* dst = dSs + (k0 + g) * LDS + n * 8 + 2 * t;
-          *reinterpret_cast<uint32_t*>(dst) = 0u;
-          *reinterpret_cast<uint32_t*>(dst + 8 * LDS) = 0u;
+        for (int np = 0; np < NQ / 2; ++np) {
+          uint32_t qb[4], ob[4];
+          sc2::ldmatrix_x4(qb, bt_addr(Qs + np * 16 * LD + kk * 16, LD, lane));
+          sc2::ldmatrix_x4(ob, bt_addr(dOs + np * 16 * LD + kk * 16, LD, lane));
+          sc2::mma_16816<T>(st_[2 * np], ka, qb);
+          sc2::mma_16816<T>(st_[2 * np + 1], ka, qb + 2);
+          sc2::mma_16816<T>(dpt[2 * np], va, ob);
+          sc2::mma_16816<T>(dpt[2 * np + 1], va, ob + 2);
         }
       }
-      __syncthreads();
-      // dQ (this warp: 16 query rows x D/2 columns) += dS K over the block's 64 keys.
-      float dq[NQD][4];
+    }
+    if (st + 1 < steps) fetch(st + 1);  // lands while this step computes
+    if (live) {
+      // P^T from the saved lse; dS^T = P^T * (dP^T - delta) (w.r.t. the scaled scores).
 #pragma unroll
-      for (int n = 0; n < NQD; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+      for (int n = 0; n < NQ; ++n) {
 #pragma unroll
-      for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
-        uint32_t sa[4];
-        sc2::ldmatrix_x4_trans(sa, at_addr(dSs + kk * 16 * LDS + qr0, LDS, lane));
-#pragma unroll
-        for (int np = 0; np < NQD / 2; ++np) {
-          uint32_t kb[4];
-          sc2::ldmatrix_x4_trans(kb, b_addr(Ks + kk * 16 * LD + dc0 + np * 16, LD, lane));
-          sc2::mma_16816<T>(dq[2 * np], sa, kb);
-          sc2::mma_16816<T>(dq[2 * np + 1], sa, kb + 2);
+        for (int e = 0; e < 4; ++e) {
+          const int qc = n * 8 + 2 * t + (e & 1);
+          bool ok = true;
+          if (!full) {  // 32-bit: S <= INT32_MAX (checked by the bindings)
+            const int j = key32[e >> 1];
+            ok = j - i032 <= qc && j >= rw.lo[qc] && (!by_id || rw.doc[qc] == kdoc[e >> 1]);
+          }
+          const float pr = ok ? exp2f(st_[n][e] * p.scale2 - rw.lse[qc]) : 0.0f;
+          st_[n][e] = pr;
+          dpt[n][e] = pr * (dpt[n][e] - rw.delta[qc]);
         }
       }
+      // dV += P^T dO, dK += dS^T Q.
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int qr = qr0 + g + 8 * r;
-        if (qr >= nq) continue;
-        float* dst = a.dq32 + qoff + static_cast<int64_t>(qr) * H * D + dc0 + 2 * t;
+      for (int kk = 0; kk < kBwdRows / 16; ++kk) {
+        uint32_t pa[4], da[4];
+        c_to_a<T>(pa, st_[2 * kk], st_[2 * kk + 1]);
+        c_to_a<T>(da, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-        for (int n = 0; n < NQD; ++n) {
-          atomicAdd(dst + n * 8, dq[n][2 * r]);
-          atomicAdd(dst + n * 8 + 1, dq[n][2 * r + 1]);
+        for (int np = 0; np < ND / 2; ++np) {
+          uint32_t ob[4], qb[4];
+          sc2::ldmatrix_x4_trans(ob, b_addr(dOs + kk * 16 * LD + np * 16, LD, lane));
+          sc2::ldmatrix_x4_trans(qb, b_addr(Qs + kk * 16 * LD + np * 16, LD, lane));
+          sc2::mma_16816<T>(dv[2 * np], pa, ob);
+          sc2::mma_16816<T>(dv[2 * np + 1], pa, ob + 2);
+          sc2::mma_16816<T>(dk[2 * np], da, qb);
+          sc2::mma_16816<T>(dk[2 * np + 1], da, qb + 2);
         }
+      }
+    }
+    // dS^T of this warp's keys (zeros when it saw nothing) for the block's dQ product.
+#pragma unroll
+    for (int n = 0; n < NQ; ++n) {
+      T* dst = dSs + (k0 + g) * LDS + n * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(dst) = live ? sc2::pack2<T>(dpt[n][0], dpt[n][1]) : 0u;
+      *reinterpret_cast<uint32_t*>(dst + 8 * LDS) = live ? sc2::pack2<T>(dpt[n][2], dpt[n][3]) : 0u;
+    }
+    if (st + 1 < steps) store(buf ^ 1);
+    __syncthreads();  // dS^T complete; step st + 1 stored
+    // dQ (this warp: 16 query rows x D/2 columns) += dS K over the block's 64 keys.
+    float dq[NQD][4];
+#pragma unroll
+    for (int n = 0; n < NQD; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+      uint32_t sa[4];
+      sc2::ldmatrix_x4_trans(sa, at_addr(dSs + kk * 16 * LDS + qr0, LDS, lane));
+#pragma unroll
+      for (int np = 0; np < NQD / 2; ++np) {
+        uint32_t kb[4];
+        sc2::ldmatrix_x4_trans(kb, b_addr(Ks + kk * 16 * LD + dc0 + np * 16, LD, lane));
+        sc2::mma_16816<T>(dq[2 * np], sa, kb);
+        sc2::mma_16816<T>(dq[2 * np + 1], sa, kb + 2);
+      }
+    }
+    const int64_t qoff = ((b * S + i0) * H + h) * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = qr0 + g + 8 * r;
+      if (row >= nq) continue;
+      float* dst = a.dq32 + qoff + static_cast<int64_t>(row) * H * D + dc0 + 2 * t;
+#pragma unroll
+      for (int n = 0; n < NQD; ++n) {
+        atomicAdd(dst + n * 8, dq[n][2 * r]);
+        atomicAdd(dst + n * 8 + 1, dq[n][2 * r + 1]);
       }
     }
   }
@@ -502,8 +559,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     const int64_t off = ((b * S + key[r]) * KV + kvh) * D + 2 * t;
 #pragma unroll
     for (int n = 0; n < ND; ++n) {
-      a.dk[off + n * 8] = dk[n][2 * r] * p.a.scale;
-      a.dk[off + n * 8 + 1] = dk[n][2 * r + 1] * p.a.scale;
+      a.dk[off + n * 8] = dk[n][2 * r] * a.scale;
+      a.dk[off + n * 8 + 1] = dk[n][2 * r + 1] * a.scale;
       a.dv[off + n * 8] = dv[n][2 * r];
       a.dv[off + n * 8 + 1] = dv[n][2 * r + 1];
     }
