@@ -1,0 +1,141 @@
+"""The tensor-core CUDA attention kernels (kernel code 0, kernels/cuda/attn_cuda_mma.cuh) run on
+the CPU emulator (`_attn_cuda_emu`: the same kernel source compiled by g++, mma.sync and ldmatrix
+with the PTX register layouts) against the float64 SDPA oracle of tests/test_attention.py:
+forward, log-sum-exp and the three gradients; and mixed with the SIMT kernels (kernel code 1),
+whose log-sum-exp format they share.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import pytest
+import torch
+
+from megatron_sc2.ops import kernels
+from megatron_sc2.ops.attention import key_bounds
+from tests.test_attention import make_docs, oracle, oracle_mask, rel_err
+
+MMA, SIMT = 0, 1
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if os.environ.get("MEGATRON_SC2_CUDA_EMU", "").strip() == "0":
+        pytest.skip("MEGATRON_SC2_CUDA_EMU=0: the emulator module is not built")
+    mod = kernels.emu_module()
+    assert mod is not None, f"_attn_cuda_emu is not importable: {kernels.load_error('_attn_cuda_emu')}"
+    return mod
+
+
+def _p(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout: torch.Tensor,
+        fwd_code: int = MMA, bwd_code: int = MMA):
+    """Forward with kernel `fwd_code`, backward with `bwd_code`, called as _CudaAttention calls
+    the GPU module (CPU pointers here). Returns o, lse, dq, dk, dv."""
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    win = 0 if window is None or window >= s else window
+    doc = None if docs is None else docs.to(torch.int64).contiguous()
+    lo, by_id = key_bounds(s, win, doc, b, q.device)
+    scale = 1.0 / math.sqrt(d)
+    dt = _DTYPES[q.dtype]
+    o = torch.empty_like(q)
+    lse = torch.full((b, h, s), float("nan"), dtype=torch.float32)
+    mod.forward(_p(q), _p(k), _p(v), _p(o), _p(lse), _p(lo), _p(doc), _p(by_id), b, s, h, kvh, d,
+                scale, dt, 0, fwd_code)
+    delta = (dout.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+    dq = torch.full_like(q, float("nan"))
+    dk32 = torch.zeros(k.shape, dtype=torch.float32)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32)
+    dq32 = torch.zeros(q.shape, dtype=torch.float32) if bwd_code == MMA else None
+    mod.backward(_p(q), _p(k), _p(v), _p(dout), _p(lse), _p(delta), _p(lo), _p(doc), _p(by_id),
+                 _p(dq), _p(dk32), _p(dv32), b, s, h, kvh, d, scale, dt, 0, bwd_code, _p(dq32))
+    return o, lse, dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+def oracle_lse(q, k, window, docs) -> torch.Tensor:
+    """(b, h, s) float64: log2 of sum_j 2^(q.k_j * scale * log2 e) over the visible keys."""
+    b, s, h, d = q.shape
+    kk = k.double().repeat_interleave(h // k.shape[2], dim=2)
+    x = torch.einsum("bihd,bjhd->bhij", q.double(), kk) / math.sqrt(d) / math.log(2.0)
+    x = x.masked_fill(~oracle_mask(s, window, docs), float("-inf"))
+    return torch.logsumexp(x * math.log(2.0), dim=-1) / math.log(2.0)
+
+
+def inputs(case: tuple, dtype: torch.dtype, seed: int):
+    b, s, h, kvh, d, window, doc_kind = case
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, go = (torch.randn(shape, generator=gen).to(dtype) for shape in
+                   ((b, s, h, d), (b, s, kvh, d), (b, s, kvh, d), (b, s, h, d)))
+    return q, k, v, go, make_docs(doc_kind, b, s, gen)
+
+
+def reference(q, k, v, go, window, docs):
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    out = oracle(*ref_in, window, docs)
+    out.backward(go.double())
+    return out.detach(), [t.grad for t in ref_in]
+
+
+# (batch, seq, heads, kv_heads, head_dim, window, documents): seq 1, 77, 200 ... never a multiple
+# of the 64-row tiles; windows < seq, >= seq, None and 1; GQA groups 1, 2, 4; batch 2; sorted and
+# unsorted document ids.
+CASES = [
+    (1, 1, 1, 1, 64, None, None),
+    (2, 77, 2, 1, 64, 16, None),
+    (1, 200, 4, 1, 128, 70, "sorted"),
+    (2, 130, 2, 2, 64, 1, "unsorted"),
+    (1, 150, 2, 1, 128, 300, "unsorted"),
+    (2, 90, 4, 2, 64, None, "sorted"),
+    (1, 333, 4, 2, 64, 100, "sorted"),
+    (1, 150, 2, 2, 128, 40, "unsorted"),
+    (2, 129, 4, 4, 128, 129, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_mma_matches_float64(emu, case, dtype):
+    window = case[5]
+    q, k, v, go, docs = inputs(case, dtype, CASES.index(case))
+    o, lse, dq, dk, dv = run(emu, q, k, v, window, docs, go)
+    ref, (rdq, rdk, rdv) = reference(q, k, v, go, window, docs)
+    errs = {"out": rel_err(o, ref), "dq": rel_err(dq, rdq), "dk": rel_err(dk, rdk),
+            "dv": rel_err(dv, rdv)}
+    assert max(errs.values()) <= TOL[dtype], (case, errs)
+    # Scores come from exact fp16/bf16 products summed in fp32: lse is fp32-accurate.
+    assert (lse.double() - oracle_lse(q, k, window, docs)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("fwd_code,bwd_code", [(MMA, SIMT), (SIMT, MMA)], ids=["mma-fwd+simt-bwd", "simt-fwd+mma-bwd"])
+def test_mma_and_simt_share_lse(emu, fwd_code, bwd_code):
+    """Either family's forward feeds either family's backward (lse format, dK/dV buffers)."""
+    case = (2, 100, 4, 2, 64, 30, "sorted")
+    window = case[5]
+    q, k, v, go, docs = inputs(case, torch.bfloat16, 7)
+    o, lse, dq, dk, dv = run(emu, q, k, v, window, docs, go, fwd_code, bwd_code)
+    _, lse_other, *_ = run(emu, q, k, v, window, docs, go, bwd_code, bwd_code)
+    assert (lse - lse_other).abs().max().item() <= 1e-4
+    ref, (rdq, rdk, rdv) = reference(q, k, v, go, window, docs)
+    errs = {"out": rel_err(o, ref), "dq": rel_err(dq, rdq), "dk": rel_err(dk, rdk), "dv": rel_err(dv, rdv)}
+    assert max(errs.values()) <= 1e-2, errs
+
+
+def test_mma_backward_without_dq_scratch_fails_clearly(emu):
+    q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
+    k = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
+    lo, _ = key_bounds(8, 0, None, 1, q.device)
+    lse = torch.zeros(1, 1, 8)
+    out = torch.empty_like(q)
+    dk = torch.zeros(k.shape)
+    with pytest.raises(RuntimeError, match="dq32"):
+        emu.backward(_p(q), _p(k), _p(k), _p(q), _p(lse), _p(lse), _p(lo), 0, 0, _p(out), _p(dk),
+                     _p(dk), 1, 8, 1, 1, 64, 0.125, 1, 0, MMA)
