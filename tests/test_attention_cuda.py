@@ -70,7 +70,9 @@ GPU_CASES = [  # (batch, seq, heads, kv_heads, window, documents)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", GPU_CASES, ids=[str(c) for c in GPU_CASES])
-def test_cuda_matches_float64(case, head_dim, dtype):
+@pytest.mark.parametrize("kernel", sorted(kernels.CUDA_KERNELS))  # mma (tensor cores), simt
+def test_cuda_matches_float64(case, head_dim, dtype, kernel, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SC2_CUDA_KERNEL", kernel)
     b, s, h, kvh, window, doc_kind = case
     gen = torch.Generator().manual_seed(GPU_CASES.index(case))
     q, k, v, go = (torch.randn(shape, generator=gen).to(dtype) for shape in
