@@ -37,9 +37,11 @@ def _p(t: Optional[torch.Tensor]) -> int:
 
 
 def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout: torch.Tensor,
-        fwd_code: int = MMA, bwd_code: int = MMA):
+        fwd_code: int = MMA, bwd_code: int = MMA, head_splits: int = 0):
     """Forward with kernel `fwd_code`, backward with `bwd_code`, called as _CudaAttention calls
-    the GPU module (CPU pointers here). Returns o, lse, dq, dk, dv."""
+    the GPU module (CPU pointers here). Returns o, lse, dq, dk, dv. `head_splits`: backward
+    blocks per (key tile, kv head) (0: the kernel's choice, which for these small shapes is one
+    block per query head)."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     win = 0 if window is None or window >= s else window
@@ -57,7 +59,8 @@ def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout:
     dv32 = torch.zeros(v.shape, dtype=torch.float32)
     dq32 = torch.zeros(q.shape, dtype=torch.float32) if bwd_code == MMA else None
     mod.backward(_p(q), _p(k), _p(v), _p(dout), _p(lse), _p(delta), _p(lo), _p(doc), _p(by_id),
-                 _p(dq), _p(dk32), _p(dv32), b, s, h, kvh, d, scale, dt, 0, bwd_code, _p(dq32))
+                 _p(dq), _p(dk32), _p(dv32), b, s, h, kvh, d, scale, dt, 0, bwd_code, _p(dq32),
+                 head_splits)
     return o, lse, dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
@@ -113,6 +116,19 @@ def test_mma_matches_float64(emu, case, dtype):
     assert max(errs.values()) <= TOL[dtype], (case, errs)
     # Scores come from exact fp16/bf16 products summed in fp32: lse is fp32-accurate.
     assert (lse.double() - oracle_lse(q, k, window, docs)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("case", [(2, 150, 6, 2, 64, 50, "sorted"), (1, 100, 4, 1, 128, None, "unsorted")],
+                         ids=["group3", "group4"])
+def test_mma_backward_head_splits(emu, case, splits):
+    """The group's query heads in one block (dK/dV stored) or split unevenly over blocks (added)."""
+    window = case[5]
+    q, k, v, go, docs = inputs(case, torch.bfloat16, 11)
+    o, _, dq, dk, dv = run(emu, q, k, v, window, docs, go, head_splits=splits)
+    ref, (rdq, rdk, rdv) = reference(q, k, v, go, window, docs)
+    errs = {"out": rel_err(o, ref), "dq": rel_err(dq, rdq), "dk": rel_err(dk, rdk), "dv": rel_err(dv, rdv)}
+    assert max(errs.values()) <= 1e-2, errs
 
 
 @pytest.mark.parametrize("fwd_code,bwd_code", [(MMA, SIMT), (SIMT, MMA)], ids=["mma-fwd+simt-bwd", "simt-fwd+mma-bwd"])

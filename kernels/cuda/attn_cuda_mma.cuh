@@ -40,9 +40,13 @@ constexpr int kBwdKeys = 64;  // keys per backward block (16 per warp)
 constexpr int kBwdRows = 32;  // query rows per backward step
 constexpr float kLog2e = 1.4426950408889634f;
 
+constexpr int64_t kBwdTargetBlocks = 1024;  // backward grids split query heads to reach this
+
 struct Params {
   CudaAttnArgs a;
-  float scale2;  // softmax scale * log2(e): scores in base 2
+  float scale2;      // softmax scale * log2(e): scores in base 2
+  int head_splits;   // backward: blocks per (key tile, kv head), each taking heads_per_split
+  int heads_per_split;
 };
 
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
@@ -354,7 +358,10 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
   const CudaAttnArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t S = a.S, H = a.H, KV = a.KV, group = H / KV;
-  const int64_t b = blockIdx.z, kvh = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.x) * kBwdKeys;
+  const int64_t b = blockIdx.z, kvh = blockIdx.y / p.head_splits, j0 = static_cast<int64_t>(blockIdx.x) * kBwdKeys;
+  // This block's query heads of the group: [hfirst, hfirst + nheads).
+  const int64_t hfirst = (blockIdx.y % p.head_splits) * static_cast<int64_t>(p.heads_per_split);
+  const int64_t nheads = min64(group - hfirst, p.heads_per_split);
   const int nk = static_cast<int>(min64(S - j0, kBwdKeys));
   const bool by_id = a.by_id != nullptr && a.by_id[b] != 0;
   const int32_t* lo = a.lo + b * S;
@@ -374,14 +381,14 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     if (lo[mid] > jlast) hi_i = mid; else lo_i = mid + 1;
   }
   const int64_t iend = lo_i;
-  // Steps: every query head of the group times the query tiles of [j0, iend).
-  const int64_t tiles = (iend - j0 + kBwdRows - 1) / kBwdRows, steps = group * tiles;
+  // Steps: each of the block's query heads times the query tiles of [j0, iend).
+  const int64_t tiles = (iend - j0 + kBwdRows - 1) / kBwdRows, steps = nheads * tiles;
 
   // Step `st` as (head, first row); fetch its Q, dO and row inputs into registers.
   TileRegs<D, kBwdRows> qr, dor;
   RowRegs rr;
   auto step_rows = [&](int64_t st, int64_t& h, int64_t& i0, int& nq) {
-    h = kvh * group + st / tiles;
+    h = kvh * group + hfirst + st / tiles;
     i0 = j0 + (st % tiles) * kBwdRows;
     nq = static_cast<int>(min64(S - i0, kBwdRows));
   };
@@ -552,17 +559,26 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     }
   }
 
-  // The block owns its keys: dK (scaled) and dV are stored, not accumulated.
+  // dK (scaled) and dV: stored when this block has the whole group, else added.
+  const bool owner = p.head_splits == 1;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= S) continue;
     const int64_t off = ((b * S + key[r]) * KV + kvh) * D + 2 * t;
 #pragma unroll
     for (int n = 0; n < ND; ++n) {
-      a.dk[off + n * 8] = dk[n][2 * r] * a.scale;
-      a.dk[off + n * 8 + 1] = dk[n][2 * r + 1] * a.scale;
-      a.dv[off + n * 8] = dv[n][2 * r];
-      a.dv[off + n * 8 + 1] = dv[n][2 * r + 1];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t o = off + n * 8 + e;
+        const float gk = dk[n][2 * r + e] * a.scale, gv = dv[n][2 * r + e];
+        if (owner) {
+          a.dk[o] = gk;
+          a.dv[o] = gv;
+        } else {
+          atomicAdd(a.dk + o, gk);
+          atomicAdd(a.dv + o, gv);
+        }
+      }
     }
   }
 }
@@ -577,7 +593,7 @@ __global__ void __launch_bounds__(256) dq_cast_kernel(const float* src, T* dst, 
 
 template <typename T, int D>
 std::string launch(const CudaAttnArgs& a, bool fwd) {
-  const Params p{a, a.scale * kLog2e};
+  Params p{a, a.scale * kLog2e, 1, static_cast<int>(a.H / a.KV)};
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   cudaError_t err;
   if (fwd) {
@@ -593,8 +609,16 @@ std::string launch(const CudaAttnArgs& a, bool fwd) {
   } else {
     if (a.dq32 == nullptr)
       return "CUDA attention (tensor cores): the backward needs the zeroed fp32 dq32 buffer";
-    const dim3 grid(static_cast<unsigned>((a.S + kBwdKeys - 1) / kBwdKeys), static_cast<unsigned>(a.KV),
-                    static_cast<unsigned>(a.B));
+    // Few kv heads (GQA) leave too few (key tile, kv head) blocks to fill a GPU: split the
+    // group's query heads over more blocks, which then add their dK/dV into the zeroed buffers.
+    const int64_t group = a.H / a.KV, base = (a.S + kBwdKeys - 1) / kBwdKeys * a.KV * a.B;
+    int64_t want = a.head_splits > 0 ? a.head_splits : (kBwdTargetBlocks + base - 1) / base;
+    want = want < group ? want : group;
+    const int64_t per = (group + want - 1) / want;
+    p.heads_per_split = static_cast<int>(per);
+    p.head_splits = static_cast<int>((group + per - 1) / per);
+    const dim3 grid(static_cast<unsigned>((a.S + kBwdKeys - 1) / kBwdKeys),
+                    static_cast<unsigned>(a.KV * p.head_splits), static_cast<unsigned>(a.B));
     const size_t bytes = BwdSmem<T, D>::kBytes;
     err = cudaFuncSetAttribute(bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes));
