@@ -8,10 +8,14 @@ need no torch headers:
   AVX2+FMA, picked at run time, so a build is safe to run on any x86-64 CI machine.
 - `megatron_sc2.ops._attn_cuda` (when a CUDA toolkit is found): sm_80 and sm_90 code, cudart
   linked statically; it imports without a GPU and raises when called without one.
+- `megatron_sc2.ops._attn_cuda_emu` (always): the same CUDA kernel source compiled by the host
+  C++ compiler as C++ (`-DSC2_CUDA_EMULATION`) against the CPU emulator in `cuda/emu/`, so the
+  tests run the CUDA kernels without a GPU or nvcc. Pointers are CPU memory.
 
 Switches (environment):
   MEGATRON_SC2_CUDA=0|1     0: never build CUDA; 1: build it or fail (default: when found)
   MEGATRON_SC2_CPU=0        do not build the C++ module (forces the PyTorch fallback)
+  MEGATRON_SC2_CUDA_EMU=0   do not build the emulated CUDA module (its tests then skip)
   MEGATRON_SC2_CUDA_ARCHS   e.g. "80;90" (default), compute capabilities to compile for
   CUDA_HOME / CUDA_PATH     toolkit root (else /usr/local/cuda, then the newest /usr/local/cuda-*)
   CXX                       host C++ compiler (default c++)
@@ -42,6 +46,8 @@ CPU_DIR = KERNELS / "cpu"
 CUDA_DIR = KERNELS / "cuda"
 CPU_MODULE = "megatron_sc2.ops._attn_cpu"
 CUDA_MODULE = "megatron_sc2.ops._attn_cuda"
+EMU_DIR = CUDA_DIR / "emu"
+EMU_MODULE = "megatron_sc2.ops._attn_cuda_emu"
 
 
 class KernelBuildError(RuntimeError):
@@ -102,6 +108,9 @@ def kernel_extensions() -> list[Extension]:
     if want_cuda is not False and find_cuda_home() is not None:
         exts.append(Extension(CUDA_MODULE, sources=[str(p.relative_to(KERNELS.parent)) for p in
                                                     sorted(CUDA_DIR.glob("*.c[up]*"))]))
+    if _switch("MEGATRON_SC2_CUDA_EMU") is not False:
+        exts.append(Extension(EMU_MODULE, sources=[str(p.relative_to(KERNELS.parent)) for p in
+                                                   _emu_inputs()]))
     return exts
 
 
@@ -188,6 +197,32 @@ def cuda_plan(output: Path, tmpdir: Path, cuda_home: Path) -> Plan:
     return plan
 
 
+def _emu_inputs() -> list[Path]:
+    return sorted(set(CUDA_DIR.glob("*.c[up]*")) | set(CUDA_DIR.glob("*.h")) |
+                  set(EMU_DIR.glob("*.c[up]*")) | set(EMU_DIR.glob("*.h")))
+
+
+def emu_plan(output: Path, tmpdir: Path) -> Plan:
+    """The CUDA kernels as C++ on the CPU emulator: no CUDA headers, no nvcc. -O2 keeps the
+    compile short; the fibers' context switch is hand-written for x86-64 (ucontext elsewhere)."""
+    cxx = _cxx()
+    common = ["-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas",
+              "-DSC2_CUDA_EMULATION", f"-I{CUDA_DIR}"]
+    plan = Plan(output=output, stamp=_stamp(output, tmpdir), inputs=_emu_inputs())
+    sources = [("attn_cuda_kernel", CUDA_DIR / "attn_cuda_kernel.cu", ["-x", "c++"]),
+               ("emu_selftest", EMU_DIR / "emu_selftest.cu", ["-x", "c++"]),
+               ("cuda_emu_runtime", EMU_DIR / "cuda_emu_runtime.cpp", []),
+               ("attn_cuda_bindings", CUDA_DIR / "attn_cuda_bindings.cpp",
+                ["-DSC2_CUDA_MODULE_NAME=_attn_cuda_emu"] + _python_includes())]
+    objects = []
+    for name, src, extra in sources:
+        obj = tmpdir / f"{name}.emu.o"
+        plan.compiles.append(cxx + common + extra + ["-c", str(src), "-o", str(obj)])
+        objects.append(obj)
+    plan.link = cxx + ["-shared"] + [str(o) for o in objects] + ["-o"]
+    return plan
+
+
 def _run_all(commands: list[list[str]], jobs: int) -> None:
     """Runs commands, up to `jobs` at a time; raises with the output of the first failure."""
     pending = list(commands)
@@ -248,12 +283,16 @@ class BuildKernels(build_ext):
                 if cuda_home is None:
                     raise KernelBuildError("no CUDA toolkit found (include/cuda_runtime.h)")
                 plans.append(cuda_plan(output, tmpdir, cuda_home))
+            elif ext.name == EMU_MODULE:
+                plans.append(emu_plan(output, tmpdir))
             else:
                 raise KernelBuildError(f"unknown extension {ext.name}")
+        emu_plans = [p for p in plans if "_attn_cuda_emu" in p.output.name]
         cpu_plans = [p for p in plans if "_attn_cpu" in p.output.name]
-        cuda_plans = [p for p in plans if p not in cpu_plans]
+        cuda_plans = [p for p in plans if p not in cpu_plans and p not in emu_plans]
+        main_plans = cpu_plans + cuda_plans
         try:
-            build_plans(plans, force=self.force)
+            build_plans(main_plans, force=self.force)
         except KernelBuildError:
             if not (cuda_plans and optional_cuda):
                 raise
@@ -263,3 +302,11 @@ class BuildKernels(build_ext):
                   file=sys.stderr)
             self.extensions = [e for e in self.extensions if e.name != CUDA_MODULE]
             build_plans(cpu_plans, force=self.force)
+        try:
+            build_plans(emu_plans, force=self.force)
+        except KernelBuildError:
+            # A test vehicle, not part of the product: its tests fail loudly without it
+            # (tests/test_attention_cuda_emu.py), the package still builds.
+            print("WARNING: building the emulated CUDA module _attn_cuda_emu failed (set "
+                  "MEGATRON_SC2_CUDA_EMU=0 to skip it)", file=sys.stderr)
+            self.extensions = [e for e in self.extensions if e.name != EMU_MODULE]

@@ -58,10 +58,11 @@ PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
   m.def("forward",
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t lo,
            uintptr_t doc, uintptr_t by_id, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D,
-           double scale, int dtype, uintptr_t stream, int kernel) {
+           double scale, int dtype, uintptr_t stream, int kernel, int rows_per_warp) {
           check_sizes(B, S, H, KV, D, dtype, kernel);
           CudaAttnArgs a;
           a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
+          a.fwd_rows_per_warp = rows_per_warp;
           a.o = as<void>(o); a.lse = as<float>(lse); a.lo = as<const int32_t>(lo);
           a.doc = as<const int64_t>(doc); a.by_id = as<const uint8_t>(by_id);
           a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D;
@@ -72,7 +73,11 @@ PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
             err = sc2_cuda_forward(a);
           }
           raise_if(err);
-        });
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("lo"),
+        py::arg("doc"), py::arg("by_id"), py::arg("B"), py::arg("S"), py::arg("H"), py::arg("KV"),
+        py::arg("D"), py::arg("scale"), py::arg("dtype"), py::arg("stream"), py::arg("kernel"),
+        py::arg("rows_per_warp") = 0);  // kernel 0: query rows per warp, 16 or 32 (0: 16)
   m.def("backward",
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
            uintptr_t lo, uintptr_t doc, uintptr_t by_id, uintptr_t dq, uintptr_t dk, uintptr_t dv,

@@ -19,7 +19,7 @@
 #ifdef SC2_CUDA_EMULATION
 #define SC2_DYNAMIC_SMEM(name) unsigned char* name = ::emu::dynamic_smem()
 // Kernel launch: SC2_LAUNCH(grid, block, smem_bytes, stream, kernel<T, D>)(args...)
-#define SC2_LAUNCH(grid, block, smem, stream, ...) ::emu::launcher(__VA_ARGS__, grid, block, smem)
+#define SC2_LAUNCH(grid, block, smem, stream, ...) ::emu::launcher(__VA_ARGS__, grid, block, smem, stream)
 #else
 #define SC2_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define SC2_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>

@@ -119,22 +119,48 @@ def key_bounds(seq: int, window: int, document_ids: Optional[torch.Tensor], batc
     return lo.to(torch.int32).contiguous(), (~is_sorted).to(torch.uint8).contiguous()
 
 
+def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        doc: Optional[torch.Tensor], window: int, scale: float, kernel: int,
+                        stream: int = 0) -> tuple[torch.Tensor, ...]:
+    """One call of a CUDA-kernel module's forward: `_attn_cuda` on CUDA tensors, or the emulated
+    `_attn_cuda_emu` on CPU tensors (the tests). q/k/v contiguous fp16/bf16, doc int64 or None,
+    window 0 for none. Returns (o, lse, lo, by_id), what the backward needs."""
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    lo, by_id = key_bounds(s, window, doc, b, q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
+    mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(lo), _ptr(doc), _ptr(by_id),
+                b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream, kernel)
+    return o, lse, lo, by_id
+
+
+def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, doc: Optional[torch.Tensor], lo: torch.Tensor,
+                         by_id: Optional[torch.Tensor], grad_out: torch.Tensor, scale: float,
+                         kernel: int, stream: int = 0) -> tuple[torch.Tensor, ...]:
+    """The matching backward: (dq in q's dtype, dk and dv in fp32, accumulated by the kernel)."""
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    delta = (grad_out.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (b, h, s)
+    dq = torch.empty_like(q)
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    mod.backward(_ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
+                 _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d, scale,
+                 _CUDA_DTYPES[q.dtype], stream, kernel)
+    return dq, dk32, dv32
+
+
 class _CudaAttention(torch.autograd.Function):
     """CUDA kernel on the current stream; dK/dV are accumulated in fp32, then cast."""
 
     @staticmethod
     def forward(ctx, q, k, v, doc, window: int, scale: float):
-        mod = kernels.cuda_module()
-        b, s, h, d = q.shape
-        kvh = k.shape[2]
-        lo, by_id = key_bounds(s, window, doc, b, q.device)
-        o = torch.empty_like(q)
-        lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
         stream = torch.cuda.current_stream(q.device).cuda_stream
         with torch.cuda.device(q.device):
-            mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(lo), _ptr(doc),
-                        _ptr(by_id), b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream,
-                        kernels.cuda_kernel_code())
+            o, lse, lo, by_id = cuda_kernel_forward(kernels.cuda_module(), q, k, v, doc, window,
+                                                    scale, kernels.cuda_kernel_code(), stream)
         ctx.save_for_backward(q, k, v, o, lse, doc, lo, by_id)
         ctx.scale = scale
         return o
@@ -144,21 +170,11 @@ class _CudaAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, o, lse, doc, lo, by_id = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype).contiguous()
-        b, s, h, d = q.shape
-        kvh = k.shape[2]
-        delta = (grad_out.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (b, h, s)
-        dq = torch.empty_like(q)
-        dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        code = kernels.cuda_kernel_code()
-        # Tensor cores (code 0) add dQ atomically into a zeroed fp32 scratch, then cast it into dq.
-        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if code == 0 else None
         stream = torch.cuda.current_stream(q.device).cuda_stream
         with torch.cuda.device(q.device):
-            kernels.cuda_module().backward(
-                _ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
-                _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d,
-                ctx.scale, _CUDA_DTYPES[q.dtype], stream, code, _ptr(dq32))
+            dq, dk32, dv32 = cuda_kernel_backward(
+                kernels.cuda_module(), q, k, v, o, lse, doc, lo, by_id, grad_out, ctx.scale,
+                kernels.cuda_kernel_code(), stream)
         return dq, dk32.to(k.dtype), dv32.to(v.dtype), None, None, None
 
 

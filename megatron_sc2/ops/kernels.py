@@ -39,6 +39,13 @@ def cuda_module() -> Optional[ModuleType]:
     return _load("_attn_cuda")
 
 
+def emu_module() -> Optional[ModuleType]:
+    """`_attn_cuda_emu`: the CUDA kernels compiled as C++ and run by the CPU emulator
+    (kernels/cuda/emu/), for tests; same functions as `_attn_cuda` on CPU pointers, plus the
+    emulator's self-tests. None when it was not built."""
+    return _load("_attn_cuda_emu")
+
+
 CUDA_KERNELS = {"mma": 0, "simt": 1}
 DEFAULT_CUDA_KERNEL = "simt"
 
