@@ -37,11 +37,11 @@ def _p(t: Optional[torch.Tensor]) -> int:
 
 
 def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout: torch.Tensor,
-        fwd_code: int = MMA, bwd_code: int = MMA, head_splits: int = 0):
+        fwd_code: int = MMA, bwd_code: int = MMA, head_splits: int = 0, rows_per_warp: int = 0):
     """Forward with kernel `fwd_code`, backward with `bwd_code`, called as _CudaAttention calls
     the GPU module (CPU pointers here). Returns o, lse, dq, dk, dv. `head_splits`: backward
     blocks per (key tile, kv head) (0: the kernel's choice, which for these small shapes is one
-    block per query head)."""
+    block per query head); `rows_per_warp`: the forward's 16 or 32 query rows per warp (0: 16)."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     win = 0 if window is None or window >= s else window
@@ -52,7 +52,7 @@ def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout:
     o = torch.empty_like(q)
     lse = torch.full((b, h, s), float("nan"), dtype=torch.float32)
     mod.forward(_p(q), _p(k), _p(v), _p(o), _p(lse), _p(lo), _p(doc), _p(by_id), b, s, h, kvh, d,
-                scale, dt, 0, fwd_code)
+                scale, dt, 0, fwd_code, rows_per_warp)
     delta = (dout.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
     dq = torch.full_like(q, float("nan"))
     dk32 = torch.zeros(k.shape, dtype=torch.float32)
@@ -104,12 +104,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("rows_per_warp", [16, 32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_mma_matches_float64(emu, case, dtype):
+def test_mma_matches_float64(emu, case, dtype, rows_per_warp):
     window = case[5]
     q, k, v, go, docs = inputs(case, dtype, CASES.index(case))
-    o, lse, dq, dk, dv = run(emu, q, k, v, window, docs, go)
+    o, lse, dq, dk, dv = run(emu, q, k, v, window, docs, go, rows_per_warp=rows_per_warp)
     ref, (rdq, rdk, rdv) = reference(q, k, v, go, window, docs)
     errs = {"out": rel_err(o, ref), "dq": rel_err(dq, rdq), "dk": rel_err(dk, rdk),
             "dv": rel_err(dv, rdv)}
@@ -143,6 +144,16 @@ def test_mma_and_simt_share_lse(emu, fwd_code, bwd_code):
     ref, (rdq, rdk, rdv) = reference(q, k, v, go, window, docs)
     errs = {"out": rel_err(o, ref), "dq": rel_err(dq, rdq), "dk": rel_err(dk, rdk), "dv": rel_err(dv, rdv)}
     assert max(errs.values()) <= 1e-2, errs
+
+
+def test_mma_forward_rejects_other_rows_per_warp(emu):
+    q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
+    lo, _ = key_bounds(8, 0, None, 1, q.device)
+    lse = torch.zeros(1, 1, 8)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="rows per warp"):
+        emu.forward(_p(q), _p(q), _p(q), _p(out), _p(lse), _p(lo), 0, 0, 1, 8, 1, 1, 64, 0.125, 1,
+                    0, MMA, 8)
 
 
 def test_mma_backward_without_dq_scratch_fails_clearly(emu):

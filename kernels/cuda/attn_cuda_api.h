@@ -20,6 +20,7 @@ struct CudaAttnArgs {
   float* dv = nullptr;
   float* dq32 = nullptr;        // backward, tensor cores: (B, S, H, D) fp32 zeroed scratch for dQ
   int head_splits = 0;          // backward, tensor cores: blocks per (key tile, kv head); 0: auto
+  int fwd_rows_per_warp = 0;    // forward, tensor cores: query rows per warp, 16 or 32; 0: 16
   int64_t B = 0, S = 0, H = 0, KV = 0, D = 0;
   float scale = 1.0f;
   int dtype = 0;  // 0: float16, 1: bfloat16

@@ -34,8 +34,6 @@ namespace sc2_mma {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kFwdRows = 64;  // query rows per forward block (16 per warp)
-constexpr int kFwdKeys = 64;  // keys per forward tile
 constexpr int kBwdKeys = 64;  // keys per backward block (16 per warp)
 constexpr int kBwdRows = 32;  // query rows per backward step
 constexpr float kLog2e = 1.4426950408889634f;
@@ -50,6 +48,7 @@ struct Params {
 };
 
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+__device__ __forceinline__ int min32(int x, int y) { return x < y ? x : y; }
 
 // A ROWS x D tile moved global -> registers -> shared memory, 16 bytes per thread and step, so
 // the global loads can be issued a whole compute phase before the data is stored (no cp.async).
@@ -121,155 +120,201 @@ __device__ __forceinline__ void c_to_a(uint32_t a[4], const float c0[4], const f
   a[3] = sc2::pack2<T>(c1[2], c1[3]);
 }
 
-template <typename T, int D>
-struct FwdSmem {
+// Forward shapes: MT m-tiles (16 rows each) per warp. MT = 1: Q fragments stay in registers,
+// 64-key tiles. MT = 2: every K/V fragment read from shared memory feeds twice the mma
+// instructions (half the shared-memory traffic per mma), Q is re-read from its own buffer, and
+// D = 128 takes 32-key tiles to stay within 255 registers.
+template <typename T, int D, int MT>
+struct FwdShape {
+  static constexpr int kRows = 16 * MT * kWarps;           // query rows per block
+  static constexpr int kKeys = (MT == 2 && D == 128) ? 32 : 64;  // keys per tile
+  static constexpr bool kQInRegs = MT == 1;
   static constexpr int LD = D + 8;
-  static constexpr size_t kBytes = sizeof(T) * 2 * kFwdKeys * LD + sizeof(int64_t) * kFwdKeys;
+  static_assert(kQInRegs ? kRows <= kKeys : true, "Q and O tiles are staged in the K/V buffers");
+  static constexpr int kQRows = kQInRegs ? 0 : kRows;      // rows of the separate Q/O buffer
+  static constexpr size_t kBytes = sizeof(T) * (2 * kKeys + kQRows) * LD + sizeof(int64_t) * kKeys;
 };
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
-  constexpr int LD = FwdSmem<T, D>::LD;
-  constexpr int KT = D / 16;         // k-steps over the head dim
-  constexpr int NS = kFwdKeys / 8;   // score n-tiles per key tile
-  constexpr int NO = D / 8;          // output n-tiles
+  using F = FwdShape<T, D, MT>;
+  constexpr int LD = F::LD, BK = F::kKeys, BQ = F::kRows;
+  constexpr int KT = D / 16;   // k-steps over the head dim
+  constexpr int NS = BK / 8;   // score n-tiles per key tile
+  constexpr int NO = D / 8;    // output n-tiles
   SC2_DYNAMIC_SMEM(smem);
-  T* Ks = reinterpret_cast<T*>(smem);  // also the O tile at the end
-  T* Vs = Ks + kFwdKeys * LD;           // also the Q tile at the start
-  int64_t* kdoc = reinterpret_cast<int64_t*>(Vs + kFwdKeys * LD);
+  T* Ks = reinterpret_cast<T*>(smem);
+  T* Vs = Ks + BK * LD;
+  int64_t* kdoc = reinterpret_cast<int64_t*>(Vs + BK * LD);
+  // Q and, at the end, O: their own buffer, or (MT = 1) staged in V (Q) and K (O).
+  T* Qs = F::kQInRegs ? Vs : reinterpret_cast<T*>(kdoc + BK);
+  T* Os = F::kQInRegs ? Ks : Qs;
 
   const CudaAttnArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t S = a.S, H = a.H, KV = a.KV;
-  const int64_t b = blockIdx.z, h = blockIdx.y, i0 = static_cast<int64_t>(blockIdx.x) * kFwdRows;
+  const int64_t b = blockIdx.z, h = blockIdx.y, i0 = static_cast<int64_t>(blockIdx.x) * BQ;
   const int64_t kvh = h / (H / KV);
-  const int nq = static_cast<int>(min64(S - i0, kFwdRows));
+  const int nq = static_cast<int>(min64(S - i0, BQ));
   const bool by_id = a.by_id != nullptr && a.by_id[b] != 0;
   const int32_t* lo = a.lo + b * S;
   const int64_t* doc = a.doc == nullptr ? nullptr : a.doc + b * S;
 
-  // Q goes through the V buffer (V is first stored after the first score phase).
-  load_tile<T, D, kFwdRows, LD>(Vs, static_cast<const T*>(a.q) + ((b * S + i0) * H + h) * D, H * D, nq, tid);
+  load_tile<T, D, BQ, LD>(Qs, static_cast<const T*>(a.q) + ((b * S + i0) * H + h) * D, H * D, nq, tid);
   __syncthreads();
-  const int r0 = warp * 16;
-  uint32_t qf[KT][4];
+  const int r0 = warp * 16 * MT;
+  uint32_t qf[F::kQInRegs ? KT : 1][4];
+  if constexpr (F::kQInRegs) {
 #pragma unroll
-  for (int kk = 0; kk < KT; ++kk) sc2::ldmatrix_x4(qf[kk], a_addr(Vs + r0 * LD + kk * 16, LD, lane));
+    for (int kk = 0; kk < KT; ++kk) sc2::ldmatrix_x4(qf[kk], a_addr(Qs + r0 * LD + kk * 16, LD, lane));
+  }
 
-  // This thread's two rows (g and g + 8 of the warp's 16), clamped for look-ups past the end.
-  const int64_t wfirst = i0 + r0, wlast = min64(wfirst + 15, S - 1);
-  const int64_t row[2] = {wfirst + g, wfirst + g + 8};
-  const int32_t rlo[2] = {lo[min64(row[0], S - 1)], lo[min64(row[1], S - 1)]};
-  int64_t rdoc[2] = {0, 0};
-  if (by_id) {
-    rdoc[0] = doc[min64(row[0], S - 1)];
-    rdoc[1] = doc[min64(row[1], S - 1)];
+  // This thread's rows: g and g + 8 of each of the warp's m-tiles (clamped for look-ups). Row
+  // and key indices are 32-bit: S <= INT32_MAX (the bindings check it).
+  const int wfirst = static_cast<int>(i0) + r0, wlast = static_cast<int>(min64(wfirst + 16 * MT - 1, S - 1));
+  int row[MT][2];
+  int32_t rlo[MT][2];
+  int64_t rdoc[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row[mt][r] = wfirst + 16 * mt + g + 8 * r;
+      rlo[mt][r] = lo[min64(row[mt][r], S - 1)];
+      rdoc[mt][r] = by_id ? doc[min64(row[mt][r], S - 1)] : 0;
+    }
   }
   const bool warp_live = wfirst < S;
-  const int64_t wlo_first = warp_live ? lo[wfirst] : 0, wlo_last = lo[wlast];
+  const int wlo_first = warp_live ? lo[wfirst] : 0, wlo_last = lo[wlast];
 
-  float o[NO][4];
+  float o[MT][NO][4];
 #pragma unroll
-  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this thread's partial sums
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+  float m[MT][2], l[MT][2];  // l: this thread's partial sums
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.0f;
 
   // Software pipeline, two barriers per tile: V(j) is fetched during the score phase of tile j
   // and K(j+1) during its P V phase; each is stored when the phase that last read its buffer is
   // over on every warp.
   const T* kbase = static_cast<const T*>(a.k) + (b * S * KV + kvh) * D;
   const T* vbase = static_cast<const T*>(a.v) + (b * S * KV + kvh) * D;
-  const int64_t kbeg = (static_cast<int64_t>(lo[i0]) / kFwdKeys) * kFwdKeys, kend = i0 + nq;
-  TileRegs<D, kFwdKeys> kv;
-  kv.fetch(kbase + kbeg * KV * D, KV * D, static_cast<int>(min64(S - kbeg, kFwdKeys)), tid);
-  __syncthreads();  // every warp holds its Q fragments: the V buffer is free
+  const int kbeg = (lo[i0] / BK) * BK, kend = static_cast<int>(i0) + nq;
+  TileRegs<D, BK> kv;
+  kv.fetch(kbase + static_cast<int64_t>(kbeg) * KV * D, KV * D, static_cast<int>(min64(S - kbeg, BK)), tid);
+  if constexpr (F::kQInRegs) __syncthreads();  // every warp holds its Q fragments: V is free
   kv.template store<T, LD>(Ks, tid);
   __syncthreads();
-  for (int64_t j0 = kbeg; j0 < kend; j0 += kFwdKeys) {
-    const int nk = static_cast<int>(min64(S - j0, kFwdKeys));
-    kv.fetch(vbase + j0 * KV * D, KV * D, nk, tid);
+  for (int j0 = kbeg; j0 < kend; j0 += BK) {
+    const int nk = static_cast<int>(min64(S - j0, BK));
+    kv.fetch(vbase + static_cast<int64_t>(j0) * KV * D, KV * D, nk, tid);
     // Warp-uniform: skip tiles none of this warp's rows can see; test elements only at edges.
-    const bool live = warp_live && j0 <= wlast && j0 + kFwdKeys - 1 >= wlo_first;
-    const bool full = !by_id && j0 + kFwdKeys - 1 <= wfirst && j0 >= wlo_last;
+    const bool live = warp_live && j0 <= wlast && j0 + BK - 1 >= wlo_first;
+    const bool full = !by_id && j0 + BK - 1 <= wfirst && j0 >= wlo_last;
 
-    float s[NS][4];
+    float s[MT][NS][4];
 #pragma unroll
-    for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
     if (live) {
 #pragma unroll
       for (int kk = 0; kk < KT; ++kk) {
+        uint32_t qa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (F::kQInRegs) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) qa[mt][i] = qf[kk][i];
+          } else {
+            sc2::ldmatrix_x4(qa[mt], a_addr(Qs + (r0 + 16 * mt) * LD + kk * 16, LD, lane));
+          }
+        }
 #pragma unroll
         for (int np = 0; np < NS / 2; ++np) {
           uint32_t kb[4];
           sc2::ldmatrix_x4(kb, bt_addr(Ks + np * 16 * LD + kk * 16, LD, lane));
-          sc2::mma_16816<T>(s[2 * np], qf[kk], kb);
-          sc2::mma_16816<T>(s[2 * np + 1], qf[kk], kb + 2);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            sc2::mma_16816<T>(s[mt][2 * np], qa[mt], kb);
+            sc2::mma_16816<T>(s[mt][2 * np + 1], qa[mt], kb + 2);
+          }
         }
       }
     }
     kv.template store<T, LD>(Vs, tid);  // the previous tile's P V is over (barrier below)
     if (by_id)
-      for (int e = tid; e < kFwdKeys; e += kThreads) kdoc[e] = e < nk ? doc[j0 + e] : 0;
+      for (int e = tid; e < BK; e += kThreads) kdoc[e] = e < nk ? doc[j0 + e] : 0;
     __syncthreads();  // V(j) and its ids stored; every warp is done reading K(j)
-    const int64_t jn = j0 + kFwdKeys;
-    if (jn < kend) kv.fetch(kbase + jn * KV * D, KV * D, static_cast<int>(min64(S - jn, kFwdKeys)), tid);
+    const int jn = j0 + BK;
+    if (jn < kend) kv.fetch(kbase + static_cast<int64_t>(jn) * KV * D, KV * D, static_cast<int>(min64(S - jn, BK)), tid);
     if (live) {
-      float mx[2] = {-INFINITY, -INFINITY};
-      // Visible: lo <= j <= row, as 32-bit offsets from the tile start (clamped to the tile).
-      int vis_lo[2], vis_hi[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        vis_lo[r] = static_cast<int>(min64(static_cast<int64_t>(rlo[r]) - j0 + kFwdKeys, 2 * kFwdKeys)) - kFwdKeys;
-        vis_hi[r] = static_cast<int>(min64(row[r] - j0, kFwdKeys));
-      }
+      for (int mt = 0; mt < MT; ++mt) {
+        float mx[2] = {-INFINITY, -INFINITY};
+        // Visible: lo <= j <= row, as 32-bit offsets from the tile start (clamped to the tile).
+        int vis_lo[2], vis_hi[2];
 #pragma unroll
-      for (int n = 0; n < NS; ++n) {
+        for (int r = 0; r < 2; ++r) {
+          vis_lo[r] = min32(rlo[mt][r] - j0, BK);
+          vis_hi[r] = min32(row[mt][r] - j0, BK);
+        }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = s[n][e] * p.scale2;
-          if (!full) {
-            const int r = e >> 1;
-            const int jj = n * 8 + 2 * t + (e & 1);
-            const bool ok = jj <= vis_hi[r] && jj >= vis_lo[r] && (!by_id || kdoc[jj] == rdoc[r]);
-            if (!ok) x = -INFINITY;
+        for (int n = 0; n < NS; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x = s[mt][n][e] * p.scale2;
+            if (!full) {
+              const int r = e >> 1;
+              const int jj = n * 8 + 2 * t + (e & 1);
+              const bool ok = jj <= vis_hi[r] && jj >= vis_lo[r] && (!by_id || kdoc[jj] == rdoc[mt][r]);
+              if (!ok) x = -INFINITY;
+            }
+            s[mt][n][e] = x;
+            mx[e >> 1] = fmaxf(mx[e >> 1], x);
           }
-          s[n][e] = x;
-          mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+        float alpha[2], mref[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float mnew = fmaxf(m[mt][r], sc2::quad_max(mx[r]));
+          mref[r] = mnew == -INFINITY ? 0.0f : mnew;  // a row with nothing visible yet stays at 0
+          alpha[r] = exp2f(m[mt][r] - mref[r]);
+          m[mt][r] = mnew;
+          l[mt][r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[mt][n][e] = exp2f(s[mt][n][e] - mref[e >> 1]);
+            l[mt][e >> 1] += s[mt][n][e];
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o[mt][n][0] *= alpha[0];
+          o[mt][n][1] *= alpha[0];
+          o[mt][n][2] *= alpha[1];
+          o[mt][n][3] *= alpha[1];
         }
       }
-      float alpha[2], mref[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float mnew = fmaxf(m[r], sc2::quad_max(mx[r]));
-        mref[r] = mnew == -INFINITY ? 0.0f : mnew;  // a row with nothing visible yet stays at 0
-        alpha[r] = exp2f(m[r] - mref[r]);
-        m[r] = mnew;
-        l[r] *= alpha[r];
-      }
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t pa[MT][4];
 #pragma unroll
-      for (int n = 0; n < NS; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[n][e] = exp2f(s[n][e] - mref[e >> 1]);
-          l[e >> 1] += s[n][e];
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        o[n][0] *= alpha[0];
-        o[n][1] *= alpha[0];
-        o[n][2] *= alpha[1];
-        o[n][3] *= alpha[1];
-      }
-#pragma unroll
-      for (int kk = 0; kk < kFwdKeys / 16; ++kk) {
-        uint32_t pa[4];
-        c_to_a<T>(pa, s[2 * kk], s[2 * kk + 1]);
+        for (int mt = 0; mt < MT; ++mt) c_to_a<T>(pa[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
 #pragma unroll
         for (int np = 0; np < NO / 2; ++np) {
           uint32_t vb[4];
           sc2::ldmatrix_x4_trans(vb, b_addr(Vs + kk * 16 * LD + np * 16, LD, lane));
-          sc2::mma_16816<T>(o[2 * np], pa, vb);
-          sc2::mma_16816<T>(o[2 * np + 1], pa, vb + 2);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            sc2::mma_16816<T>(o[mt][2 * np], pa[mt], vb);
+            sc2::mma_16816<T>(o[mt][2 * np + 1], pa[mt], vb + 2);
+          }
         }
       }
     }
@@ -277,34 +322,37 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
     __syncthreads();  // K(j+1) stored; every warp is done reading V(j)
   }
 
-  // Normalise; the O tile goes through shared memory so the global stores are 16-byte rows.
-  float inv[2];
+  // Normalise; the O tile goes through shared memory so the global stores are 16-byte rows
+  // (every warp is past its last reads of K and Q: the loop ends with a barrier).
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] = sc2::quad_sum(l[r]);
-    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-  }
-  __syncthreads();
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
 #pragma unroll
-  for (int n = 0; n < NO; ++n) {
-    T* dst = Ks + (r0 + g) * LD + n * 8 + 2 * t;
-    *reinterpret_cast<uint32_t*>(dst) = sc2::pack2<T>(o[n][0] * inv[0], o[n][1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(dst + 8 * LD) = sc2::pack2<T>(o[n][2] * inv[1], o[n][3] * inv[1]);
-  }
-  if (t == 0) {
+    for (int r = 0; r < 2; ++r) {
+      l[mt][r] = sc2::quad_sum(l[mt][r]);
+      inv[r] = l[mt][r] > 0.0f ? 1.0f / l[mt][r] : 0.0f;
+    }
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      if (row[r] < S) a.lse[(b * H + h) * S + row[r]] = m[r] + log2f(l[r]);
+    for (int n = 0; n < NO; ++n) {
+      T* dst = Os + (r0 + 16 * mt + g) * LD + n * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(dst) = sc2::pack2<T>(o[mt][n][0] * inv[0], o[mt][n][1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(dst + 8 * LD) = sc2::pack2<T>(o[mt][n][2] * inv[1], o[mt][n][3] * inv[1]);
+    }
+    if (t == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (row[mt][r] < S) a.lse[(b * H + h) * S + row[mt][r]] = m[mt][r] + log2f(l[mt][r]);
+    }
   }
   __syncthreads();
   constexpr int kChunks = D / 8;
   T* out = static_cast<T*>(a.o) + ((b * S + i0) * H + h) * D;
 #pragma unroll
-  for (int it = 0; it < kFwdRows * kChunks / kThreads; ++it) {
+  for (int it = 0; it < BQ * kChunks / kThreads; ++it) {
     const int e = tid + it * kThreads;
     const int r = e / kChunks, c = e % kChunks;
     if (r < nq)
-      *reinterpret_cast<uint4*>(out + r * H * D + c * 8) = *reinterpret_cast<const uint4*>(Ks + r * LD + c * 8);
+      *reinterpret_cast<uint4*>(out + r * H * D + c * 8) = *reinterpret_cast<const uint4*>(Os + r * LD + c * 8);
   }
 }
 
@@ -591,21 +639,31 @@ __global__ void __launch_bounds__(256) dq_cast_kernel(const float* src, T* dst, 
     reinterpret_cast<uint32_t*>(dst)[e] = sc2::pack2<T>(src[2 * e] * scale, src[2 * e + 1] * scale);
 }
 
+template <typename T, int D, int MT>
+std::string launch_fwd(const Params& p) {
+  using F = FwdShape<T, D, MT>;
+  const CudaAttnArgs& a = p.a;
+  const dim3 grid(static_cast<unsigned>((a.S + F::kRows - 1) / F::kRows), static_cast<unsigned>(a.H),
+                  static_cast<unsigned>(a.B));
+  cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, D, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(F::kBytes));
+  if (err == cudaSuccess) {
+    SC2_LAUNCH(grid, kThreads, F::kBytes, reinterpret_cast<cudaStream_t>(a.stream), fwd_kernel<T, D, MT>)(p);
+    err = cudaGetLastError();
+  }
+  return err == cudaSuccess ? "" : std::string("CUDA attention forward (tensor cores): ") + cudaGetErrorString(err);
+}
+
 template <typename T, int D>
 std::string launch(const CudaAttnArgs& a, bool fwd) {
   Params p{a, a.scale * kLog2e, 1, static_cast<int>(a.H / a.KV)};
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   cudaError_t err;
   if (fwd) {
-    const dim3 grid(static_cast<unsigned>((a.S + kFwdRows - 1) / kFwdRows), static_cast<unsigned>(a.H),
-                    static_cast<unsigned>(a.B));
-    const size_t bytes = FwdSmem<T, D>::kBytes;
-    err = cudaFuncSetAttribute(fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(bytes));
-    if (err == cudaSuccess) {
-      SC2_LAUNCH(grid, kThreads, bytes, stream, fwd_kernel<T, D>)(p);
-      err = cudaGetLastError();
-    }
+    if (a.fwd_rows_per_warp == 32) return launch_fwd<T, D, 2>(p);
+    if (a.fwd_rows_per_warp == 16 || a.fwd_rows_per_warp == 0) return launch_fwd<T, D, 1>(p);
+    return "CUDA attention (tensor cores): forward rows per warp must be 16 or 32, got " +
+           std::to_string(a.fwd_rows_per_warp);
   } else {
     if (a.dq32 == nullptr)
       return "CUDA attention (tensor cores): the backward needs the zeroed fp32 dq32 buffer";
