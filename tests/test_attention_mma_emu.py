@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from megatron_sc2.ops import kernels
-from megatron_sc2.ops.attention import key_bounds
+from megatron_sc2.ops.attention import cuda_kernel_backward, cuda_kernel_forward, key_bounds
 from tests.test_attention import make_docs, oracle, oracle_mask, rel_err
 
 MMA, SIMT = 0, 1
-_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -37,30 +36,19 @@ def _p(t: Optional[torch.Tensor]) -> int:
 
 
 def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout: torch.Tensor,
-        fwd_code: int = MMA, bwd_code: int = MMA, head_splits: int = 0, rows_per_warp: int = 0):
-    """Forward with kernel `fwd_code`, backward with `bwd_code`, called as _CudaAttention calls
-    the GPU module (CPU pointers here). Returns o, lse, dq, dk, dv. `head_splits`: backward
-    blocks per (key tile, kv head) (0: the kernel's choice, which for these small shapes is one
-    block per query head); `rows_per_warp`: the forward's 16 or 32 query rows per warp (0: 16)."""
-    b, s, h, d = q.shape
-    kvh = k.shape[2]
+        fwd_code: int = MMA, bwd_code: int = MMA, head_splits: int = 0, rows_per_warp: int = 16):
+    """Forward with kernel `fwd_code`, backward with `bwd_code`, through the calls
+    `_CudaAttention` makes (CPU pointers here). Returns o, lse, dq, dk, dv. `head_splits`:
+    backward blocks per (key tile, kv head) (0: the kernel's choice, which for these small shapes
+    is one block per query head); `rows_per_warp`: the forward's 16 or 32 query rows per warp."""
+    s, d = q.shape[1], q.shape[3]
     win = 0 if window is None or window >= s else window
     doc = None if docs is None else docs.to(torch.int64).contiguous()
-    lo, by_id = key_bounds(s, win, doc, b, q.device)
     scale = 1.0 / math.sqrt(d)
-    dt = _DTYPES[q.dtype]
-    o = torch.empty_like(q)
-    lse = torch.full((b, h, s), float("nan"), dtype=torch.float32)
-    mod.forward(_p(q), _p(k), _p(v), _p(o), _p(lse), _p(lo), _p(doc), _p(by_id), b, s, h, kvh, d,
-                scale, dt, 0, fwd_code, rows_per_warp)
-    delta = (dout.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
-    dq = torch.full_like(q, float("nan"))
-    dk32 = torch.zeros(k.shape, dtype=torch.float32)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32)
-    dq32 = torch.zeros(q.shape, dtype=torch.float32) if bwd_code == MMA else None
-    mod.backward(_p(q), _p(k), _p(v), _p(dout), _p(lse), _p(delta), _p(lo), _p(doc), _p(by_id),
-                 _p(dq), _p(dk32), _p(dv32), b, s, h, kvh, d, scale, dt, 0, bwd_code, _p(dq32),
-                 head_splits)
+    o, lse, lo, by_id = cuda_kernel_forward(mod, q, k, v, doc, win, scale, fwd_code,
+                                            rows_per_warp=rows_per_warp)
+    dq, dk32, dv32 = cuda_kernel_backward(mod, q, k, v, o, lse, doc, lo, by_id, dout, scale,
+                                          bwd_code, head_splits=head_splits)
     return o, lse, dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 

@@ -119,36 +119,53 @@ def key_bounds(seq: int, window: int, document_ids: Optional[torch.Tensor], batc
     return lo.to(torch.int32).contiguous(), (~is_sorted).to(torch.uint8).contiguous()
 
 
+def mma_rows_per_warp() -> int:
+    """MEGATRON_SC2_MMA_ROWS_PER_WARP=16|32: query rows per warp of the tensor-core forward (a
+    tuning knob: 32 halves its shared-memory reads per mma at the cost of registers)."""
+    raw = os.environ.get("MEGATRON_SC2_MMA_ROWS_PER_WARP", "").strip() or "16"
+    if raw not in ("16", "32"):
+        raise AttentionInputError(f"MEGATRON_SC2_MMA_ROWS_PER_WARP={raw!r}: expected 16 or 32")
+    return int(raw)
+
+
 def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         doc: Optional[torch.Tensor], window: int, scale: float, kernel: int,
-                        stream: int = 0) -> tuple[torch.Tensor, ...]:
+                        stream: int = 0, rows_per_warp: Optional[int] = None
+                        ) -> tuple[torch.Tensor, ...]:
     """One call of a CUDA-kernel module's forward: `_attn_cuda` on CUDA tensors, or the emulated
     `_attn_cuda_emu` on CPU tensors (the tests). q/k/v contiguous fp16/bf16, doc int64 or None,
-    window 0 for none. Returns (o, lse, lo, by_id), what the backward needs."""
+    window 0 for none. `rows_per_warp`: the tensor-core forward's query rows per warp, 16 or 32
+    (None: MEGATRON_SC2_MMA_ROWS_PER_WARP, default 16). Returns (o, lse, lo, by_id), what the
+    backward needs."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     lo, by_id = key_bounds(s, window, doc, b, q.device)
     o = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
+    rows = 0 if kernel != 0 else mma_rows_per_warp() if rows_per_warp is None else rows_per_warp
     mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(lo), _ptr(doc), _ptr(by_id),
-                b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream, kernel)
+                b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream, kernel, rows)
     return o, lse, lo, by_id
 
 
 def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: torch.Tensor, doc: Optional[torch.Tensor], lo: torch.Tensor,
                          by_id: Optional[torch.Tensor], grad_out: torch.Tensor, scale: float,
-                         kernel: int, stream: int = 0) -> tuple[torch.Tensor, ...]:
-    """The matching backward: (dq in q's dtype, dk and dv in fp32, accumulated by the kernel)."""
+                         kernel: int, stream: int = 0, head_splits: int = 0
+                         ) -> tuple[torch.Tensor, ...]:
+    """The matching backward: (dq in q's dtype, dk and dv in fp32, accumulated by the kernel).
+    Tensor cores (kernel 0) add dQ atomically into a zeroed fp32 scratch, then cast it into dq;
+    `head_splits`: their blocks per (key tile, kv head), 0 for the kernel's choice."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     delta = (grad_out.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (b, h, s)
     dq = torch.empty_like(q)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if kernel == 0 else None
     mod.backward(_ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
                  _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d, scale,
-                 _CUDA_DTYPES[q.dtype], stream, kernel)
+                 _CUDA_DTYPES[q.dtype], stream, kernel, _ptr(dq32), head_splits)
     return dq, dk32, dv32
 
 
