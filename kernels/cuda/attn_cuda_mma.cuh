@@ -363,7 +363,8 @@ struct BwdSmem {
   // K, V; then two buffers each of Q, dO and dS^T (steps alternate between them).
   static constexpr size_t kT = static_cast<size_t>(2 * kBwdKeys * LD + 2 * (2 * kBwdRows * LD + kBwdKeys * LDS));
   static constexpr size_t kRowBytes = kBwdRows * (sizeof(int64_t) + 2 * sizeof(float) + sizeof(int32_t));
-  static constexpr size_t kBytes = sizeof(T) * kT + 2 * kRowBytes;
+  static constexpr int LDQ = D + 4;  // fp32 dQ staging rows (2 blocks of D = 128 fit an H100 SM)
+  static constexpr size_t kBytes = sizeof(T) * kT + 2 * kRowBytes + 2 * sizeof(float) * kBwdRows * LDQ;
   static_assert((sizeof(T) * kT) % 16 == 0, "the per-row arrays stay 16-byte aligned");
 };
 
@@ -388,7 +389,7 @@ struct RowRegs {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
   using L = BwdSmem<T, D>;
-  constexpr int LD = L::LD, LDS = L::LDS;
+  constexpr int LD = L::LD, LDS = L::LDS, LDQ = L::LDQ;
   constexpr int KT = D / 16;
   constexpr int NQ = kBwdRows / 8;  // query n-tiles of S^T
   constexpr int ND = D / 8;         // head-dim n-tiles of dK, dV
@@ -402,6 +403,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
   T* dO0 = Q0 + 2 * kBwdRows * LD;         // 2 x kBwdRows * LD
   T* dS0 = dO0 + 2 * kBwdRows * LD;        // 2 x kBwdKeys * LDS (dS^T)
   unsigned char* rows0 = reinterpret_cast<unsigned char*>(dS0 + 2 * kBwdKeys * LDS);  // 2 x kRowBytes
+  float* dQ0 = reinterpret_cast<float*>(rows0 + 2 * L::kRowBytes);  // 2 x kBwdRows * LDQ, fp32
 
   const CudaAttnArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -465,6 +467,24 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
       rw.delta[tid] = rr.delta;
       rw.lo[tid] = rr.lo;
       rw.doc[tid] = rr.doc;
+    }
+  };
+
+  // Adds step st's staged dQ tile into dq32, each warp a run of 32 consecutive floats of a row.
+  auto flush_dq = [&](int64_t st) {
+    int64_t h, i0;
+    int nq;
+    step_rows(st, h, i0, nq);
+    static_assert(kThreads % D == 0, "whole rows per pass");
+    constexpr int kRowStep = kThreads / D;
+    const int r0 = tid / D, c = tid % D;
+    const float* src = dQ0 + (st & 1) * kBwdRows * LDQ + r0 * LDQ + c;
+    float* dst = a.dq32 + ((b * S + i0 + r0) * H + h) * D + c;
+#pragma unroll 4
+    for (int r = r0; r < nq; r += kRowStep) {
+      atomicAdd(dst, *src);
+      src += kRowStep * LDQ;
+      dst += kRowStep * H * D;
     }
   };
 
@@ -577,7 +597,10 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     }
     if (st + 1 < steps) store(buf ^ 1);
     __syncthreads();  // dS^T complete; step st + 1 stored
-    // dQ (this warp: 16 query rows x D/2 columns) += dS K over the block's 64 keys.
+    if (st > 0) flush_dq(st - 1);  // its staging buffer is complete (barrier above)
+    // dQ (this warp: 16 query rows x D/2 columns) = dS K over the block's 64 keys, staged in
+    // shared memory so that the atomics into dq32 cover whole 32-byte sectors (one per 8 lanes)
+    // instead of scattered pairs of floats; added at the next step, after its barrier.
     float dq[NQD][4];
 #pragma unroll
     for (int n = 0; n < NQD; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
@@ -593,19 +616,19 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
         sc2::mma_16816<T>(dq[2 * np + 1], sa, kb + 2);
       }
     }
-    const int64_t qoff = ((b * S + i0) * H + h) * D;
+    float* stage = dQ0 + buf * kBwdRows * LDQ;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = qr0 + g + 8 * r;
-      if (row >= nq) continue;
-      float* dst = a.dq32 + qoff + static_cast<int64_t>(row) * H * D + dc0 + 2 * t;
+      float* dst = stage + (qr0 + g + 8 * r) * LDQ + dc0 + 2 * t;
 #pragma unroll
       for (int n = 0; n < NQD; ++n) {
-        atomicAdd(dst + n * 8, dq[n][2 * r]);
-        atomicAdd(dst + n * 8 + 1, dq[n][2 * r + 1]);
+        dst[n * 8] = dq[n][2 * r];
+        dst[n * 8 + 1] = dq[n][2 * r + 1];
       }
     }
   }
+  __syncthreads();  // the last step's dQ is staged
+  if (steps > 0) flush_dq(steps - 1);
 
   // dK (scaled) and dV: stored when this block has the whole group, else added.
   const bool owner = p.head_splits == 1;
