@@ -29,6 +29,9 @@
 #define __align__(n) __attribute__((aligned(n)))
 // Blocks run one at a time, so one static array per declaration is the block's shared array. The
 // section lets the runtime poison all of them at each block start (__start_/__stop_ symbols).
+// Limitation: GCC ignores section attributes on static locals of function templates, so
+// __shared__ arrays inside templates are neither poisoned nor accepted by ldmatrix as shared
+// memory; our kernels use dynamic shared memory (SC2_DYNAMIC_SMEM), which has neither problem.
 #define __shared__ __attribute__((section("sc2emu_shared"))) static
 
 struct uint3 {

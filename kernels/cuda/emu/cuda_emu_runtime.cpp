@@ -345,7 +345,7 @@ void do_ldmatrix(Thread* const* L) {
     if (reinterpret_cast<uintptr_t>(p) % 16)
       return set_failed("ldmatrix: row address of lane " + std::to_string(l) + " is not 16-byte aligned");
     if (!in_shared(p, 16))
-      return set_failed("ldmatrix: row address of lane " + std::to_string(l) + " is not in shared memory");
+      return set_failed("ldmatrix: row address of lane " + std::to_string(l) + " is not in shared memory (dynamic, or static __shared__ outside templates)");
   }
   auto at = [&](int m, int row, int col) {
     uint16_t v;

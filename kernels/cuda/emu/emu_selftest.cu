@@ -18,8 +18,11 @@ template <typename T> __device__ uint32_t pair(const T* p, int i0, int i1) {
 // ---- mma / ldmatrix --------------------------------------------------------------------------
 template <typename T>
 __global__ void mma_kernel(const T* A, const T* B, const float* C, float* D, int mode) {
-  __shared__ __align__(16) uint16_t As[16 * 16];
-  __shared__ __align__(16) uint16_t Bs[16 * 16];
+  // Dynamic shared memory, as the attention kernels use (static __shared__ inside a function
+  // template is not poisoned by the emulator: see cuda_emu.h).
+  SC2_DYNAMIC_SMEM(smem);
+  uint16_t* As = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* Bs = As + 16 * 16;
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
   const int n = mode >= 3 ? 16 : 8;  // columns of B, C and D
   uint32_t a[4], b[2][2];
@@ -154,12 +157,13 @@ namespace sc2_emu {
 
 std::string mma_test(uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d, int dtype, int mode) {
   if (mode < 0 || mode > 4) return "mma_test: mode 0..4";
+  constexpr size_t kMmaSmem = 2 * 16 * 16 * sizeof(uint16_t);
   const float* C = reinterpret_cast<const float*>(c);
   float* D = reinterpret_cast<float*>(d);
   if (dtype == 0)
-    SC2_LAUNCH(1, 32, 0, nullptr, mma_kernel<__half>)(reinterpret_cast<const __half*>(a), reinterpret_cast<const __half*>(b), C, D, mode);
+    SC2_LAUNCH(1, 32, kMmaSmem, nullptr, mma_kernel<__half>)(reinterpret_cast<const __half*>(a), reinterpret_cast<const __half*>(b), C, D, mode);
   else
-    SC2_LAUNCH(1, 32, 0, nullptr, mma_kernel<__nv_bfloat16>)(reinterpret_cast<const __nv_bfloat16*>(a),
+    SC2_LAUNCH(1, 32, kMmaSmem, nullptr, mma_kernel<__nv_bfloat16>)(reinterpret_cast<const __nv_bfloat16*>(a),
                                                        reinterpret_cast<const __nv_bfloat16*>(b), C, D, mode);
   return launch_error("mma_test");
 }
@@ -179,6 +183,7 @@ std::string fault_test(const std::string& name) {
   static const char* const kinds[] = {"ok", "divergent_barrier", "divergent_shuffle", "shuffle_vs_barrier",
                                       "partial_mask", "mixed_collectives", "ldmatrix_misaligned",
                                       "ldmatrix_global"};
+  cudaGetLastError();  // errors of earlier calls are not this case's
   float sink[256] = {};
   for (int k = 0; k < 8; ++k)
     if (name == kinds[k]) {
