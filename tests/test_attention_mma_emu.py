@@ -36,11 +36,13 @@ def _p(t: Optional[torch.Tensor]) -> int:
 
 
 def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout: torch.Tensor,
-        fwd_code: int = MMA, bwd_code: int = MMA, head_splits: int = 0, rows_per_warp: int = 16):
+        fwd_code: int = MMA, bwd_code: int = MMA, head_splits: int = 0, rows_per_warp: int = 16,
+        bwd_warps: int = 4):
     """Forward with kernel `fwd_code`, backward with `bwd_code`, through the calls
     `_CudaAttention` makes (CPU pointers here). Returns o, lse, dq, dk, dv. `head_splits`:
     backward blocks per (key tile, kv head) (0: the kernel's choice, which for these small shapes
-    is one block per query head); `rows_per_warp`: the forward's 16 or 32 query rows per warp."""
+    is one block per query head); `rows_per_warp`: the forward's 16 or 32 query rows per warp;
+    `bwd_warps`: the backward's 4 or 8 warps (of 16 keys) per block."""
     s, d = q.shape[1], q.shape[3]
     win = 0 if window is None or window >= s else window
     doc = None if docs is None else docs.to(torch.int64).contiguous()
@@ -48,7 +50,7 @@ def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout:
     o, lse, lo, by_id = cuda_kernel_forward(mod, q, k, v, doc, win, scale, fwd_code,
                                             rows_per_warp=rows_per_warp)
     dq, dk32, dv32 = cuda_kernel_backward(mod, q, k, v, o, lse, doc, lo, by_id, dout, scale,
-                                          bwd_code, head_splits=head_splits)
+                                          bwd_code, head_splits=head_splits, bwd_warps=bwd_warps)
     return o, lse, dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
@@ -92,13 +94,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("rows_per_warp", [16, 32])
+# (forward query rows per warp, backward warps per block): the default shapes and the larger ones.
+SHAPES = [(16, 4), (32, 8)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"fwd{r}-bwd{w}" for r, w in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_mma_matches_float64(emu, case, dtype, rows_per_warp):
+def test_mma_matches_float64(emu, case, dtype, shape):
     window = case[5]
     q, k, v, go, docs = inputs(case, dtype, CASES.index(case))
-    o, lse, dq, dk, dv = run(emu, q, k, v, window, docs, go, rows_per_warp=rows_per_warp)
+    o, lse, dq, dk, dv = run(emu, q, k, v, window, docs, go, rows_per_warp=shape[0],
+                             bwd_warps=shape[1])
     ref, (rdq, rdk, rdv) = reference(q, k, v, go, window, docs)
     errs = {"out": rel_err(o, ref), "dq": rel_err(dq, rdq), "dk": rel_err(dk, rdk),
             "dv": rel_err(dv, rdv)}
@@ -107,14 +114,15 @@ def test_mma_matches_float64(emu, case, dtype, rows_per_warp):
     assert (lse.double() - oracle_lse(q, k, window, docs)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("bwd_warps", [4, 8])
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("case", [(2, 150, 6, 2, 64, 50, "sorted"), (1, 100, 4, 1, 128, None, "unsorted")],
                          ids=["group3", "group4"])
-def test_mma_backward_head_splits(emu, case, splits):
+def test_mma_backward_head_splits(emu, case, splits, bwd_warps):
     """The group's query heads in one block (dK/dV stored) or split unevenly over blocks (added)."""
     window = case[5]
     q, k, v, go, docs = inputs(case, torch.bfloat16, 11)
-    o, _, dq, dk, dv = run(emu, q, k, v, window, docs, go, head_splits=splits)
+    o, _, dq, dk, dv = run(emu, q, k, v, window, docs, go, head_splits=splits, bwd_warps=bwd_warps)
     ref, (rdq, rdk, rdv) = reference(q, k, v, go, window, docs)
     errs = {"out": rel_err(o, ref), "dq": rel_err(dq, rdq), "dk": rel_err(dk, rdk), "dv": rel_err(dv, rdv)}
     assert all(e <= 1e-2 for e in errs.values()), errs
@@ -142,6 +150,17 @@ def test_mma_forward_rejects_other_rows_per_warp(emu):
     with pytest.raises(RuntimeError, match="rows per warp"):
         emu.forward(_p(q), _p(q), _p(q), _p(out), _p(lse), _p(lo), 0, 0, 1, 8, 1, 1, 64, 0.125, 1,
                     0, MMA, 8)
+
+
+def test_mma_backward_rejects_other_warp_counts(emu):
+    q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
+    lo, _ = key_bounds(8, 0, None, 1, q.device)
+    lse = torch.zeros(1, 1, 8)
+    out = torch.empty_like(q)
+    f32 = torch.zeros(q.shape)
+    with pytest.raises(RuntimeError, match="warps per block"):
+        emu.backward(_p(q), _p(q), _p(q), _p(q), _p(lse), _p(lse), _p(lo), 0, 0, _p(out), _p(f32),
+                     _p(f32), 1, 8, 1, 1, 64, 0.125, 1, 0, MMA, _p(f32), 0, 6)
 
 
 def test_mma_backward_without_dq_scratch_fails_clearly(emu):

@@ -12,7 +12,8 @@ struct CudaAttnArgs {
   const void* dout = nullptr;   // backward: gradient of o
   float* lse = nullptr;         // (B, H, S) fp32, base-2 log-sum-exp of the scaled scores
   const float* delta = nullptr; // backward: (B, H, S) fp32, rowsum(dout * o)
-  const int32_t* lo = nullptr;  // (B, S): first key each query may see (window and document run)
+  const int32_t* lo = nullptr;  // (B, S): first key each query may see (window and document run);
+                                // nondecreasing along S (the tensor-core backward relies on it)
   const int64_t* doc = nullptr; // (B, S) document ids, or null
   const uint8_t* by_id = nullptr;  // (B): 1 where ids must be compared element by element
   void* dq = nullptr;           // (B, S, H, D) like q
@@ -21,6 +22,7 @@ struct CudaAttnArgs {
   float* dq32 = nullptr;        // backward, tensor cores: (B, S, H, D) fp32 zeroed scratch for dQ
   int head_splits = 0;          // backward, tensor cores: blocks per (key tile, kv head); 0: auto
   int fwd_rows_per_warp = 0;    // forward, tensor cores: query rows per warp, 16 or 32; 0: 16
+  int bwd_warps = 0;            // backward, tensor cores: warps (16 keys each) per block, 4 or 8; 0: 4
   int64_t B = 0, S = 0, H = 0, KV = 0, D = 0;
   float scale = 1.0f;
   int dtype = 0;  // 0: float16, 1: bfloat16

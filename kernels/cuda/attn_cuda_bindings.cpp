@@ -82,12 +82,13 @@ PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
            uintptr_t lo, uintptr_t doc, uintptr_t by_id, uintptr_t dq, uintptr_t dk, uintptr_t dv,
            int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, double scale, int dtype,
-           uintptr_t stream, int kernel, uintptr_t dq32, int head_splits) {
+           uintptr_t stream, int kernel, uintptr_t dq32, int head_splits, int bwd_warps) {
           check_sizes(B, S, H, KV, D, dtype, kernel);
           CudaAttnArgs a;
           a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
           a.dq32 = as<float>(dq32);
           a.head_splits = head_splits;
+          a.bwd_warps = bwd_warps;
           a.dout = as<const void>(dout); a.lse = as<float>(lse); a.delta = as<const float>(delta);
           a.lo = as<const int32_t>(lo); a.doc = as<const int64_t>(doc);
           a.by_id = as<const uint8_t>(by_id);
@@ -106,5 +107,6 @@ PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
         py::arg("B"), py::arg("S"), py::arg("H"), py::arg("KV"), py::arg("D"), py::arg("scale"),
         py::arg("dtype"), py::arg("stream"), py::arg("kernel"),
         py::arg("dq32") = uintptr_t{0},    // kernel 0: zeroed fp32 (B, S, H, D) scratch for dQ
-        py::arg("head_splits") = 0);       // kernel 0: blocks per (key tile, kv head); 0: auto
+        py::arg("head_splits") = 0,        // kernel 0: blocks per (key tile, kv head); 0: auto
+        py::arg("bwd_warps") = 0);         // kernel 0: warps per block, 4 or 8 (0: 4)
 }

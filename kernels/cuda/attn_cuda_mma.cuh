@@ -34,7 +34,6 @@ namespace sc2_mma {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBwdKeys = 64;  // keys per backward block (16 per warp)
 constexpr int kBwdRows = 32;  // query rows per backward step
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -52,11 +51,11 @@ __device__ __forceinline__ int min32(int x, int y) { return x < y ? x : y; }
 
 // A ROWS x D tile moved global -> registers -> shared memory, 16 bytes per thread and step, so
 // the global loads can be issued a whole compute phase before the data is stored (no cp.async).
-template <int D, int ROWS>
+template <int D, int ROWS, int NT = kThreads>
 struct TileRegs {
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  static constexpr int kSteps = ROWS * kChunks / kThreads;
-  static_assert((ROWS * kChunks) % kThreads == 0, "tile must split evenly over the block");
+  static constexpr int kSteps = ROWS * kChunks / NT;
+  static_assert((ROWS * kChunks) % NT == 0, "tile must split evenly over the block");
   uint4 r[kSteps];
 
   // Rows >= valid read as zeros; global rows are gstride elements apart.
@@ -64,7 +63,7 @@ struct TileRegs {
   __device__ __forceinline__ void fetch(const T* src, int64_t gstride, int valid, int tid) {
 #pragma unroll
     for (int it = 0; it < kSteps; ++it) {
-      const int e = tid + it * kThreads;
+      const int e = tid + it * NT;
       const int row = e / kChunks, c = e % kChunks;
       r[it] = uint4{0u, 0u, 0u, 0u};
       if (row < valid) r[it] = *reinterpret_cast<const uint4*>(src + row * gstride + c * 8);
@@ -74,15 +73,15 @@ struct TileRegs {
   __device__ __forceinline__ void store(T* dst, int tid) const {
 #pragma unroll
     for (int it = 0; it < kSteps; ++it) {
-      const int e = tid + it * kThreads;
+      const int e = tid + it * NT;
       *reinterpret_cast<uint4*>(dst + (e / kChunks) * LD + (e % kChunks) * 8) = r[it];
     }
   }
 };
 
-template <typename T, int D, int ROWS, int LD>
+template <typename T, int D, int ROWS, int LD, int NT = kThreads>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t gstride, int valid, int tid) {
-  TileRegs<D, ROWS> t;
+  TileRegs<D, ROWS, NT> t;
   t.fetch(src, gstride, valid, tid);
   t.template store<T, LD>(dst, tid);
 }
@@ -356,12 +355,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   }
 }
 
-template <typename T, int D>
+// Backward shapes: NW warps of 16 keys each (64 or 128 keys per block); more keys per block
+// means fewer Q/dO loads and dQ atomics per mma, fewer blocks per SM.
+template <typename T, int D, int NW>
 struct BwdSmem {
+  static constexpr int BK = 16 * NW;        // keys per block
+  static constexpr int NT = 32 * NW;        // threads per block
   static constexpr int LD = D + 8;          // K, V, Q, dO rows
   static constexpr int LDS = kBwdRows + 8;  // dS^T rows (one per key)
   // K, V; then two buffers each of Q, dO and dS^T (steps alternate between them).
-  static constexpr size_t kT = static_cast<size_t>(2 * kBwdKeys * LD + 2 * (2 * kBwdRows * LD + kBwdKeys * LDS));
+  static constexpr size_t kT = static_cast<size_t>(2 * BK * LD + 2 * (2 * kBwdRows * LD + BK * LDS));
   static constexpr size_t kRowBytes = kBwdRows * (sizeof(int64_t) + 2 * sizeof(float) + sizeof(int32_t));
   static constexpr int LDQ = D + 4;  // fp32 dQ staging rows (2 blocks of D = 128 fit an H100 SM)
   static constexpr size_t kBytes = sizeof(T) * kT + 2 * kRowBytes + 2 * sizeof(float) * kBwdRows * LDQ;
@@ -386,33 +389,35 @@ struct RowRegs {
   int32_t lo = 0;
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
-  using L = BwdSmem<T, D>;
-  constexpr int LD = L::LD, LDS = L::LDS, LDQ = L::LDQ;
+template <typename T, int D, int NW>
+__global__ void __launch_bounds__(32 * NW) bwd_kernel(const Params p) {
+  using L = BwdSmem<T, D, NW>;
+  constexpr int LD = L::LD, LDS = L::LDS, LDQ = L::LDQ, BK = L::BK, NT = L::NT;
   constexpr int KT = D / 16;
-  constexpr int NQ = kBwdRows / 8;  // query n-tiles of S^T
-  constexpr int ND = D / 8;         // head-dim n-tiles of dK, dV
-  constexpr int NQD = D / 16;       // head-dim n-tiles of a warp's half of dQ
+  constexpr int NQ = kBwdRows / 8;      // query n-tiles of S^T
+  constexpr int ND = D / 8;             // head-dim n-tiles of dK, dV
+  constexpr int DQC = D / (NW / 2);     // dQ: each warp's head-dim columns (2 warps per column)
+  constexpr int NQD = DQC / 8;          // ... as n-tiles
+  static_assert(NQD % 2 == 0, "dQ columns in pairs of n-tiles");
   SC2_DYNAMIC_SMEM(smem);
   T* Ks = reinterpret_cast<T*>(smem);
-  T* Vs = Ks + kBwdKeys * LD;
+  T* Vs = Ks + BK * LD;
   // Buffer pairs, buffer `buf` at base + buf * size (indexing arrays of pointers would put them
   // in local memory).
-  T* Q0 = Vs + kBwdKeys * LD;              // 2 x kBwdRows * LD
+  T* Q0 = Vs + BK * LD;              // 2 x kBwdRows * LD
   T* dO0 = Q0 + 2 * kBwdRows * LD;         // 2 x kBwdRows * LD
-  T* dS0 = dO0 + 2 * kBwdRows * LD;        // 2 x kBwdKeys * LDS (dS^T)
-  unsigned char* rows0 = reinterpret_cast<unsigned char*>(dS0 + 2 * kBwdKeys * LDS);  // 2 x kRowBytes
+  T* dS0 = dO0 + 2 * kBwdRows * LD;        // 2 x BK * LDS (dS^T)
+  unsigned char* rows0 = reinterpret_cast<unsigned char*>(dS0 + 2 * BK * LDS);  // 2 x kRowBytes
   float* dQ0 = reinterpret_cast<float*>(rows0 + 2 * L::kRowBytes);  // 2 x kBwdRows * LDQ, fp32
 
   const CudaAttnArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t S = a.S, H = a.H, KV = a.KV, group = H / KV;
-  const int64_t b = blockIdx.z, kvh = blockIdx.y / p.head_splits, j0 = static_cast<int64_t>(blockIdx.x) * kBwdKeys;
+  const int64_t b = blockIdx.z, kvh = blockIdx.y / p.head_splits, j0 = static_cast<int64_t>(blockIdx.x) * BK;
   // This block's query heads of the group: [hfirst, hfirst + nheads).
   const int64_t hfirst = (blockIdx.y % p.head_splits) * static_cast<int64_t>(p.heads_per_split);
   const int64_t nheads = min64(group - hfirst, p.heads_per_split);
-  const int nk = static_cast<int>(min64(S - j0, kBwdKeys));
+  const int nk = static_cast<int>(min64(S - j0, BK));
   const bool by_id = a.by_id != nullptr && a.by_id[b] != 0;
   const int32_t* lo = a.lo + b * S;
   const int64_t* doc = a.doc == nullptr ? nullptr : a.doc + b * S;
@@ -420,8 +425,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
   const T* dog = static_cast<const T*>(a.dout);
 
   const int64_t koff = ((b * S + j0) * KV + kvh) * D;
-  load_tile<T, D, kBwdKeys, LD>(Ks, static_cast<const T*>(a.k) + koff, KV * D, nk, tid);
-  load_tile<T, D, kBwdKeys, LD>(Vs, static_cast<const T*>(a.v) + koff, KV * D, nk, tid);
+  load_tile<T, D, BK, LD, NT>(Ks, static_cast<const T*>(a.k) + koff, KV * D, nk, tid);
+  load_tile<T, D, BK, LD, NT>(Vs, static_cast<const T*>(a.v) + koff, KV * D, nk, tid);
 
   // Queries that can see a key of this block: [j0, iend), iend the first i with lo[i] > last key.
   const int64_t jlast = j0 + nk - 1;
@@ -435,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
   const int64_t tiles = (iend - j0 + kBwdRows - 1) / kBwdRows, steps = nheads * tiles;
 
   // Step `st` as (head, first row); fetch its Q, dO and row inputs into registers.
-  TileRegs<D, kBwdRows> qr, dor;
+  TileRegs<D, kBwdRows, NT> qr, dor;
   RowRegs rr;
   auto step_rows = [&](int64_t st, int64_t& h, int64_t& i0, int& nq) {
     h = kvh * group + hfirst + st / tiles;
@@ -475,8 +480,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     int64_t h, i0;
     int nq;
     step_rows(st, h, i0, nq);
-    static_assert(kThreads % D == 0, "whole rows per pass");
-    constexpr int kRowStep = kThreads / D;
+    static_assert(NT % D == 0, "whole rows per pass");
+    constexpr int kRowStep = NT / D;
     const int r0 = tid / D, c = tid % D;
     const float* src = dQ0 + (st & 1) * kBwdRows * LDQ + r0 * LDQ + c;
     float* dst = a.dq32 + ((b * S + i0 + r0) * H + h) * D + c;
@@ -507,7 +512,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
 
   const int qr0 = (warp & 1) * 16;         // dQ: this warp's query rows ...
-  const int dc0 = (warp >> 1) * (D / 2);   // ... and head-dim half
+  const int dc0 = (warp >> 1) * DQC;       // ... and head-dim columns
   if (steps > 0) {
     fetch(0);
     store(0);
@@ -522,7 +527,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     step_rows(st, h, i0, nq);
     const T* Qs = Q0 + buf * kBwdRows * LD;
     const T* dOs = dO0 + buf * kBwdRows * LD;
-    T* dSs = dS0 + buf * kBwdKeys * LDS;
+    T* dSs = dS0 + buf * BK * LDS;
     const BwdRows rw(rows0 + buf * L::kRowBytes);
     const int64_t qlast = i0 + nq - 1;
     // Warp-uniform: some of this warp's keys may be visible to some of these queries.
@@ -598,14 +603,14 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const Params p) {
     if (st + 1 < steps) store(buf ^ 1);
     __syncthreads();  // dS^T complete; step st + 1 stored
     if (st > 0) flush_dq(st - 1);  // its staging buffer is complete (barrier above)
-    // dQ (this warp: 16 query rows x D/2 columns) = dS K over the block's 64 keys, staged in
+    // dQ (this warp: 16 query rows x DQC columns) = dS K over the block's keys, staged in
     // shared memory so that the atomics into dq32 cover whole 32-byte sectors (one per 8 lanes)
     // instead of scattered pairs of floats; added at the next step, after its barrier.
     float dq[NQD][4];
 #pragma unroll
     for (int n = 0; n < NQD; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 #pragma unroll
-    for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+    for (int kk = 0; kk < BK / 16; ++kk) {
       uint32_t sa[4];
       sc2::ldmatrix_x4_trans(sa, at_addr(dSs + kk * 16 * LDS + qr0, LDS, lane));
 #pragma unroll
@@ -677,45 +682,52 @@ std::string launch_fwd(const Params& p) {
   return err == cudaSuccess ? "" : std::string("CUDA attention forward (tensor cores): ") + cudaGetErrorString(err);
 }
 
+template <typename T, int D, int NW>
+std::string launch_bwd(Params p) {
+  using L = BwdSmem<T, D, NW>;
+  const CudaAttnArgs& a = p.a;
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
+  // Few kv heads (GQA) leave too few (key tile, kv head) blocks to fill a GPU: split the group's
+  // query heads over more blocks, which then add their dK/dV into the zeroed buffers.
+  const int64_t group = a.H / a.KV, base = (a.S + L::BK - 1) / L::BK * a.KV * a.B;
+  int64_t want = a.head_splits > 0 ? a.head_splits : (kBwdTargetBlocks + base - 1) / base;
+  want = want < group ? want : group;
+  const int64_t per = (group + want - 1) / want;
+  p.heads_per_split = static_cast<int>(per);
+  p.head_splits = static_cast<int>((group + per - 1) / per);
+  const dim3 grid(static_cast<unsigned>((a.S + L::BK - 1) / L::BK),
+                  static_cast<unsigned>(a.KV * p.head_splits), static_cast<unsigned>(a.B));
+  cudaError_t err = cudaFuncSetAttribute(bwd_kernel<T, D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(L::kBytes));
+  if (err == cudaSuccess) {
+    SC2_LAUNCH(grid, L::NT, L::kBytes, stream, bwd_kernel<T, D, NW>)(p);
+    err = cudaGetLastError();
+  }
+  if (err == cudaSuccess) {
+    const int64_t pairs = a.B * a.S * a.H * D / 2;
+    const int64_t blocks = (pairs + 255) / 256;
+    const dim3 cgrid(static_cast<unsigned>(blocks < 4096 ? blocks : 4096));
+    SC2_LAUNCH(cgrid, 256, 0, stream, dq_cast_kernel<T>)(a.dq32, static_cast<T*>(a.dq), pairs, a.scale);
+    err = cudaGetLastError();
+  }
+  return err == cudaSuccess ? "" : std::string("CUDA attention backward (tensor cores): ") + cudaGetErrorString(err);
+}
+
 template <typename T, int D>
 std::string launch(const CudaAttnArgs& a, bool fwd) {
-  Params p{a, a.scale * kLog2e, 1, static_cast<int>(a.H / a.KV)};
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
-  cudaError_t err;
+  const Params p{a, a.scale * kLog2e, 1, static_cast<int>(a.H / a.KV)};
   if (fwd) {
     if (a.fwd_rows_per_warp == 32) return launch_fwd<T, D, 2>(p);
     if (a.fwd_rows_per_warp == 16 || a.fwd_rows_per_warp == 0) return launch_fwd<T, D, 1>(p);
     return "CUDA attention (tensor cores): forward rows per warp must be 16 or 32, got " +
            std::to_string(a.fwd_rows_per_warp);
-  } else {
-    if (a.dq32 == nullptr)
-      return "CUDA attention (tensor cores): the backward needs the zeroed fp32 dq32 buffer";
-    // Few kv heads (GQA) leave too few (key tile, kv head) blocks to fill a GPU: split the
-    // group's query heads over more blocks, which then add their dK/dV into the zeroed buffers.
-    const int64_t group = a.H / a.KV, base = (a.S + kBwdKeys - 1) / kBwdKeys * a.KV * a.B;
-    int64_t want = a.head_splits > 0 ? a.head_splits : (kBwdTargetBlocks + base - 1) / base;
-    want = want < group ? want : group;
-    const int64_t per = (group + want - 1) / want;
-    p.heads_per_split = static_cast<int>(per);
-    p.head_splits = static_cast<int>((group + per - 1) / per);
-    const dim3 grid(static_cast<unsigned>((a.S + kBwdKeys - 1) / kBwdKeys),
-                    static_cast<unsigned>(a.KV * p.head_splits), static_cast<unsigned>(a.B));
-    const size_t bytes = BwdSmem<T, D>::kBytes;
-    err = cudaFuncSetAttribute(bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(bytes));
-    if (err == cudaSuccess) {
-      SC2_LAUNCH(grid, kThreads, bytes, stream, bwd_kernel<T, D>)(p);
-      err = cudaGetLastError();
-    }
-    if (err == cudaSuccess) {
-      const int64_t pairs = a.B * a.S * a.H * D / 2;
-      const int64_t blocks = (pairs + 255) / 256;
-      const dim3 cgrid(static_cast<unsigned>(blocks < 4096 ? blocks : 4096));
-      SC2_LAUNCH(cgrid, 256, 0, stream, dq_cast_kernel<T>)(a.dq32, static_cast<T*>(a.dq), pairs, a.scale);
-      err = cudaGetLastError();
-    }
   }
-  return err == cudaSuccess ? "" : std::string("CUDA attention kernel (tensor cores): ") + cudaGetErrorString(err);
+  if (a.dq32 == nullptr)
+    return "CUDA attention (tensor cores): the backward needs the zeroed fp32 dq32 buffer";
+  if (a.bwd_warps == 8) return launch_bwd<T, D, 8>(p);
+  if (a.bwd_warps == 4 || a.bwd_warps == 0) return launch_bwd<T, D, 4>(p);
+  return "CUDA attention (tensor cores): backward warps per block must be 4 or 8, got " +
+         std::to_string(a.bwd_warps);
 }
 
 }  // namespace sc2_mma

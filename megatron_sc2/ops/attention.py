@@ -119,13 +119,23 @@ def key_bounds(seq: int, window: int, document_ids: Optional[torch.Tensor], batc
     return lo.to(torch.int32).contiguous(), (~is_sorted).to(torch.uint8).contiguous()
 
 
+def _mma_knob(name: str, default: str, allowed: tuple[str, ...]) -> int:
+    raw = os.environ.get(name, "").strip() or default
+    if raw not in allowed:
+        raise AttentionInputError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+    return int(raw)
+
+
 def mma_rows_per_warp() -> int:
     """MEGATRON_SC2_MMA_ROWS_PER_WARP=16|32: query rows per warp of the tensor-core forward (a
     tuning knob: 32 halves its shared-memory reads per mma at the cost of registers)."""
-    raw = os.environ.get("MEGATRON_SC2_MMA_ROWS_PER_WARP", "").strip() or "16"
-    if raw not in ("16", "32"):
-        raise AttentionInputError(f"MEGATRON_SC2_MMA_ROWS_PER_WARP={raw!r}: expected 16 or 32")
-    return int(raw)
+    return _mma_knob("MEGATRON_SC2_MMA_ROWS_PER_WARP", "16", ("16", "32"))
+
+
+def mma_bwd_warps() -> int:
+    """MEGATRON_SC2_MMA_BWD_WARPS=4|8: warps (16 keys each) per block of the tensor-core
+    backward (a tuning knob: 8 halves the Q/dO loads and dQ atomics per mma, one block per SM)."""
+    return _mma_knob("MEGATRON_SC2_MMA_BWD_WARPS", "4", ("4", "8"))
 
 
 def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -151,11 +161,12 @@ def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: torch.Tensor, doc: Optional[torch.Tensor], lo: torch.Tensor,
                          by_id: Optional[torch.Tensor], grad_out: torch.Tensor, scale: float,
-                         kernel: int, stream: int = 0, head_splits: int = 0
-                         ) -> tuple[torch.Tensor, ...]:
+                         kernel: int, stream: int = 0, head_splits: int = 0,
+                         bwd_warps: Optional[int] = None) -> tuple[torch.Tensor, ...]:
     """The matching backward: (dq in q's dtype, dk and dv in fp32, accumulated by the kernel).
     Tensor cores (kernel 0) add dQ atomically into a zeroed fp32 scratch, then cast it into dq;
-    `head_splits`: their blocks per (key tile, kv head), 0 for the kernel's choice."""
+    `head_splits`: their blocks per (key tile, kv head), 0 for the kernel's choice; `bwd_warps`:
+    their warps per block, 4 or 8 (None: MEGATRON_SC2_MMA_BWD_WARPS, default 4)."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
     delta = (grad_out.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (b, h, s)
@@ -163,9 +174,10 @@ def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if kernel == 0 else None
+    warps = 0 if kernel != 0 else mma_bwd_warps() if bwd_warps is None else bwd_warps
     mod.backward(_ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
                  _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d, scale,
-                 _CUDA_DTYPES[q.dtype], stream, kernel, _ptr(dq32), head_splits)
+                 _CUDA_DTYPES[q.dtype], stream, kernel, _ptr(dq32), head_splits, warps)
     return dq, dk32, dv32
 
 
