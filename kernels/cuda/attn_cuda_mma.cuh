@@ -4,20 +4,29 @@
 // by_id[b], doc[b,i] == doc[b,j]; lse (B,H,S) is the base-2 log-sum-exp of the scores times
 // scale*log2(e), so either family's forward feeds either family's backward.
 //
-// Forward: one block per (64 query rows, head, batch), 4 warps of 16 rows. Q fragments are loaded
-// once; key tiles of 64 rows (K and V, rows padded to D+8 elements so ldmatrix is free of bank
-// conflicts) are staged in shared memory, from the tile holding lo[first query] to the tile of the
-// last query. A warp skips tiles none of its rows can see and tests elements only in tiles that
-// touch the window edge, the diagonal or (unsorted ids) documents. Online softmax in registers;
-// P goes from the score accumulators straight into A fragments (no shared memory).
+// Forward: one block per (64 MT query rows, head, batch), 4 warps of 16 MT rows (MT = 1, the
+// default, or 2: rows_per_warp 16 or 32). Key tiles of 64 rows (32 for MT = 2 with D = 128): K and
+// V, rows padded to D+8 elements so ldmatrix is free of bank conflicts, from the tile holding
+// lo[first query] to the tile of the last query. No cp.async: each tile's K and V are loaded
+// into registers one compute phase before they are stored to shared memory (V(j) during the
+// scores of tile j, K(j+1) during its P V product), two barriers per tile. A warp skips tiles
+// none of its rows can see and tests elements only in tiles that touch the window edge, the
+// diagonal or (unsorted ids) documents. Online softmax in registers; P goes from the score
+// accumulators straight into A fragments (no shared memory). MT = 1 keeps Q's fragments in
+// registers; MT = 2 re-reads them from shared memory but feeds every K/V fragment to twice the
+// mma instructions.
 //
-// Backward: one block per (64 keys, kv head, batch), 4 warps of 16 keys; it loops over the
-// group's query heads and over the 32-row query tiles that can see its keys: queries from its
-// first key to the first query whose lo is past its last key (lo is nondecreasing along the
-// sequence: key_bounds builds it from the window and, for sorted ids, the document starts; for
-// unsorted ids lo is only the window bound and documents are tested element by element). dK and
-// dV stay in registers and are stored once (the block owns its keys); dQ is added with fp32
-// atomics into a zeroed (B,S,H,D) buffer that a second kernel scales and casts into dq.
+// Backward: one block per (16 NW keys, kv head, batch, part of the group's query heads), NW = 4
+// (default) or 8 warps of 16 keys; it loops over its query heads and over the 32-row query tiles
+// that can see its keys: queries from its first key to the first query whose lo is past its
+// last key (lo is nondecreasing along the sequence: key_bounds builds it from the window and,
+// for sorted ids, the document starts; for unsorted ids lo is only the window bound and
+// documents are tested element by element). Each step's Q, dO and row inputs are fetched during
+// the previous step (double-buffered, one barrier per step). dK and dV stay in registers; they are
+// stored once when a block has the whole group, else added atomically (GQA groups are split over
+// blocks when the grid would otherwise have fewer than ~1024 blocks). dQ = dS K goes through
+// shared memory and is added with coalesced fp32 atomics into a zeroed (B,S,H,D) buffer that a
+// second kernel scales and casts into dq.
 //
 // Only the helpers of sc2_device.cuh and plain CUDA builtins are used, so the CPU emulator
 // (SC2_CUDA_EMULATION) runs this exact source in the tests.
