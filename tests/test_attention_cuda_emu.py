@@ -171,6 +171,7 @@ FAULTS = {
     "ldmatrix_global": "not in shared memory",
     "smem_over_default": "invalid argument .*65536 bytes of dynamic shared memory, the kernel "
                          "allows 49152",
+    "smem_overflow": "write to byte 276 of 256 bytes of dynamic shared memory",
     "smem_attribute_too_big": "invalid argument .*233472 > 232448",
     "block_too_big": "invalid configuration argument",
 }

@@ -111,6 +111,7 @@ struct Runtime {
   KernelBody body = nullptr;
   void* ctx = nullptr;
   unsigned char* smem = nullptr;
+  unsigned char* smem_alloc = nullptr;  // smem - kSmemGuard
   size_t smem_cap = 0, smem_len = 0;
 
   unsigned n = 0, done = 0, bar_waiting = 0;
@@ -238,12 +239,18 @@ void ensure_stacks(unsigned n) {
   }
 }
 
+// Poisoned guard zones around the dynamic shared memory: reads past either end see NaN, writes
+// there are reported when the block ends.
+constexpr size_t kSmemGuard = 1024;
+
 void ensure_smem(size_t bytes) {
-  if (bytes > g.smem_cap) {
-    std::free(g.smem);
-    g.smem = static_cast<unsigned char*>(std::aligned_alloc(128, (bytes + 127) / 128 * 128));
-    if (g.smem == nullptr) throw std::bad_alloc();
-    g.smem_cap = bytes;
+  if (bytes > g.smem_cap || g.smem_alloc == nullptr) {
+    std::free(g.smem_alloc);
+    const size_t cap = (bytes + 127) / 128 * 128;
+    g.smem_alloc = static_cast<unsigned char*>(std::aligned_alloc(128, cap + 2 * kSmemGuard));
+    if (g.smem_alloc == nullptr) throw std::bad_alloc();
+    g.smem = g.smem_alloc + kSmemGuard;
+    g.smem_cap = cap;
   }
   g.smem_len = bytes;
   detail::g_dynamic_smem = bytes ? g.smem : nullptr;
@@ -457,9 +464,19 @@ std::string deadlock_report() {
          std::to_string(done) + " exited" + detail;
 }
 
+void check_smem_guards() {
+  for (size_t i = 0; i < kSmemGuard; ++i) {
+    if (g.smem[-1 - static_cast<ptrdiff_t>(i)] != 0xff)
+      return set_failed("write to byte " + std::to_string(i + 1) + " before the dynamic shared memory");
+    if (g.smem[g.smem_len + i] != 0xff)
+      return set_failed("write to byte " + std::to_string(g.smem_len + i) + " of " +
+                        std::to_string(g.smem_len) + " bytes of dynamic shared memory (out of bounds)");
+  }
+}
+
 void run_block(unsigned linear) {
   // Poison shared memory: a read before a write shows up as NaN (0xFF.. in f16, bf16 and f32).
-  if (g.smem_len) std::memset(g.smem, 0xff, g.smem_len);
+  std::memset(g.smem - kSmemGuard, 0xff, g.smem_len + 2 * kSmemGuard);
   if (shared_lo() != nullptr && shared_hi() > shared_lo())
     std::memset(shared_lo(), 0xff, static_cast<size_t>(shared_hi() - shared_lo()));
   const dim3 bd = detail::g_block_dim;
@@ -476,7 +493,8 @@ void run_block(unsigned linear) {
   while (!g.failed) {
     bool progress = false;
     for (unsigned i = 0; i < warps && !g.failed; ++i) progress |= run_warp(reverse ? warps - 1 - i : i, reverse);
-    if (g.failed || g.done == g.n) return;
+    if (g.failed) return;
+    if (g.done == g.n) return check_smem_guards();
     if (g.bar_waiting > 0 && g.bar_waiting == g.n - g.done) {
       for (Thread& t : g.threads)
         if (t.st == St::WaitBar) t.st = St::Ready;

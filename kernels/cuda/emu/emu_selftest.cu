@@ -105,6 +105,7 @@ __global__ void barrier_kernel(const float* in, float* out, bool with_barrier, b
 // ---- faulty kernels --------------------------------------------------------------------------------
 __global__ void fault_kernel(int kind, float* sink) {
   __shared__ __align__(16) uint16_t tile[8 * 16];
+  SC2_DYNAMIC_SMEM(dyn);
   const int tid = threadIdx.x, lane = tid % 32;
   float v = static_cast<float>(tid);
   switch (kind) {
@@ -141,6 +142,9 @@ __global__ void fault_kernel(int kind, float* sink) {
       v = static_cast<float>(r[0]);
       break;
     }
+    case 8:  // one float past the end of 256 bytes of dynamic shared memory
+      if (tid == 5) reinterpret_cast<float*>(dyn)[64 + tid] = v;
+      break;
     default: break;
   }
   sink[tid] = v;
@@ -190,6 +194,10 @@ std::string fault_test(const std::string& name) {
       SC2_LAUNCH(1, 64, 0, nullptr, fault_kernel)(k, sink);
       return launch_error(kinds[k]);
     }
+  if (name == "smem_overflow") {
+    SC2_LAUNCH(1, 64, 256, nullptr, fault_kernel)(8, sink);
+    return launch_error("smem_overflow");
+  }
   if (name == "smem_over_default") {  // 64 KB without cudaFuncSetAttribute (limit 48 KB)
     SC2_LAUNCH(1, 64, 64 * 1024, nullptr, barrier_kernel)(sink, sink, true, true);
     return launch_error("smem_over_default");
