@@ -31,15 +31,24 @@ def emu():
     return mod
 
 
+def nan_padded(t: torch.Tensor, pad: int = 4096) -> torch.Tensor:
+    """A contiguous copy of t inside a buffer with `pad` NaNs on both sides, so a kernel reading
+    out of bounds (in the emulator, plain CPU memory) gets NaN instead of a neighbour's data."""
+    buf = torch.full((t.numel() + 2 * pad,), math.nan, dtype=t.dtype)
+    view = buf[pad:pad + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 def run_emulated(kernel_code: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  window: Optional[int], doc: Optional[torch.Tensor], dout: torch.Tensor,
                  scale: Optional[float] = None) -> tuple[torch.Tensor, ...]:
     """Forward and backward of CUDA kernel family `kernel_code` (0 tensor cores, 1 SIMT) on the
     emulator, called as `_CudaAttention` calls `_attn_cuda`. q (b, s, h, d), k/v (b, s, kv, d)
     CPU fp16/bf16; window None or >= 1; doc (b, s) ids or None. Returns (o, dq) in q's dtype and
-    (dk, dv) in fp32 as the kernel accumulated them."""
+    (dk, dv) in fp32 as the kernel accumulated them. The inputs are NaN-padded copies."""
     mod = emu()
-    q, k, v, dout = (t.contiguous() for t in (q, k, v, dout.to(q.dtype)))
+    q, k, v, dout = (nan_padded(t) for t in (q, k, v, dout.to(q.dtype)))
     s = q.shape[1]
     win = 0 if window is None or window >= s else int(window)
     sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
