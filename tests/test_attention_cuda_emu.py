@@ -198,35 +198,35 @@ def test_faulty_kernels_are_rejected(name):
 
 # ---- part 2: the SIMT attention kernels --------------------------------------------------------
 
-# (batch, seq, heads, kv_heads, head_dim, window, documents, dtype): seq never a multiple of the
-# 64-row tiles; window < seq, == seq, > seq, None and 1; GQA groups 1, 2, 4.
+# (batch, seq, heads, kv_heads, head_dim, window, documents): seq never a multiple of the 64-row
+# tiles; window < seq, == seq, > seq, None and 1; GQA groups 1, 2, 4; each in fp16 and bf16.
 EMU_CASES = [
-    (1, 1, 1, 1, 64, None, None, torch.bfloat16),
-    (2, 100, 4, 2, 64, 16, None, torch.float16),
-    (1, 130, 4, 1, 128, None, None, torch.bfloat16),
-    (2, 77, 2, 2, 64, 1, "sorted", torch.bfloat16),
-    (1, 200, 4, 2, 128, 64, "sorted", torch.float16),
-    (2, 65, 2, 2, 128, 65, "unsorted", torch.bfloat16),
-    (1, 129, 4, 1, 64, 300, None, torch.float16),
-    (2, 150, 4, 2, 64, 37, "unsorted", torch.float16),
-    (2, 190, 4, 1, 128, 70, "sorted", torch.bfloat16),
-    (1, 97, 2, 1, 128, 50, "unsorted", torch.float16),
+    (1, 1, 1, 1, 64, None, None),
+    (2, 100, 4, 2, 64, 16, None),
+    (1, 130, 4, 1, 128, None, None),
+    (2, 77, 2, 2, 64, 1, "sorted"),
+    (1, 200, 4, 2, 128, 64, "sorted"),
+    (2, 65, 2, 2, 128, 65, "unsorted"),
+    (1, 129, 4, 1, 64, 300, None),
+    (2, 150, 4, 2, 64, 37, "unsorted"),
+    (2, 190, 4, 1, 128, 70, "sorted"),
+    (1, 97, 2, 1, 128, 50, "unsorted"),
 ]
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def case_inputs(case, seed):
-    b, s, h, kvh, d, window, doc_kind, dtype = case
+def case_inputs(case, seed, dtype):
+    b, s, h, kvh, d, window, doc_kind = case
     gen = torch.Generator().manual_seed(seed)
     q, k, v, go = (torch.randn(shape, generator=gen).to(dtype) for shape in
                    ((b, s, h, d), (b, s, kvh, d), (b, s, kvh, d), (b, s, h, d)))
     return q, k, v, go, make_docs(doc_kind, b, s, gen)
 
 
-def check_against_oracle(kernel_code: int, case, seed: int) -> dict:
+def check_against_oracle(kernel_code: int, case, seed: int, dtype: torch.dtype) -> dict:
     """Runs `case` through kernel family `kernel_code` on the emulator; the errors vs float64."""
-    window, dtype = case[5], case[7]
-    q, k, v, go, docs = case_inputs(case, seed)
+    window = case[5]
+    q, k, v, go, docs = case_inputs(case, seed, dtype)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     ref = oracle(*ref_in, window, docs)
     ref.backward(go.double())
@@ -238,17 +238,18 @@ def check_against_oracle(kernel_code: int, case, seed: int) -> dict:
     return errs
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", EMU_CASES, ids=[str(c) for c in EMU_CASES])
-def test_simt_kernels_match_float64(case):
+def test_simt_kernels_match_float64(case, dtype):
     emu()
-    check_against_oracle(SIMT, case, EMU_CASES.index(case))
+    check_against_oracle(SIMT, case, EMU_CASES.index(case), dtype)
 
 
 def test_simt_lse_is_the_base2_logsumexp():
     """The saved statistics the backward relies on, checked directly (not only through dQ)."""
     mod = emu()
-    case = (2, 70, 2, 1, 64, 20, "sorted", torch.bfloat16)
-    q, k, v, _, docs = case_inputs(case, 3)
+    case = (2, 70, 2, 1, 64, 20, "sorted")
+    q, k, v, _, docs = case_inputs(case, 3, torch.bfloat16)
     scale = 0.125
     o, lse, lo, by_id = cuda_kernel_forward(mod, q, k, v, docs, 20, scale, SIMT)
     from tests.test_attention import oracle_mask
