@@ -83,12 +83,13 @@ def test_conversions_round_like_torch():
     n = x.numel()
     hb, bb = torch.empty(n, dtype=torch.int16), torch.empty(n, dtype=torch.int16)
     hf, bf = torch.empty(n), torch.empty(n)
-    mod.selftest_convert(x.data_ptr(), n, hb.data_ptr(), bb.data_ptr(), hf.data_ptr(), bf.data_ptr())
+    outs = [t.data_ptr() for t in (hb, bb, hf, bf)]
+    mod.selftest_convert(x.data_ptr(), n, *outs)
     assert torch.equal(hb, x.half().view(torch.int16))
     assert torch.equal(bb, x.bfloat16().view(torch.int16))
     assert torch.equal(hf, x.half().float()) and torch.equal(bf, x.bfloat16().float())
     nan = torch.tensor([math.nan])
-    mod.selftest_convert(nan.data_ptr(), 1, hb.data_ptr(), bb.data_ptr(), hf.data_ptr(), bf.data_ptr())
+    mod.selftest_convert(nan.data_ptr(), 1, *outs)
     assert hf[0].isnan() and bf[0].isnan()
 
 
