@@ -163,6 +163,24 @@ def test_mma_backward_rejects_other_warp_counts(emu):
                      _p(f32), 1, 8, 1, 1, 64, 0.125, 1, 0, MMA, _p(f32), 0, 6)
 
 
+def test_mma_rejects_misaligned_rows(emu):
+    """The kernels move 16-byte vectors: a pointer off by one element is an error, not a fault."""
+    buf = torch.randn(1 * 8 * 1 * 64 + 8).to(torch.bfloat16)
+    q = buf[1:1 + 8 * 64].view(1, 8, 1, 64)  # contiguous, 2 bytes past a 16-byte boundary
+    lo, _ = key_bounds(8, 0, None, 1, q.device)
+    lse = torch.zeros(1, 1, 8)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        emu.forward(_p(q), _p(out), _p(out), _p(out), _p(lse), _p(lo), 0, 0, 1, 8, 1, 1, 64, 0.125, 1,
+                    0, MMA)
+    # ... which the Python calls avoid by copying such a view.
+    k = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
+    go = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
+    o, _, dq, dk, dv = run(emu, q, k, k, None, None, go)
+    ref, (rdq, rdk, rdv) = reference(q, k, k, go, None, None)
+    assert rel_err(o, ref) <= 1e-2 and rel_err(dq, rdq) <= 1e-2
+
+
 def test_mma_backward_without_dq_scratch_fails_clearly(emu):
     q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
     k = torch.randn(1, 8, 1, 64).to(torch.bfloat16)

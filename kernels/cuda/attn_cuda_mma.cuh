@@ -722,9 +722,15 @@ std::string launch_bwd(Params p) {
   return err == cudaSuccess ? "" : std::string("CUDA attention backward (tensor cores): ") + cudaGetErrorString(err);
 }
 
+inline bool misaligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) != 0; }
+
 template <typename T, int D>
 std::string launch(const CudaAttnArgs& a, bool fwd) {
   const Params p{a, a.scale * kLog2e, 1, static_cast<int>(a.H / a.KV)};
+  // Rows are moved 16 bytes at a time (D * sizeof(T) is a multiple of 16, so rows stay aligned).
+  if (misaligned16(a.q) || misaligned16(a.k) || misaligned16(a.v) ||
+      (fwd ? misaligned16(a.o) : misaligned16(a.dout)))
+    return "CUDA attention (tensor cores): q, k, v, out and grad_out must be 16-byte aligned";
   if (fwd) {
     if (a.fwd_rows_per_warp == 32) return launch_fwd<T, D, 2>(p);
     if (a.fwd_rows_per_warp == 16 || a.fwd_rows_per_warp == 0) return launch_fwd<T, D, 1>(p);

@@ -126,6 +126,12 @@ def _mma_knob(name: str, default: str, allowed: tuple[str, ...]) -> int:
     return int(raw)
 
 
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """t, or a fresh copy where its data does not start on 16 bytes (a view with an odd storage
+    offset): the tensor-core kernels load rows as 16-byte vectors."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def mma_rows_per_warp() -> int:
     """MEGATRON_SC2_MMA_ROWS_PER_WARP=16|32: query rows per warp of the tensor-core forward (a
     tuning knob: 32 halves its shared-memory reads per mma at the cost of registers)."""
@@ -149,6 +155,8 @@ def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     backward needs."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
+    if kernel == 0:
+        q, k, v = _aligned16(q), _aligned16(k), _aligned16(v)
     lo, by_id = key_bounds(s, window, doc, b, q.device)
     o = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
@@ -169,6 +177,8 @@ def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     their warps per block, 4 or 8 (None: MEGATRON_SC2_MMA_BWD_WARPS, default 4)."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
+    if kernel == 0:
+        q, k, v, grad_out = (_aligned16(t) for t in (q, k, v, grad_out))
     delta = (grad_out.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (b, h, s)
     dq = torch.empty_like(q)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
