@@ -65,14 +65,23 @@ GPU_CASES = [  # (batch, seq, heads, kv_heads, window, documents)
 ]
 
 
+# Kernel families and their shape knobs: SIMT; tensor cores with the default shapes; tensor cores
+# with 32 forward rows per warp and 8 backward warps per block.
+FAMILIES = {"simt": {"MEGATRON_SC2_CUDA_KERNEL": "simt"},
+            "mma": {"MEGATRON_SC2_CUDA_KERNEL": "mma"},
+            "mma-rows32-bwd8": {"MEGATRON_SC2_CUDA_KERNEL": "mma", "MEGATRON_SC2_MMA_ROWS_PER_WARP": "32",
+                                "MEGATRON_SC2_MMA_BWD_WARPS": "8"}}
+
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", GPU_CASES, ids=[str(c) for c in GPU_CASES])
-@pytest.mark.parametrize("kernel", sorted(kernels.CUDA_KERNELS))  # mma (tensor cores), simt
-def test_cuda_matches_float64(case, head_dim, dtype, kernel, monkeypatch):
-    monkeypatch.setenv("MEGATRON_SC2_CUDA_KERNEL", kernel)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_matches_float64(case, head_dim, dtype, family, monkeypatch):
+    for name, value in FAMILIES[family].items():
+        monkeypatch.setenv(name, value)
     b, s, h, kvh, window, doc_kind = case
     gen = torch.Generator().manual_seed(GPU_CASES.index(case))
     q, k, v, go = (torch.randn(shape, generator=gen).to(dtype) for shape in
