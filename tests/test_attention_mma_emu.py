@@ -181,6 +181,26 @@ def test_mma_rejects_misaligned_rows(emu):
     assert rel_err(o, ref) <= 1e-2 and rel_err(dq, rdq) <= 1e-2
 
 
+def test_non_positive_scale(emu):
+    """The tensor-core kernels refuse scale <= 0; the Python calls use the SIMT kernels then."""
+    q, k, v, go, _ = inputs((1, 50, 2, 1, 64, None, None), torch.bfloat16, 5)
+    lo, _ = key_bounds(50, 0, None, 1, q.device)
+    lse = torch.zeros(1, 2, 50)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="scale must be positive"):
+        emu.forward(_p(q), _p(k), _p(v), _p(out), _p(lse), _p(lo), 0, 0, 1, 50, 2, 1, 64, -0.125, 1,
+                    0, MMA)
+    for scale in (-0.125, 0.0):
+        o, lse, lo, by_id = cuda_kernel_forward(emu, q, k, v, None, 0, scale, MMA)
+        dq, dk, dv = cuda_kernel_backward(emu, q, k, v, o, lse, None, lo, by_id, go, scale, MMA)
+        ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = oracle(*ref_in, None, None, scale=scale)
+        ref.backward(go.double())
+        errs = [rel_err(o, ref), rel_err(dq, ref_in[0].grad), rel_err(dk, ref_in[1].grad),
+                rel_err(dv, ref_in[2].grad)]
+        assert all(e <= 1e-2 for e in errs), (scale, errs)
+
+
 def test_mma_backward_without_dq_scratch_fails_clearly(emu):
     q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
     k = torch.randn(1, 8, 1, 64).to(torch.bfloat16)

@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
         for (int n = 0; n < NS; ++n) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            float x = s[mt][n][e] * p.scale2;
+            float x = s[mt][n][e];  // raw q.k: scaled inside the exponent below (one FFMA)
             if (!full) {
               const int r = e >> 1;
               const int jj = n * 8 + 2 * t + (e & 1);
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
         float alpha[2], mref[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const float mnew = fmaxf(m[mt][r], sc2::quad_max(mx[r]));
+          const float mnew = fmaxf(m[mt][r], sc2::quad_max(mx[r]) * p.scale2);  // scale2 > 0
           mref[r] = mnew == -INFINITY ? 0.0f : mnew;  // a row with nothing visible yet stays at 0
           alpha[r] = exp2f(m[mt][r] - mref[r]);
           m[mt][r] = mnew;
@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
         for (int n = 0; n < NS; ++n) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[mt][n][e] = exp2f(s[mt][n][e] - mref[e >> 1]);
+            s[mt][n][e] = exp2f(fmaf(s[mt][n][e], p.scale2, -mref[e >> 1]));
             l[mt][e >> 1] += s[mt][n][e];
           }
         }
@@ -731,6 +731,8 @@ std::string launch(const CudaAttnArgs& a, bool fwd) {
   if (misaligned16(a.q) || misaligned16(a.k) || misaligned16(a.v) ||
       (fwd ? misaligned16(a.o) : misaligned16(a.dout)))
     return "CUDA attention (tensor cores): q, k, v, out and grad_out must be 16-byte aligned";
+  if (!(a.scale > 0.0f))  // the forward takes row maxima of the unscaled scores
+    return "CUDA attention (tensor cores): the softmax scale must be positive, got " + std::to_string(a.scale);
   if (fwd) {
     if (a.fwd_rows_per_warp == 32) return launch_fwd<T, D, 2>(p);
     if (a.fwd_rows_per_warp == 16 || a.fwd_rows_per_warp == 0) return launch_fwd<T, D, 1>(p);

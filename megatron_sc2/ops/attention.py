@@ -132,6 +132,12 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _family_for_scale(kernel: int, scale: float) -> int:
+    """The tensor-core kernels (0) need a positive softmax scale; SIMT (1) takes any. Their lse
+    formats agree, so a forward of one family and a backward of the other combine."""
+    return 1 if kernel == 0 and not scale > 0 else kernel
+
+
 def mma_rows_per_warp() -> int:
     """MEGATRON_SC2_MMA_ROWS_PER_WARP=16|32: query rows per warp of the tensor-core forward (a
     tuning knob: 32 halves its shared-memory reads per mma at the cost of registers)."""
@@ -155,6 +161,7 @@ def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     backward needs."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
+    kernel = _family_for_scale(kernel, scale)
     if kernel == 0:
         q, k, v = _aligned16(q), _aligned16(k), _aligned16(v)
     lo, by_id = key_bounds(s, window, doc, b, q.device)
@@ -177,6 +184,7 @@ def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     their warps per block, 4 or 8 (None: MEGATRON_SC2_MMA_BWD_WARPS, default 4)."""
     b, s, h, d = q.shape
     kvh = k.shape[2]
+    kernel = _family_for_scale(kernel, scale)
     if kernel == 0:
         q, k, v, grad_out = (_aligned16(t) for t in (q, k, v, grad_out))
     delta = (grad_out.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (b, h, s)
