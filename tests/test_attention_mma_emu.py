@@ -17,6 +17,7 @@ import torch
 from megatron_sc2.ops import kernels
 from megatron_sc2.ops.attention import cuda_kernel_backward, cuda_kernel_forward, key_bounds
 from tests.test_attention import make_docs, oracle, oracle_mask, rel_err
+from tests.test_attention_cuda_emu import nan_padded
 
 MMA, SIMT = 0, 1
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -42,7 +43,9 @@ def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout:
     `_CudaAttention` makes (CPU pointers here). Returns o, lse, dq, dk, dv. `head_splits`:
     backward blocks per (key tile, kv head) (0: the kernel's choice, which for these small shapes
     is one block per query head); `rows_per_warp`: the forward's 16 or 32 query rows per warp;
-    `bwd_warps`: the backward's 4 or 8 warps (of 16 keys) per block."""
+    `bwd_warps`: the backward's 4 or 8 warps (of 16 keys) per block. The inputs are NaN-padded
+    copies, so reads out of bounds show up."""
+    q, k, v, dout = (nan_padded(t) for t in (q, k, v, dout))
     s, d = q.shape[1], q.shape[3]
     win = 0 if window is None or window >= s else window
     doc = None if docs is None else docs.to(torch.int64).contiguous()
