@@ -708,6 +708,9 @@ std::string launch_bwd(Params p) {
                   static_cast<unsigned>(a.KV * p.head_splits), static_cast<unsigned>(a.B));
   cudaError_t err = cudaFuncSetAttribute(bwd_kernel<T, D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(L::kBytes));
+  // All of L1 as shared memory (100%): two 4-warp blocks of D = 128 need 2 x 113 KB on an SM.
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(bwd_kernel<T, D, NW>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   if (err == cudaSuccess) {
     SC2_LAUNCH(grid, L::NT, L::kBytes, stream, bwd_kernel<T, D, NW>)(p);
     err = cudaGetLastError();
