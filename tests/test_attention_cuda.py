@@ -69,7 +69,8 @@ GPU_CASES = [  # (batch, seq, heads, kv_heads, window, documents)
 # with 32 forward rows per warp and 8 backward warps per block.
 FAMILIES = {"simt": {"MEGATRON_SC2_CUDA_KERNEL": "simt"},
             "mma": {"MEGATRON_SC2_CUDA_KERNEL": "mma"},
-            "mma-rows32-bwd8": {"MEGATRON_SC2_CUDA_KERNEL": "mma", "MEGATRON_SC2_MMA_ROWS_PER_WARP": "32",
+            "mma-rows32-bwd8": {"MEGATRON_SC2_CUDA_KERNEL": "mma",
+                                "MEGATRON_SC2_MMA_ROWS_PER_WARP": "32",
                                 "MEGATRON_SC2_MMA_BWD_WARPS": "8"}}
 
 

@@ -119,8 +119,8 @@ def test_mma_matches_float64(emu, case, dtype, shape):
 
 @pytest.mark.parametrize("bwd_warps", [4, 8])
 @pytest.mark.parametrize("splits", [1, 2])
-@pytest.mark.parametrize("case", [(2, 150, 6, 2, 64, 50, "sorted"), (1, 100, 4, 1, 128, None, "unsorted")],
-                         ids=["group3", "group4"])
+@pytest.mark.parametrize("case", [(2, 150, 6, 2, 64, 50, "sorted"),
+                                  (1, 100, 4, 1, 128, None, "unsorted")], ids=["group3", "group4"])
 def test_mma_backward_head_splits(emu, case, splits, bwd_warps):
     """The group's query heads in one block (dK/dV stored) or split unevenly over blocks (added)."""
     window = case[5]
@@ -131,7 +131,8 @@ def test_mma_backward_head_splits(emu, case, splits, bwd_warps):
     assert all(e <= 1e-2 for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("fwd_code,bwd_code", [(MMA, SIMT), (SIMT, MMA)], ids=["mma-fwd+simt-bwd", "simt-fwd+mma-bwd"])
+@pytest.mark.parametrize("fwd_code,bwd_code", [(MMA, SIMT), (SIMT, MMA)],
+                         ids=["mma-fwd+simt-bwd", "simt-fwd+mma-bwd"])
 def test_mma_and_simt_share_lse(emu, fwd_code, bwd_code):
     """Either family's forward feeds either family's backward (lse format, dK/dV buffers)."""
     case = (2, 100, 4, 2, 64, 30, "sorted")

@@ -257,7 +257,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
       for (int e = tid; e < BK; e += kThreads) kdoc[e] = e < nk ? doc[j0 + e] : 0;
     __syncthreads();  // V(j) and its ids stored; every warp is done reading K(j)
     const int jn = j0 + BK;
-    if (jn < kend) kv.fetch(kbase + static_cast<int64_t>(jn) * KV * D, KV * D, static_cast<int>(min64(S - jn, BK)), tid);
+    if (jn < kend)
+      kv.fetch(kbase + static_cast<int64_t>(jn) * KV * D, KV * D, static_cast<int>(min64(S - jn, BK)), tid);
     if (live) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -360,7 +361,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
     const int e = tid + it * kThreads;
     const int r = e / kChunks, c = e % kChunks;
     if (r < nq)
-      *reinterpret_cast<uint4*>(out + r * H * D + c * 8) = *reinterpret_cast<const uint4*>(Os + r * LD + c * 8);
+      *reinterpret_cast<uint4*>(out + r * H * D + c * 8) =
+          *reinterpret_cast<const uint4*>(Os + r * LD + c * 8);
   }
 }
 
@@ -413,9 +415,9 @@ __global__ void __launch_bounds__(32 * NW) bwd_kernel(const Params p) {
   T* Vs = Ks + BK * LD;
   // Buffer pairs, buffer `buf` at base + buf * size (indexing arrays of pointers would put them
   // in local memory).
-  T* Q0 = Vs + BK * LD;              // 2 x kBwdRows * LD
-  T* dO0 = Q0 + 2 * kBwdRows * LD;         // 2 x kBwdRows * LD
-  T* dS0 = dO0 + 2 * kBwdRows * LD;        // 2 x BK * LDS (dS^T)
+  T* Q0 = Vs + BK * LD;               // 2 x kBwdRows * LD
+  T* dO0 = Q0 + 2 * kBwdRows * LD;    // 2 x kBwdRows * LD
+  T* dS0 = dO0 + 2 * kBwdRows * LD;   // 2 x BK * LDS (dS^T)
   unsigned char* rows0 = reinterpret_cast<unsigned char*>(dS0 + 2 * BK * LDS);  // 2 x kRowBytes
   float* dQ0 = reinterpret_cast<float*>(rows0 + 2 * L::kRowBytes);  // 2 x kBwdRows * LDQ, fp32
 
@@ -688,7 +690,8 @@ std::string launch_fwd(const Params& p) {
     SC2_LAUNCH(grid, kThreads, F::kBytes, reinterpret_cast<cudaStream_t>(a.stream), fwd_kernel<T, D, MT>)(p);
     err = cudaGetLastError();
   }
-  return err == cudaSuccess ? "" : std::string("CUDA attention forward (tensor cores): ") + cudaGetErrorString(err);
+  if (err == cudaSuccess) return "";
+  return std::string("CUDA attention forward (tensor cores): ") + cudaGetErrorString(err);
 }
 
 template <typename T, int D, int NW>
@@ -722,7 +725,8 @@ std::string launch_bwd(Params p) {
     SC2_LAUNCH(cgrid, 256, 0, stream, dq_cast_kernel<T>)(a.dq32, static_cast<T*>(a.dq), pairs, a.scale);
     err = cudaGetLastError();
   }
-  return err == cudaSuccess ? "" : std::string("CUDA attention backward (tensor cores): ") + cudaGetErrorString(err);
+  if (err == cudaSuccess) return "";
+  return std::string("CUDA attention backward (tensor cores): ") + cudaGetErrorString(err);
 }
 
 inline bool misaligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) != 0; }
@@ -735,7 +739,8 @@ std::string launch(const CudaAttnArgs& a, bool fwd) {
       (fwd ? misaligned16(a.o) : misaligned16(a.dout)))
     return "CUDA attention (tensor cores): q, k, v, out and grad_out must be 16-byte aligned";
   if (!(a.scale > 0.0f))  // the forward takes row maxima of the unscaled scores
-    return "CUDA attention (tensor cores): the softmax scale must be positive, got " + std::to_string(a.scale);
+    return "CUDA attention (tensor cores): the softmax scale must be positive, got " +
+           std::to_string(a.scale);
   if (fwd) {
     if (a.fwd_rows_per_warp == 32) return launch_fwd<T, D, 2>(p);
     if (a.fwd_rows_per_warp == 16 || a.fwd_rows_per_warp == 0) return launch_fwd<T, D, 1>(p);
