@@ -90,6 +90,7 @@ class Trainer:
         self.rank, self.world_size = 0, 1
         self.pm = None  # megatron_sc2.parallel.engine.ParallelModel under several processes
         self._pending_save: Optional[PendingSave] = None
+        self.save_stalls: list[float] = []  # seconds each periodic save held up training
         self._ckpt_group = None
         self._init_distributed()
         self.tokenizer = self._load_tokenizer()
@@ -369,7 +370,9 @@ class Trainer:
             saved = bool(cfg.save) and cfg.save_interval > 0 and it % cfg.save_interval == 0 \
                 and it != cfg.train_iters
             if saved:
+                t_save = time.perf_counter()
                 self.save()
+                self.save_stalls.append(time.perf_counter() - t_save)  # training stopped this long
             else:
                 self.finish_pending_save(wait=False)
             reason = self._exit_reason(it)
