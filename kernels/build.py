@@ -266,6 +266,18 @@ def build_plans(plans: list[Plan], jobs: Optional[int] = None, force: bool = Fal
     return [plan.output for plan, _, _ in stale]
 
 
+def drop_stale(plans: list[Plan]) -> None:
+    """Removes what earlier builds of these (now failed) modules left: the output, its in-place
+    copy in the source tree (`build_ext --inplace`) and the fingerprint. A module that is missing
+    makes its tests fail loudly; a stale one would quietly test old kernel code."""
+    for plan in plans:
+        inplace = KERNELS.parent / "megatron_sc2" / "ops" / plan.output.name
+        for path in (plan.output, inplace, plan.stamp):
+            if path.exists():
+                path.unlink()
+                print(f"removed stale {path}", file=sys.stderr)
+
+
 class BuildKernels(build_ext):
     """build_ext that compiles our kernels itself (see the module docstring)."""
 
@@ -301,6 +313,7 @@ class BuildKernels(build_ext):
                   "skip it, =1 to make this an error); building the CPU module only",
                   file=sys.stderr)
             self.extensions = [e for e in self.extensions if e.name != CUDA_MODULE]
+            drop_stale(cuda_plans)
             build_plans(cpu_plans, force=self.force)
         try:
             build_plans(emu_plans, force=self.force)
@@ -310,3 +323,4 @@ class BuildKernels(build_ext):
             print("WARNING: building the emulated CUDA module _attn_cuda_emu failed (set "
                   "MEGATRON_SC2_CUDA_EMU=0 to skip it)", file=sys.stderr)
             self.extensions = [e for e in self.extensions if e.name != EMU_MODULE]
+            drop_stale(emu_plans)
