@@ -523,7 +523,10 @@ class Trainer:
         if self._ckpt_group is None:
             import torch.distributed as dist
 
-            self._ckpt_group = dist.new_group(backend="gloo")
+            import datetime
+
+            self._ckpt_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+                minutes=self.cfg.distributed_timeout_minutes))
         return self._ckpt_group
 
     def load(self, load_dir: str) -> None:
