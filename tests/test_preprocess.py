@@ -178,6 +178,14 @@ def test_repo_context_jsonl_and_filters(tmp_path, tok):
     s = preprocess(str(tmp_path / "p"), tok, [str(inp)], json_keys=["content"],
                    filters=FileFilters(max_file_size=100), progress=False)
     assert s.documents == 5 and s.read.filtered_max_file_size == 1
+    # A repository whose rows are not consecutive would silently become two documents: refused.
+    split = _jsonl(tmp_path / "split.jsonl", ["a = 1\n", "b = 2\n", "c = 3\n"], key="content",
+                   extra=lambda i: {"repo_name": ["org/x", "org/y", "org/x"][i], "path": f"f{i}.py"})
+    _expect_error(tmp_path, tok, [str(split)], r"split\.jsonl:3: repository 'org/x' again",
+                  repo_context=True)
+    pq.write_table(pa.table({"repo_name": ["org/x", "org/y", "org/x"], "path": ["a", "b", "c"],
+                             "content": ["a = 1\n", "b = 2\n", "c = 3\n"]}), tmp_path / "split.parquet")
+    _expect_error(tmp_path, tok, [str(tmp_path / "split.parquet")], r"row 3: repository 'org/x' again")
 
 
 def _expect_error(tmp_path, tok, inputs, match, **kw):

@@ -234,7 +234,11 @@ def _record_text(rec: dict[str, Any], key: str, where: str, stats: ReadStats, sk
 
 @dataclass
 class RepoGrouper:
-    """Groups consecutive records of the same repository into repository documents."""
+    """Groups consecutive records of the same repository into repository documents.
+
+    One repository is one document, so its rows must be consecutive within an input file; a
+    repository that comes back after others is an error (it would silently become two
+    documents). Repositories already seen in the file are remembered by an 8-byte hash."""
 
     seed: int
     filters: FileFilters
@@ -242,12 +246,18 @@ class RepoGrouper:
     current: Optional[str] = None
     where: str = ""
     files: list[tuple[str, str]] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
 
     def add(self, repo: str, path: str, text: str, where: str) -> Optional[Document]:
         out = None
         if repo != self.current:
+            key = int.from_bytes(hashlib.blake2b(repo.encode(), digest_size=8).digest(), "little")
+            if key in self.seen:
+                raise DataError(f"{where}: repository {repo!r} again, after other repositories; one "
+                                f"repository's rows must be consecutive (sort the input by repo_name)")
             out = self.flush()
             self.current, self.where = repo, where
+            self.seen.add(key)
         reason = self.filters.reject_reason(text) if self.filters.active() else None
         if reason:
             setattr(self.stats, reason, getattr(self.stats, reason) + 1)
