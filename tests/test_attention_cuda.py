@@ -13,7 +13,7 @@ import torch
 
 from megatron_sc2.ops import kernels
 from megatron_sc2.ops.attention import attention_backend, sliding_window_attention
-from tests.test_attention import make_docs, oracle, rel_err
+from tests.test_attention import make_docs, oracle, oracle_mask, rel_err
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,6 +103,44 @@ def test_cuda_matches_float64(case, head_dim, dtype, family, monkeypatch):
         assert a.grad.dtype == dtype
         errs[f"d{name}"] = rel_err(a.grad.cpu(), r.grad)
     assert max(errs.values()) <= 1e-2, (case, errs)
+
+
+# Long sequences, many tiles and the 3B head layout (24 / 2: the tensor-core backward splits the
+# group's heads over blocks): what the emulator never runs, since its shapes stay small.
+LARGE_CASES = [  # (batch, seq, heads, kv_heads, head_dim, window, documents)
+    (1, 2048, 24, 2, 128, 512, None),
+    (2, 1500, 16, 4, 64, 1024, "sorted"),
+    (1, 1024, 8, 2, 128, None, "unsorted"),
+]
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LARGE_CASES, ids=[str(c) for c in LARGE_CASES])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_large_shapes_match_float64(case, family, monkeypatch):
+    for name, value in FAMILIES[family].items():
+        monkeypatch.setenv(name, value)
+    b, s, h, kvh, d, window, doc_kind = case
+    gen = torch.Generator().manual_seed(s + h)
+    q, k, v, go = (torch.randn(shape, generator=gen).to(torch.bfloat16).cuda() for shape in
+                   ((b, s, h, d), (b, s, kvh, d), (b, s, kvh, d), (b, s, h, d)))
+    docs = make_docs(doc_kind, b, s, gen)
+    # The float64 oracle on the GPU (on the CPU it would take minutes at these sizes).
+    mask = oracle_mask(s, window, docs).cuda()
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in ref_in), attn_mask=mask, enable_gqa=h != kvh).transpose(1, 2)
+    ref.backward(go.double())
+    ours_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = sliding_window_attention(*ours_in, window=window,
+                                   document_ids=None if docs is None else docs.cuda())
+    out.backward(go)
+    torch.cuda.synchronize()
+    errs = {"out": rel_err(out, ref)}
+    for name, a, r in zip("qkv", ours_in, ref_in):
+        errs[f"d{name}"] = rel_err(a.grad, r.grad)
+    assert max(errs.values()) <= 1e-2, (case, family, errs)
 
 
 @needs_gpu
