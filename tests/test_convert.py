@@ -25,6 +25,7 @@ from megatron_sc2.convert.dcp_io import TensorSpec, iter_model_tensors, read_mod
 from megatron_sc2.convert.main import parse_size
 from megatron_sc2.convert.to_hf import verify_shards
 from megatron_sc2.convert.safetensors_io import read_header
+from megatron_sc2.convert.streamed_models import stream_hf_model, stream_our_model
 from megatron_sc2.convert.verify import checksum, load_our_model, max_logit_diff, verify_logits
 from megatron_sc2.errors import CheckpointError, ConfigError
 from megatron_sc2.training.checkpoint import find_checkpoint, read_meta
@@ -41,10 +42,10 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return Path(train_tokenizer(texts, 512, tmp_path_factory.mktemp("tok") / "tokenizer"))
 
 
-def _hf_config(tie: bool) -> Starcoder2Config:
+def _hf_config(tie: bool, layers: int = 2) -> Starcoder2Config:
     # Written out by hand (not from our config code), the tiny preset's shape.
     return Starcoder2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         sliding_window=16, rope_theta=10000.0, tie_word_embeddings=tie, use_bias=True,
         norm_epsilon=1e-5, hidden_act="gelu_pytorch_tanh", bos_token_id=0, eos_token_id=0,
@@ -52,10 +53,11 @@ def _hf_config(tie: bool) -> Starcoder2Config:
 
 
 def make_hf_dir(path: Path, tie: bool, dtype: torch.dtype, seed: int = 0,
-                tokenizer: Path | None = None, max_shard_size: str = "60KB") -> Starcoder2ForCausalLM:
+                tokenizer: Path | None = None, max_shard_size: str = "60KB",
+                layers: int = 2) -> Starcoder2ForCausalLM:
     """A transformers-saved StarCoder2 in several shards, every parameter non-trivial."""
     torch.manual_seed(seed)
-    model = Starcoder2ForCausalLM(_hf_config(tie)).eval()
+    model = Starcoder2ForCausalLM(_hf_config(tie, layers)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -161,6 +163,93 @@ def test_verification_catches_wrong_weights(tmp_path):
         f.write(bytes([byte[0] ^ 0x40]))
     with pytest.raises(CheckpointError, match=f"checksum of {name}"):
         verify_shards(out, specs, weight_map, sums)
+
+
+
+def _layers_with_weights(layers) -> list[int]:
+    return [i for i, layer in enumerate(layers) if any(p.device.type != "meta" for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_verify_logits_holds_one_decoder_layer_at_a_time(tmp_path, tie):
+    """While either model runs a decoder layer, that layer alone (of both models) holds loaded
+    weights, and they are released after it; the streamed models compute exactly what the
+    fully loaded ones (ours, and transformers' from_pretrained) compute."""
+    src, ck = tmp_path / "src", tmp_path / "ck"
+    make_hf_dir(src, tie, torch.bfloat16, seed=4, layers=4)
+    assert _cli("from-hf", "--load", src, "--save", ck) == 0
+    path = find_checkpoint(ck)
+    cfg = ModelConfig(**read_meta(path)["model_config"])
+    ours, hf = stream_our_model(path, cfg), stream_hf_model(src)
+    stacks = [list(ours.layers.values()), list(hf.model.layers)]
+    assert _layers_with_weights(stacks[0]) == _layers_with_weights(stacks[1]) == []
+    seen: list[tuple[int, int, list[int], list[int]]] = []
+    loaded: list[weakref.ref] = []
+
+    def watch(which: int, index: int):
+        def hook(layer, _args):  # registered after the loading hook: runs once the layer is loaded
+            seen.append((which, index, _layers_with_weights(stacks[0]), _layers_with_weights(stacks[1])))
+            loaded.extend(weakref.ref(p) for p in layer.parameters())
+        return hook
+
+    for which, stack in enumerate(stacks):
+        for index, layer in enumerate(stack):
+            layer.register_forward_pre_hook(watch(which, index))
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(tokens), hf(tokens).logits
+    assert [(w, i) for w, i, _, _ in seen] == [(w, i) for w in (0, 1) for i in range(4)]
+    for which, index, live_ours, live_hf in seen:
+        assert (live_ours, live_hf) == (([index], []) if which == 0 else ([], [index])), seen
+    assert _layers_with_weights(stacks[0]) == _layers_with_weights(stacks[1]) == []
+    assert len(loaded) == 2 * 4 * 16 and all(r() is None for r in loaded)  # really released
+    with torch.no_grad():
+        assert torch.equal(a, load_our_model(path, cfg)(tokens))
+        assert torch.equal(b, _load_hf(src)(tokens).logits)
+    assert (a - b).abs().max().item() <= 1e-4
+    assert verify_logits(path, src, cfg, round_to=None) <= 1e-4
+
+
+def _rewrite_shard(hf_dir: Path, name: str, change) -> None:
+    """Rewrite the shard holding `name` with `change(tensors)` applied (the index kept in step)."""
+    from safetensors.torch import save_file
+
+    index_path = hf_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = hf_dir / index["weight_map"][name]
+    tensors = load_file(shard)
+    change(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
+    index["weight_map"].update({k: shard.name for k in tensors})
+    index_path.write_text(json.dumps(index))
+
+
+def test_verify_logits_refuses_a_corrupt_layer_and_names_bad_weights(tmp_path):
+    import shutil
+
+    src, ck = tmp_path / "src", tmp_path / "ck"
+    make_hf_dir(src, False, torch.float32, seed=6, layers=4)
+    assert _cli("from-hf", "--load", src, "--save", ck) == 0
+    path = find_checkpoint(ck)
+    cfg = ModelConfig(**read_meta(path)["model_config"])
+    assert verify_logits(path, src, cfg, round_to=None) <= 1e-4
+    cases = {
+        # one weight of a middle layer off by 1% of its values: the logits see it
+        "corrupt": ("model.layers.2.self_attn.v_proj.weight",
+                    lambda t, n: t.__setitem__(n, t[n] * 1.01), r"logits .* differ by"),
+        "missing": ("model.layers.3.mlp.c_fc.bias", lambda t, n: t.pop(n), r"missing weights model\.layers\.3\.mlp\.c_fc\.bias"),
+        "unexpected": ("model.layers.1.mlp.c_fc.bias", lambda t, n: t.__setitem__("model.layers.1.mlp.gate.weight", t[n].clone()),
+                       r"unexpected weights model\.layers\.1\.mlp\.gate\.weight"),
+        "mis-shaped": ("model.layers.0.self_attn.k_proj.bias", lambda t, n: t.__setitem__(n, t[n][:16].clone()),
+                       r"mis-shaped weights model\.layers\.0\.self_attn\.k_proj\.bias \[16\] \(needs \[32\]\)"),
+    }
+    for case, (name, change, expect) in cases.items():
+        bad = tmp_path / case
+        shutil.copytree(src, bad)
+        _rewrite_shard(bad, name, lambda tensors: change(tensors, name))
+        with pytest.raises(CheckpointError, match=expect):
+            verify_logits(path, bad, cfg, round_to=None)
 
 
 def _tiny_cfg(tie: bool):

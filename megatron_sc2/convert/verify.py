@@ -4,7 +4,8 @@ The checksum (CRC-32 of the exact bytes) is taken while writing and again from w
 independent reader gets back from disk (the `safetensors` library for HF shards, DCP for our
 checkpoints). `--verify-logits` runs our model on the checkpoint and transformers'
 Starcoder2ForCausalLM on the HF directory on the same tokens (both fp32, weights rounded to the
-stored dtype) and compares the logits.
+stored dtype) and compares the logits; both models load one decoder layer at a time
+(streamed_models), so this fits in memory for 3B and 15B models.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from megatron_sc2.config import ModelConfig
 from megatron_sc2.convert.dcp_io import iter_model_tensors, read_model_specs
 from megatron_sc2.convert.layout import TIED_HEAD
 from megatron_sc2.convert.safetensors_io import tensor_bytes
+from megatron_sc2.convert.streamed_models import stream_hf_model, stream_our_model
 from megatron_sc2.errors import CheckpointError
 
 LOGITS_ATOL = 1e-4
@@ -39,7 +41,8 @@ def check_read_back(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype
 
 
 def load_our_model(ckpt: Path, cfg: ModelConfig, round_to: Optional[torch.dtype] = None):
-    """Our StarCoder2 in fp32 with the checkpoint's weights (rounded through `round_to`)."""
+    """Our whole StarCoder2 in fp32 with the checkpoint's weights (rounded through `round_to`);
+    for small models (tests, the benchmark's baseline). --verify-logits streams instead."""
     from megatron_sc2.model import StarCoder2
 
     model = StarCoder2(cfg).eval()
@@ -52,22 +55,6 @@ def load_our_model(ckpt: Path, cfg: ModelConfig, round_to: Optional[torch.dtype]
             t = t.to(round_to)
         params[name].copy_(t)
     return model
-
-
-def load_hf_model(hf_dir: Path, round_to: Optional[torch.dtype] = None):
-    """transformers' model from the directory, refusing missing/unexpected/mis-shaped weights."""
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(
-        str(hf_dir), dtype=torch.float32, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if problems:
-        raise CheckpointError(f"{hf_dir}: transformers reports {problems}")
-    if round_to is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.to(round_to))
-    return model.eval()
 
 
 def max_logit_diff(ours, hf, cfg: ModelConfig, seq_len: Optional[int] = None, seed: int = 0) -> float:
@@ -85,8 +72,10 @@ def max_logit_diff(ours, hf, cfg: ModelConfig, seq_len: Optional[int] = None, se
 
 
 def verify_logits(ckpt: Path, hf_dir: Path, cfg: ModelConfig, round_to: Optional[torch.dtype]) -> float:
-    ours = load_our_model(ckpt, cfg, round_to)
-    hf = load_hf_model(hf_dir, round_to)
+    """Max logit difference between our model on `ckpt` and transformers' on `hf_dir`; refused
+    above LOGITS_ATOL. Peak memory: both embeddings / heads plus about one decoder layer."""
+    ours = stream_our_model(Path(ckpt), cfg, round_to)
+    hf = stream_hf_model(Path(hf_dir), round_to)
     diff = max_logit_diff(ours, hf, cfg)
     if not diff <= LOGITS_ATOL:
         raise CheckpointError(
