@@ -10,11 +10,19 @@ and prints seconds, peak RSS, the interpreter's own RSS, the largest output shar
   rss_ratio   (peak RSS - interpreter) / largest output shard   (target < 1.5)
   disk_ratio  conversion seconds / seconds to copy the same input files with fsync (the floor
               set by the disk; 1.0 = disk-bound)
+
+    .venv/bin/python bench/convert.py --verify-logits [--num-layers 24 --hidden-size 1024]
+
+instead measures `--verify-logits` alone on the exported directory, each in its own process:
+the streaming verification (convert.verify.verify_logits) against the whole-model one it
+replaced (both models fully loaded in fp32: our load_our_model and transformers'
+from_pretrained), and prints seconds, peak RSS and the RSS ratio whole / streaming.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -28,15 +36,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from megatron_sc2.config import preset  # noqa: E402
+from megatron_sc2.config import ModelConfig, preset  # noqa: E402
 from megatron_sc2.convert.dcp_io import TensorSpec, save_model_streaming  # noqa: E402
 from megatron_sc2.convert.layout import expected_shapes  # noqa: E402
 from megatron_sc2.training import checkpoint as ckpt  # noqa: E402
 
 
-def make_source(save: Path, model: str) -> int:
+def make_source(save: Path, cfg: ModelConfig) -> int:
     """A random-weight fp32 checkpoint, written one tensor at a time."""
-    cfg = preset(model)
     specs = [TensorSpec(n, s, torch.float32) for n, s in expected_shapes(cfg).items()]
     gen = torch.Generator().manual_seed(0)
     tmp = ckpt.temporary_dir(save, 1, str(os.getpid()))
@@ -101,6 +108,60 @@ def copy_seconds(src: Path, dst: Path) -> float:
     return secs
 
 
+# Run in a fresh process each (the wrapper's `-c` mode); WORK/ckpt and WORK/hf exist.
+_VERIFY_COMMON = """
+import torch
+from pathlib import Path
+from megatron_sc2.config import ModelConfig
+from megatron_sc2.training.checkpoint import find_checkpoint, read_meta
+work = Path({work!r})
+ckpt = find_checkpoint(work / 'ckpt')
+cfg = ModelConfig(**read_meta(ckpt)['model_config'])
+round_to = {round_to}
+"""
+_VERIFY_STREAMING = """
+from megatron_sc2.convert.verify import verify_logits
+diff = verify_logits(ckpt, work / 'hf', cfg, round_to)
+print(f'streaming verify: max logit diff {{diff:.3g}}')
+"""
+# What --verify-logits did before streaming: both whole models in fp32, then the same compare.
+_VERIFY_WHOLE = """
+from transformers import AutoModelForCausalLM
+from megatron_sc2.convert.verify import load_our_model, max_logit_diff
+ours = load_our_model(ckpt, cfg, round_to)
+hf = AutoModelForCausalLM.from_pretrained(str(work / 'hf'), dtype=torch.float32).eval()
+if round_to is not None:
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(round_to))
+print(f'whole-model verify: max logit diff {{max_logit_diff(ours, hf, cfg):.3g}}')
+"""
+
+
+def bench_verify_logits(work: Path, src: Path, hf: Path, args: argparse.Namespace) -> None:
+    """Peak RSS and seconds of the streaming --verify-logits against the whole-model one."""
+    _, interp = measured(["-c", "import megatron_sc2.convert.verify, transformers, safetensors"], work)
+    measured(["convert", "to-hf", "--load", str(src), "--save", str(hf), "--dtype", args.dtype,
+              "--max-shard-size", args.max_shard_size, "--no-progress"], work)
+    round_to = "None" if args.dtype == "fp32" else {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[args.dtype]
+    common = _VERIFY_COMMON.format(work=str(work), round_to=round_to)
+    hf_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
+    rows = {}
+    runs = [("streaming", _VERIFY_STREAMING)] + ([] if args.skip_whole_model else [("whole-model", _VERIFY_WHOLE)])
+    for name, code in runs:
+        secs, rss = measured(["-c", common + code.format()], work)
+        rows[name] = dict(seconds=secs, peak_rss_gb=rss)
+    print(f"HF export: {args.dtype}, {hf_bytes / 1e9:.2f} GB; interpreter + imports peak RSS: {interp:.2f} GB")
+    print(f"{'verify-logits':<13} {'seconds':>8} {'peak RSS GB':>11} {'RSS - interp GB':>15}")
+    for k, r in rows.items():
+        print(f"{k:<13} {r['seconds']:>8.1f} {r['peak_rss_gb']:>11.2f} {r['peak_rss_gb'] - interp:>15.2f}")
+    if "whole-model" in rows:
+        ratio = (rows["whole-model"]["peak_rss_gb"] - interp) / (rows["streaming"]["peak_rss_gb"] - interp)
+        print(f"RSS above the interpreter, whole-model / streaming: {ratio:.1f}x")
+    print(json.dumps({"model": args.model, "num_layers": args.num_layers, "hidden_size": args.hidden_size,
+                      "dtype": args.dtype, "interpreter_rss_gb": interp, **rows}))
+
+
 def largest_file(d: Path, pattern: str) -> int:
     return max(f.stat().st_size for f in d.rglob(pattern))
 
@@ -111,16 +172,38 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/megatron_sc2_bench_convert")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--max-shard-size", default="5GB")
+    ap.add_argument("--verify-logits", action="store_true",
+                    help="measure only --verify-logits: streaming against whole-model")
+    ap.add_argument("--skip-whole-model", action="store_true",
+                    help="with --verify-logits: only the streaming one (the whole-model one needs "
+                         "two fp32 copies of the model: 24 GB for 3B)")
+    ap.add_argument("--keep-work", action="store_true", help="with --verify-logits: keep WORK")
+    ap.add_argument("--num-layers", type=int, help="override the preset's layer count")
+    ap.add_argument("--hidden-size", type=int,
+                    help="override the preset's width (ffn 4x, head dim 128, 4 query heads per kv head)")
     args = ap.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     src, hf, back = work / "ckpt", work / "hf", work / "ckpt_back"
 
+    cfg = preset(args.model)
+    if args.num_layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.num_layers)
+    if args.hidden_size:
+        heads = args.hidden_size // 128
+        cfg = dataclasses.replace(cfg, hidden_size=args.hidden_size, ffn_hidden_size=4 * args.hidden_size,
+                                  num_attention_heads=heads, num_query_groups=max(1, heads // 4))
+    cfg = cfg.validate()
     t0 = time.perf_counter()
-    nbytes = make_source(src, args.model)
-    print(f"source: {args.model} fp32 random weights, {nbytes / 1e9:.2f} GB, written in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    nbytes = make_source(src, cfg)
+    print(f"source: {args.model} ({cfg.num_layers} layers, hidden {cfg.hidden_size}) fp32 random "
+          f"weights, {nbytes / 1e9:.2f} GB, written in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.verify_logits:
+        bench_verify_logits(work, src, hf, args)
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     _, interp = measured(["-c", "import megatron_sc2.convert.to_hf, megatron_sc2.convert.from_hf, "
                                 "megatron_sc2.convert.main, safetensors"], work)
 

@@ -98,7 +98,8 @@ def test_hf_ours_hf_round_trip_is_bit_exact(tmp_path, tokenizer_dir, tie, dtype)
     src, ck, out = tmp_path / "src", tmp_path / "ck", tmp_path / "out"
     make_hf_dir(src, tie, dtype, tokenizer=tokenizer_dir)
     assert len(glob.glob(str(src / "*.safetensors"))) > 1  # really sharded
-    assert _cli("from-hf", "--load", src, "--save", ck, "--tensor-model-parallel-size", "2") == 0
+    # --verify-logits in both directions: with bf16 weights, through the rounding path.
+    assert _cli("from-hf", "--load", src, "--save", ck, "--tensor-model-parallel-size", "2", "--verify-logits") == 0
     meta = read_meta(find_checkpoint(ck))
     assert meta["iteration"] == 0 and meta["has_optimizer"] is False and meta["train_config"] is None
     assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
@@ -106,7 +107,7 @@ def test_hf_ours_hf_round_trip_is_bit_exact(tmp_path, tokenizer_dir, tie, dtype)
     assert ("lm_head.weight" in stored) == (not tie)
     assert {s.dtype for s in stored.values()} == {dtype}
 
-    assert _cli("to-hf", "--load", ck, "--save", out, "--max-shard-size", "100KB") == 0
+    assert _cli("to-hf", "--load", ck, "--save", out, "--max-shard-size", "100KB", "--verify-logits") == 0
     a, b = _tensors(src), _tensors(out)
     assert set(a) == set(b)
     for k in a:
@@ -250,6 +251,22 @@ def test_verify_logits_refuses_a_corrupt_layer_and_names_bad_weights(tmp_path):
         _rewrite_shard(bad, name, lambda tensors: change(tensors, name))
         with pytest.raises(CheckpointError, match=expect):
             verify_logits(path, bad, cfg, round_to=None)
+
+
+
+def test_streamed_hf_model_uses_a_stored_head_of_a_tied_model_as_transformers_does(tmp_path):
+    """transformers 5 unties a tied config whose shards hold a head unequal to the embedding;
+    the streamed oracle computes the same logits as from_pretrained there too."""
+    src = tmp_path / "src"
+    make_hf_dir(src, True, torch.float32, seed=8)
+    name = "model.embed_tokens.weight"
+    _rewrite_shard(src, name, lambda t: t.__setitem__("lm_head.weight", t[name] * 1.5))
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expect = _load_hf(src)(tokens).logits
+        assert torch.equal(stream_hf_model(src)(tokens).logits, expect)
+        make_hf_dir(tmp_path / "plain", True, torch.float32, seed=8)
+        assert not torch.equal(stream_hf_model(tmp_path / "plain")(tokens).logits, expect)
 
 
 def _tiny_cfg(tie: bool):

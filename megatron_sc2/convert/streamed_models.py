@@ -169,17 +169,19 @@ def _first(names: list[str], n: int = 3) -> str:
 
 
 def _check_hf_weights(stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
-                      tied: bool, where: Path) -> None:
-    """What from_pretrained refused before: missing, unexpected and mis-shaped weights."""
+                      optional: dict[str, tuple[int, ...]], where: Path) -> None:
+    """What from_pretrained refused before: missing, unexpected and mis-shaped weights.
+    `optional`: weights that may be stored or not (the head of a tied model)."""
     missing = [n for n in expected if n not in stored]
     if missing:
         raise CheckpointError(f"{where}: missing weights {_first(missing)} (transformers' "
                               f"Starcoder2ForCausalLM needs them)")
-    unexpected = [n for n in stored if n not in expected and not (tied and n == "lm_head.weight")]
+    unexpected = [n for n in stored if n not in expected and n not in optional]
     if unexpected:
         raise CheckpointError(f"{where}: unexpected weights {_first(unexpected)} (not part of "
                               f"transformers' Starcoder2ForCausalLM with this config.json)")
-    mismatched = [f"{n} {list(stored[n])} (needs {list(s)})" for n, s in expected.items() if stored[n] != s]
+    wanted = {**optional, **expected}
+    mismatched = [f"{n} {list(s)} (needs {list(wanted[n])})" for n, s in stored.items() if s != wanted[n]]
     if mismatched:
         raise CheckpointError(f"{where}: mis-shaped weights {_first(mismatched)}")
 
@@ -202,9 +204,8 @@ def stream_hf_model(hf_dir: Path, round_to: Optional[torch.dtype] = None) -> nn.
     # Buffers some old exports carry; from_pretrained ignores them too (recomputed from the config).
     stored = {n: s for n, s in weights.shapes.items() if not n.endswith("rotary_emb.inv_freq")}
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if tied:
-        expected.pop("lm_head.weight", None)
-    _check_hf_weights(stored, expected, tied, hf_dir)
+    optional = {"lm_head.weight": expected.pop("lm_head.weight")} if tied else {}
+    _check_hf_weights(stored, expected, optional, hf_dir)
 
     def load(names: list[str]) -> dict[str, torch.Tensor]:
         return weights.read(names, round_to)
