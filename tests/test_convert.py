@@ -239,8 +239,10 @@ def test_verify_logits_refuses_a_corrupt_layer_and_names_bad_weights(tmp_path):
         # one weight of a middle layer off by 1% of its values: the logits see it
         "corrupt": ("model.layers.2.self_attn.v_proj.weight",
                     lambda t, n: t.__setitem__(n, t[n] * 1.01), r"logits .* differ by"),
-        "missing": ("model.layers.3.mlp.c_fc.bias", lambda t, n: t.pop(n), r"missing weights model\.layers\.3\.mlp\.c_fc\.bias"),
-        "unexpected": ("model.layers.1.mlp.c_fc.bias", lambda t, n: t.__setitem__("model.layers.1.mlp.gate.weight", t[n].clone()),
+        "missing": ("model.layers.3.mlp.c_fc.bias", lambda t, n: t.pop(n),
+                    r"missing weights model\.layers\.3\.mlp\.c_fc\.bias"),
+        "unexpected": ("model.layers.1.mlp.c_fc.bias",
+                       lambda t, n: t.__setitem__("model.layers.1.mlp.gate.weight", t[n].clone()),
                        r"unexpected weights model\.layers\.1\.mlp\.gate\.weight"),
         "mis-shaped": ("model.layers.0.self_attn.k_proj.bias", lambda t, n: t.__setitem__(n, t[n][:16].clone()),
                        r"mis-shaped weights model\.layers\.0\.self_attn\.k_proj\.bias \[16\] \(needs \[32\]\)"),
