@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,13 +38,20 @@ class HFSource:
         return {e.dtype for _, e in self.tensors.values()}
 
 
-def _shard_files(root: Path) -> list[Path]:
+def read_weight_map(root: Path) -> Optional[dict[str, str]]:
+    """The index file's weight name -> shard file map, or None when there is no index."""
     index = root / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+
+
+def _shard_files(root: Path) -> list[Path]:
+    weight_map = read_weight_map(root)
+    if weight_map is not None:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (root / f).is_file()]
         if missing:

@@ -15,7 +15,6 @@ from the safetensors shards through the `safetensors` library and the index file
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +24,7 @@ from torch import nn
 
 from megatron_sc2.config import ModelConfig
 from megatron_sc2.convert.dcp_io import iter_model_tensors, read_model_specs
-from megatron_sc2.convert.hf_dir import INDEX_FILE, SINGLE_FILE
+from megatron_sc2.convert.hf_dir import INDEX_FILE, SINGLE_FILE, read_weight_map
 from megatron_sc2.convert.layout import TIED_HEAD, check_names_and_shapes
 from megatron_sc2.errors import CheckpointError
 
@@ -116,15 +115,8 @@ class _SafetensorsWeights:
         from safetensors import safe_open
 
         self.hf_dir = hf_dir
-        index = hf_dir / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        elif (hf_dir / SINGLE_FILE).is_file():
-            weight_map = None
-        else:
+        weight_map = read_weight_map(hf_dir)
+        if weight_map is None and not (hf_dir / SINGLE_FILE).is_file():
             raise CheckpointError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
         self.file_of: dict[str, Path] = {}
