@@ -74,6 +74,15 @@ def timed(fn: Callable[[], None], repeats: int, warmup: int, device: str) -> tup
     return statistics.median(walls), statistics.median(cpus)
 
 
+def make_inputs(args, seq: int, window: int, d: int, device: str,
+                dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """q, k, v and the output gradient of one configuration, seeded by (seq, window)."""
+    gen = torch.Generator().manual_seed(seq + window)
+    return tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+                 for shape in ((args.batch, seq, args.heads, d), (args.batch, seq, args.kv_heads, d),
+                               (args.batch, seq, args.kv_heads, d), (args.batch, seq, args.heads, d)))
+
+
 def make_methods(q, k, v, go, window: int, device: str, with_flex: bool,
                  with_mask: bool) -> dict[str, Callable[[], None]]:
     h, kvh = q.shape[2], k.shape[2]
@@ -188,12 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     for seq in [int(x) for x in args.seqs.split(",")]:
         for window in [int(x) for x in args.windows.split(",")]:
-            gen = torch.Generator().manual_seed(seq + window)
-            q, k, v, go = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-                           for shape in ((args.batch, seq, args.heads, d),
-                                         (args.batch, seq, args.kv_heads, d),
-                                         (args.batch, seq, args.kv_heads, d),
-                                         (args.batch, seq, args.heads, d)))
+            q, k, v, go = make_inputs(args, seq, window, d, device, dtype)
             methods = make_methods(q, k, v, go, window, device,
                                    with_flex=device == "cuda" and not args.no_flex,
                                    with_mask=seq <= args.max_mask_seq)
@@ -236,12 +240,7 @@ def phases(args, device: str, d: int, dtype: torch.dtype) -> int:
     """Our kernel alone: forward and backward apart, useful GFLOP/s by wall and by CPU time."""
     for seq in [int(x) for x in args.seqs.split(",")]:
         for window in [int(x) for x in args.windows.split(",")]:
-            gen = torch.Generator().manual_seed(seq + window)
-            q, k, v, go = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-                           for shape in ((args.batch, seq, args.heads, d),
-                                         (args.batch, seq, args.kv_heads, d),
-                                         (args.batch, seq, args.kv_heads, d),
-                                         (args.batch, seq, args.heads, d)))
+            q, k, v, go = make_inputs(args, seq, window, d, device, dtype)
             fwd_flops = visible_pairs(seq, window) * args.batch * args.heads * 4 * d
             holder = {}
 
