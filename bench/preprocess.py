@@ -30,7 +30,7 @@ DEFAULT_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "starcoder2-reconstr
 
 
 def write_corpus(path: Path) -> tuple[int, int]:
-    from megatron_sc2.data.corpus import iter_stdlib_repositories
+    from megatron_sc2.data.prep.corpus import iter_stdlib_repositories
 
     n = 0
     tmp = path.with_name(path.name + ".tmp")

@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 from megatron_sc2.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("megatron_sc2.data.preprocess", "tokenize a corpus into Megatron .bin/.idx"),
-    "train-tokenizer": ("megatron_sc2.data.train_tokenizer", "train a byte-level BPE tokenizer with StarCoder2's special tokens"),
-    "merge": ("megatron_sc2.data.merge", "merge several .bin/.idx datasets into one"),
-    "inspect": ("megatron_sc2.data.inspect", "summarize a .bin/.idx dataset and decode documents"),
+    "preprocess": ("megatron_sc2.data.prep.preprocess", "tokenize a corpus into Megatron .bin/.idx"),
+    "train-tokenizer": ("megatron_sc2.data.prep.train_tokenizer", "train a byte-level BPE tokenizer with StarCoder2's special tokens"),
+    "merge": ("megatron_sc2.data.prep.merge", "merge several .bin/.idx datasets into one"),
+    "inspect": ("megatron_sc2.data.prep.inspect", "summarize a .bin/.idx dataset and decode documents"),
     "train": ("megatron_sc2.training.main", "train StarCoder2 (single process, torchrun or srun)"),
     "convert": ("megatron_sc2.convert.main", "convert checkpoints to and from Hugging Face format"),
     "submit": ("megatron_sc2.launch.submit", "write an sbatch script for a training run and submit it"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import signal
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -235,8 +236,6 @@ class TrainConfig:
             raise ConfigError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         if self.nan_policy not in ("skip", "stop"):
             raise ConfigError(f"--nan-policy must be skip or stop, got {self.nan_policy!r}")
-        from megatron_sc2.training.signals import parse_signal
-
         parse_signal(self.exit_signal)
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
@@ -244,6 +243,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_signal(name: str, setting: str = "--exit-signal") -> signal.Signals:
+    """'USR1', 'SIGUSR1' or '10' -> signal.SIGUSR1; anything else is a ConfigError naming the flag."""
+    text = str(name).strip().upper()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text))
+        except ValueError:
+            pass
+    else:
+        sig = getattr(signal.Signals, text if text.startswith("SIG") else "SIG" + text, None)
+        if isinstance(sig, signal.Signals):
+            return sig
+    raise ConfigError(f"{setting} {name!r} is not a signal name (e.g. SIGUSR1, USR2, TERM)")
 
 
 def _flag(name: str) -> str:

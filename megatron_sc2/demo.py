@@ -27,7 +27,7 @@ def _step(title: str) -> float:
 
 def write_corpus(out: Path) -> tuple[int, int, int]:
     """The stdlib as a directory of repositories (one per top-level package/module)."""
-    from megatron_sc2.data.corpus import iter_stdlib_repositories
+    from megatron_sc2.data.prep.corpus import iter_stdlib_repositories
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timings["corpus_s"] = time.perf_counter() - t
 
     t = _step("2/6 tokenizer: byte-level BPE with StarCoder2's 38 special tokens")
-    from megatron_sc2.data.train_tokenizer import train_tokenizer
+    from megatron_sc2.data.prep.train_tokenizer import train_tokenizer
 
     tok_dir = train_tokenizer(iter_corpus_texts(corpus), args.vocab_size, out / "tokenizer")
     print(f"tokenizer -> {tok_dir}")

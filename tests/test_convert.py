@@ -36,7 +36,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A 512-token byte-level BPE with StarCoder2's special tokens, trained on a few modules."""
-    from megatron_sc2.data.train_tokenizer import train_tokenizer
+    from megatron_sc2.data.prep.train_tokenizer import train_tokenizer
 
     texts = [(STDLIB / m).read_text() for m in ("textwrap.py", "shlex.py", "glob.py")]
     return Path(train_tokenizer(texts, 512, tmp_path_factory.mktemp("tok") / "tokenizer"))
@@ -310,7 +310,7 @@ def test_trained_checkpoint_exports_with_the_training_models_logits(tmp_path, to
 
 def test_from_hf_then_training_continues_from_the_hf_weights(tmp_path):
     """The first step's loss (before the update) is transformers' loss on the same samples."""
-    from megatron_sc2.training.mock_data import MockDataset
+    from megatron_sc2.data.mock_data import MockDataset
     from megatron_sc2.training.trainer import Trainer
 
     src, ck = tmp_path / "src", tmp_path / "ck"

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megatron_sc2 import cli
-from megatron_sc2.training.mock_data import MockDataset
+from megatron_sc2.data.mock_data import MockDataset
 
 from test_convert import make_hf_dir
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from megatron_sc2.data.corpus import iter_stdlib_repositories
+from megatron_sc2.data.prep.corpus import iter_stdlib_repositories
 from megatron_sc2.data.fast_encoder import build_fast_encoder
 from megatron_sc2.data.tokenizer import load_tokenizer
 from tests.conftest import STARCODER2_TOKENIZER
@@ -45,7 +45,7 @@ def test_stdlib_id_for_id(sc2):
     # the fast path really was used for (nearly) all of it
     assert fast.stats["fallback"] - before["fallback"] <= len(texts) // 100
     # repository documents: special-token text between the files
-    from megatron_sc2.data.repo_format import format_repository
+    from megatron_sc2.data.prep.repo_format import format_repository
 
     docs = [format_repository(name, files, 7) for name, files in list(iter_stdlib_repositories())[:60]]
     assert fast.encode_batch(docs) == _hf(tok, docs)

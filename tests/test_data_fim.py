@@ -10,11 +10,11 @@ import torch
 
 from megatron_sc2.config import TrainConfig
 from megatron_sc2.data import build_train_valid_test_datasets
-from megatron_sc2.data.corpus import iter_stdlib_repositories
+from megatron_sc2.data.prep.corpus import iter_stdlib_repositories
 from megatron_sc2.data.fim import FimIds, _split_keep
-from megatron_sc2.data.preprocess import preprocess
+from megatron_sc2.data.prep.preprocess import preprocess
 from megatron_sc2.data.tokenizer import load_tokenizer
-from megatron_sc2.data.train_tokenizer import train_tokenizer
+from megatron_sc2.data.prep.train_tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from megatron_sc2.cli import main as cli_main
 from megatron_sc2.data.indexed import IndexedDataset, write_documents
-from megatron_sc2.data.merge import merge_datasets
+from megatron_sc2.data.prep.merge import merge_datasets
 
 
 def _make(prefix, seed, dtype=np.uint16):

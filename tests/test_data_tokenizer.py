@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from megatron_sc2.data.corpus import iter_stdlib_repositories
+from megatron_sc2.data.prep.corpus import iter_stdlib_repositories
 from megatron_sc2.data.special_tokens import STARCODER2_SPECIAL_TOKENS
 from megatron_sc2.data.tokenizer import load_tokenizer
-from megatron_sc2.data.train_tokenizer import main as train_main, train_tokenizer
+from megatron_sc2.data.prep.train_tokenizer import main as train_main, train_tokenizer
 from megatron_sc2.errors import ConfigError, DataError
 
 SNIPPETS = ["def f(x):\n    return x + 12345\n", "x =  12\n", "print('héllo wörld')  # ☃\n",

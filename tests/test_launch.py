@@ -16,7 +16,7 @@ import pytest
 
 from megatron_sc2 import cli
 from megatron_sc2.config import parse_train_args
-from megatron_sc2.launch.env import detect, first_host
+from megatron_sc2.parallel.env import detect, first_host
 from megatron_sc2.launch.submit import build, check_layout, submit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,7 +237,7 @@ def test_example_sbatch_scripts(tmp_path, name, model, tp, pp):
 
 def test_peer_failures_become_one_line_naming_the_rank(monkeypatch, capsys):
     from megatron_sc2.cli import run_user_main
-    from megatron_sc2.launch.failures import RankFailure, collective_failures
+    from megatron_sc2.parallel.failures import RankFailure, collective_failures
 
     for k, v in {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1"}.items():
         monkeypatch.setenv(k, v)

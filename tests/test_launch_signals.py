@@ -16,7 +16,8 @@ from megatron_sc2.config import parse_train_args
 from megatron_sc2.errors import ConfigError
 from megatron_sc2.training.checkpoint import find_checkpoint, read_meta
 from megatron_sc2.training.metrics import read_metrics
-from megatron_sc2.training.signals import StopRequests, parse_signal
+from megatron_sc2.config import parse_signal
+from megatron_sc2.training.signals import StopRequests
 from megatron_sc2.training.trainer import Trainer
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from megatron_sc2.cli import main as cli_main
 from megatron_sc2.data.indexed import IndexedDataset, IndexedWriter
-from megatron_sc2.data.preprocess import preprocess
-from megatron_sc2.data.sources import FileFilters
+from megatron_sc2.data.prep.preprocess import preprocess
+from megatron_sc2.data.prep.sources import FileFilters
 from megatron_sc2.data.tokenizer import load_tokenizer
 from megatron_sc2.errors import DataError
 

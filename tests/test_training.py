@@ -26,7 +26,7 @@ MODULES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "hea
 def corpus(tmp_path_factory) -> dict[str, str]:
     """A dozen stdlib modules as JSONL, a 512-token BPE tokenizer trained on them, and their
     .bin/.idx made by our preprocessing tool."""
-    from megatron_sc2.data.train_tokenizer import train_tokenizer
+    from megatron_sc2.data.prep.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("corpus")
     texts = [(STDLIB / m).read_text() for m in MODULES]

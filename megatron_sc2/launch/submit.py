@@ -22,10 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_sc2.config import TrainConfig, parse_train_args
+from megatron_sc2.config import TrainConfig, parse_signal, parse_train_args
 from megatron_sc2.errors import ConfigError, UserError
 from megatron_sc2.launch.sbatch import JobSpec, render, signal_name
-from megatron_sc2.training.signals import parse_signal
 
 
 class SubmitError(UserError):

@@ -13,7 +13,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_sc2.training.signals import install_early
 
     startup = install_early(cfg)  # noqa: F841 - stop signals during start-up wait for step 1
-    from megatron_sc2.launch.failures import collective_failures
+    from megatron_sc2.parallel.failures import collective_failures
     from megatron_sc2.training.trainer import train
 
     with collective_failures():  # a dead or hung peer: one line naming this rank, exit 2

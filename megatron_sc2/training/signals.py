@@ -22,7 +22,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_sc2.errors import ConfigError
+from megatron_sc2.config import parse_signal
 
 # Bits of the flag vector the ranks all-reduce (MAX): which stop causes some rank has seen.
 EXIT_SIGNAL, TERMINATE, DURATION = 0, 1, 2
@@ -75,21 +75,6 @@ def install_early(cfg) -> _StartupToken:
         _listeners.add(token)
         _early_mark = len(_RECEIVED)
     return token
-
-
-def parse_signal(name: str, setting: str = "--exit-signal") -> signal.Signals:
-    """'USR1', 'SIGUSR1' or '10' -> signal.SIGUSR1; anything else is a ConfigError naming the flag."""
-    text = str(name).strip().upper()
-    if text.isdigit():
-        try:
-            return signal.Signals(int(text))
-        except ValueError:
-            pass
-    else:
-        sig = getattr(signal.Signals, text if text.startswith("SIG") else "SIG" + text, None)
-        if isinstance(sig, signal.Signals):
-            return sig
-    raise ConfigError(f"{setting} {name!r} is not a signal name (e.g. SIGUSR1, USR2, TERM)")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from megatron_sc2.training import checkpoint as ckpt
 from megatron_sc2.training.metrics import MetricsLog
 from megatron_sc2.training.optimizer import build_optimizer, learning_rate
 from megatron_sc2.training.signals import StopRequests
-from megatron_sc2.parallel import flops as flops_mod
+from megatron_sc2.training import flops as flops_mod
 
 # Fields of ModelConfig that must agree between a checkpoint and the run that loads it.
 _ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
@@ -135,7 +135,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- set-up
     def _init_distributed(self) -> None:
         """Join the job described by torchrun's or slurm's variables (one process: nothing)."""
-        from megatron_sc2.launch.env import detect
+        from megatron_sc2.parallel.env import detect
 
         env = detect()
         if not env.distributed:
@@ -205,7 +205,7 @@ class Trainer:
 
     def _build_datasets(self):
         if self.cfg.mock_data:
-            from megatron_sc2.training.mock_data import MockDataset
+            from megatron_sc2.data.mock_data import MockDataset
 
             ds = MockDataset(self.model_cfg.vocab_size, self.cfg.seq_length, self.cfg.seed)
             return ds, MockDataset(self.model_cfg.vocab_size, self.cfg.seq_length, self.cfg.seed + 1), None
@@ -595,7 +595,7 @@ def train(cfg: TrainConfig) -> list[dict[str, Any]]:
     try:
         return Trainer(cfg).train()
     finally:
-        from megatron_sc2.parallel.distributed import shutdown_distributed
+        from megatron_sc2.parallel.env import shutdown_distributed
 
         shutdown_distributed()
 

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from megatron_sc2.config import ModelConfig
-from megatron_sc2.parallel.distributed import init_distributed, shutdown_distributed
+from megatron_sc2.parallel.env import init_distributed, shutdown_distributed
 from megatron_sc2.parallel.engine import ParallelModel, build_mesh
 from megatron_sc2.parallel.layout import ParallelLayout
 

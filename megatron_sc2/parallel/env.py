@@ -1,20 +1,31 @@
-"""Where this process sits in the job: from torchrun's variables or from slurm's.
+"""Where this process sits in the job (torchrun's variables or slurm's), and the one
+process-group start-up and tear-down built on it.
 
 `srun megatron-sc2 train ...` with one task per GPU (or CPU slot) needs no wrapper: rank, local
 rank and world size come from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, the master address
 is the first host of SLURM_JOB_NODELIST, and the port is derived from the job id (so two jobs on
 one node do not collide) unless MASTER_PORT is set.
+
+Timeouts are always set so that a rank waiting on a dead peer fails instead of hanging; gloo
+also notices a closed connection at once. Tear-down follows the gloo + DTensor caveat: drop
+references and collect garbage before destroying the group. torch is imported only there, so
+that job submission can read the launch environment without it.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
+from datetime import timedelta
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from megatron_sc2.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -88,3 +99,45 @@ def detect(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             world_size=world, master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
             master_port=port, source="slurm")
     return LaunchEnv(0, 0, 1, "127.0.0.1", 29500, "single")
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's variables, else an srun step's, else (0, 0, 1)."""
+    env = detect()
+    if env.distributed and env.source == "slurm":
+        env.export()  # MASTER_ADDR/PORT for env:// rendezvous
+    return env.rank, env.local_rank, env.world_size
+
+
+def init_distributed(timeout_minutes: float = 10.0, device: Optional[str] = None) -> "torch.device":
+    """Initialize the default process group (gloo on CPU, nccl on CUDA) if the launch has more
+    than one process or a rendezvous address; returns this rank's device."""
+    import torch
+    import torch.distributed as dist
+
+    rank, local_rank, world = world_from_env()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise ConfigError(
+                f"world size {world} but MASTER_ADDR is not set: launch with torchrun or srun")
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes),
+                                device_id=dev if dev.type == "cuda" else None)
+    return dev
+
+
+def shutdown_distributed() -> None:
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -28,7 +28,7 @@ class RankFailure(UserError):
 
 def _world() -> tuple[int, int]:
     # From the launch variables, not the process group: that may be torn down by now.
-    from megatron_sc2.launch.env import detect
+    from megatron_sc2.parallel.env import detect
 
     env = detect()
     return env.rank, env.world_size

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from megatron_sc2.errors import DataError
-from megatron_sc2.data.corpus import ReadCounts, iter_repository_dir
-from megatron_sc2.data.repo_format import format_repository
+from megatron_sc2.data.prep.corpus import ReadCounts, iter_repository_dir
+from megatron_sc2.data.prep.repo_format import format_repository
 
 
 @dataclass

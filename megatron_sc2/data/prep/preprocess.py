@@ -22,9 +22,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from megatron_sc2.errors import ConfigError, DataError
-from megatron_sc2.data.corpus import Repository
+from megatron_sc2.data.prep.corpus import Repository
 from megatron_sc2.data.indexed import IndexedWriter, optimal_dtype
-from megatron_sc2.data.sources import (Document, FileFilters, ReadStats, expand_inputs, iter_documents,
+from megatron_sc2.data.prep.sources import (Document, FileFilters, ReadStats, expand_inputs, iter_documents,
                                       repository_documents)
 from megatron_sc2.data.tokenizer import Tokenizer, load_tokenizer
 

@@ -76,11 +76,11 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
 
 def _iter_input_texts(inputs: Sequence[str], json_key: str) -> Iterator[str]:
     """Texts from JSONL files (its `json_key`), directories of repositories or the stdlib."""
-    from megatron_sc2.data import sources
+    from megatron_sc2.data.prep import sources
 
     for spec in inputs:
         if spec == "stdlib":
-            from megatron_sc2.data.corpus import iter_stdlib_repositories
+            from megatron_sc2.data.prep.corpus import iter_stdlib_repositories
 
             for _, files in iter_stdlib_repositories():
                 for _, text in files:
@@ -88,7 +88,7 @@ def _iter_input_texts(inputs: Sequence[str], json_key: str) -> Iterator[str]:
             continue
         for kind, path in sources.expand_inputs([spec]):
             if kind == "repodir":  # the files themselves, not repository documents
-                from megatron_sc2.data.corpus import iter_repository_dir
+                from megatron_sc2.data.prep.corpus import iter_repository_dir
 
                 for _, files in iter_repository_dir(path):
                     for _, text in files:
