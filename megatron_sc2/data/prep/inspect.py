@@ -1,5 +1,6 @@
 """`megatron-sc2 inspect PREFIX`: what a `.bin/.idx` dataset holds -- documents, tokens,
-a document length histogram, token range -- and, with `--decode N`, document N as text."""
+a document length histogram, token range -- and, with `--decode N`, document N as text with
+its provenance (source, repository, files) when the dataset has a `.prov` sidecar."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from megatron_sc2.errors import ConfigError
 from megatron_sc2.data.indexed import IndexedDataset
+from megatron_sc2.data.provenance import open_provenance
 
 
 def describe(ds: IndexedDataset, bins: int = 10) -> list[str]:
@@ -42,6 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ds = IndexedDataset(args.prefix)
     for line in describe(ds):
         print(line)
+    prov = open_provenance(ds.prefix, ds.num_documents) if args.decode else None
     tok = None
     if args.decode and args.tokenizer_model:
         from megatron_sc2.data.tokenizer import load_tokenizer
@@ -54,6 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--decode {n}: the dataset has documents 0..{ds.num_documents - 1}")
         ids = ds.document(n)
         print(f"--- document {n}: {len(ids):,} tokens")
+        for line in (prov[n].describe() if prov is not None else ["provenance: none (no .prov sidecar)"]):
+            print(line)
         if tok is not None:
             text = tok.decode(ids.tolist())
             print(text[: args.max_chars] + ("..." if len(text) > args.max_chars else ""))

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.data.indexed import IndexedDataset, IndexedWriter, strip_suffix
+from megatron_sc2.data.provenance import merge_provenance, provenance_path
 
 
 def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDataset:
@@ -25,6 +26,9 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDatase
     out = strip_suffix(output_prefix)
     if any(Path(strip_suffix(p)).resolve() == Path(out).resolve() for p in prefixes):
         raise ConfigError(f"--output-prefix {out} is also an input")
+    # the provenance sidecars travel along (a stale one at the output goes)
+    if merge_provenance([d.prefix for d in datasets], [d.num_documents for d in datasets], out) is None:
+        provenance_path(out).unlink(missing_ok=True)
     with IndexedWriter(out, dtype) as w:
         for d in datasets:
             w.add_index(d)

@@ -24,6 +24,7 @@ import numpy as np
 from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.data.prep.corpus import Repository
 from megatron_sc2.data.indexed import IndexedWriter, optimal_dtype
+from megatron_sc2.data.provenance import ProvenanceWriter
 from megatron_sc2.data.prep.sources import (Document, FileFilters, ReadStats, expand_inputs, iter_documents,
                                       repository_documents)
 from megatron_sc2.data.tokenizer import Tokenizer, load_tokenizer
@@ -52,7 +53,7 @@ class PreprocessSummary:
         out.append("skipped: " + (", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in skipped.items())
                                   if skipped else "none"))
         for key, prefix in self.outputs.items():
-            out.append(f"wrote {prefix}.bin / .idx")
+            out.append(f"wrote {prefix}.bin / .idx / .prov")
         return out
 
 
@@ -138,11 +139,14 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                disable=True if not progress else None, mininterval=0.5, leave=False)  # None: off unless a TTY
     t0 = time.perf_counter()
     writers: dict[str, IndexedWriter] = {}
+    sidecars: dict[str, ProvenanceWriter] = {}  # where each document came from (PREFIX.prov)
+    file_sep, specials = tok.special_ids.get("file_sep"), sorted(set(tok.special_ids.values()))
     try:
         for k in keys:
             writers[k] = IndexedWriter(outputs[k], dtype)
+            sidecars[k] = ProvenanceWriter(outputs[k])
     except OSError as e:
-        for w in writers.values():
+        for w in [*writers.values(), *sidecars.values()]:
             w.abort()
         bar.close()
         raise DataError(f"cannot write {outputs[k]}.bin: {e.strerror or e}") from None
@@ -173,6 +177,7 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                         else:
                             writers[k].add_document(ids)
                             summary.tokens += len(ids)
+                        sidecars[k].add_document(doc.origin, doc.where, ids, doc.repo, file_sep, specials)
                     summary.documents += 1
                 bar.update(stats.input_bytes - last_bytes)
                 last_bytes = stats.input_bytes
@@ -186,11 +191,12 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
         if summary.documents == 0:
             raise DataError(f"no documents to write from {', '.join(map(str, inputs)) or 'the repositories'} "
                             "(all inputs empty, malformed or filtered)")
-        for w in writers.values():
+        for k, w in writers.items():
+            sidecars[k].finalize()
             w.finalize()
     finally:
         bar.close()
-        for w in writers.values():
+        for w in [*writers.values(), *sidecars.values()]:
             if not w._done:
                 w.abort()
     summary.seconds = time.perf_counter() - t0

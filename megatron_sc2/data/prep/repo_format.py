@@ -42,18 +42,28 @@ def choose_layout(seed: int, repo_name: str, num_files: int, metadata_prob: floa
 def format_repository(repo_name: str, files: Sequence[tuple[str, str]], seed: int,
                       metadata_prob: float = 0.5) -> str:
     """The document text (special tokens as text; the tokenizer maps them to their ids)."""
+    return format_repository_spans(repo_name, files, seed, metadata_prob)[0]
+
+
+def format_repository_spans(repo_name: str, files: Sequence[tuple[str, str]], seed: int,
+                            metadata_prob: float = 0.5) -> tuple[str, list[tuple[str, int, int]]]:
+    """The document text and, in document order, each file's (path, start, end) character span
+    of its code in that text (for the provenance sidecar)."""
     if not files:
         raise ConfigError(f"repository {repo_name!r} has no files")
     # Order first by path so the input order never matters, then shuffle by (seed, name).
     files = sorted(files, key=lambda f: f[0])
     layout = choose_layout(seed, repo_name, len(files), metadata_prob)
     parts: list[str] = []
+    spans: list[tuple[str, int, int]] = []
+    n = 0
     if layout.with_metadata:
         parts.append(REPO_NAME + repo_name)
-        for i in layout.order:
-            path, code = files[i]
-            parts.append(FILE_SEP + path + "\n" + code)
-    else:
-        for i in layout.order:
-            parts.append(FILE_SEP + files[i][1])
-    return "".join(parts)
+        n += len(parts[-1])
+    for i in layout.order:
+        path, code = files[i]
+        head = FILE_SEP + (path + "\n" if layout.with_metadata else "")
+        parts.append(head + code)
+        spans.append((path, n + len(head), n + len(head) + len(code)))
+        n += len(parts[-1])
+    return "".join(parts), spans

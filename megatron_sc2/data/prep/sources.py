@@ -20,7 +20,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 from megatron_sc2.errors import DataError
 from megatron_sc2.data.prep.corpus import ReadCounts, iter_repository_dir
-from megatron_sc2.data.prep.repo_format import format_repository
+from megatron_sc2.data.prep.repo_format import format_repository_spans
+from megatron_sc2.data.provenance import FileSpan, Origin
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Document:
     where: str
     fields: dict[str, str]
     repo: bool = False  # a repository document: always ends with the end-of-document token
+    origin: Optional[Origin] = None  # for the provenance sidecar
 
     def texts(self) -> list[str]:
         return list(self.fields.values())
@@ -85,8 +87,16 @@ class ReadStats:
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".gz", ".zst")
 
 
+def _repo_document(where: str, name: str, files: list[tuple[str, str]], seed: int, source: str,
+                   line: Optional[int] = None, row: Optional[int] = None) -> Document:
+    text, spans = format_repository_spans(name, files, seed)
+    origin = Origin(source, line, row, name, [FileSpan(*sp) for sp in spans])
+    return Document(where, {"text": text}, repo=True, origin=origin)
+
+
 def repository_documents(repos: Iterator[tuple[str, list[tuple[str, str]]]], seed: int,
-                         filters: FileFilters, stats: ReadStats, where: str = "repository ") -> Iterator[Document]:
+                         filters: FileFilters, stats: ReadStats, where: str = "repository ",
+                         source: str = "repositories") -> Iterator[Document]:
     """Each repository one document in StarCoder2's format, after the file filters (each
     rejected file counted under its reason); a repository with no file left yields nothing."""
     for name, files in repos:
@@ -99,7 +109,7 @@ def repository_documents(repos: Iterator[tuple[str, list[tuple[str, str]]]], see
             else:
                 kept.append((rel, text))
         if kept:
-            yield Document(f"{where}{name}", {"text": format_repository(name, kept, seed)}, repo=True)
+            yield _repo_document(f"{where}{name}", name, kept, seed, source)
 
 
 def expand_inputs(specs: Sequence[str]) -> list[tuple[str, Path]]:
@@ -247,8 +257,10 @@ class RepoGrouper:
     where: str = ""
     files: list[tuple[str, str]] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
+    src: tuple[str, Optional[int], Optional[int]] = ("", None, None)  # input file, line, row
 
-    def add(self, repo: str, path: str, text: str, where: str) -> Optional[Document]:
+    def add(self, repo: str, path: str, text: str, where: str,
+            src: tuple[str, Optional[int], Optional[int]] = ("", None, None)) -> Optional[Document]:
         out = None
         if repo != self.current:
             key = int.from_bytes(hashlib.blake2b(repo.encode(), digest_size=8).digest(), "little")
@@ -256,7 +268,7 @@ class RepoGrouper:
                 raise DataError(f"{where}: repository {repo!r} again, after other repositories; one "
                                 f"repository's rows must be consecutive (sort the input by repo_name)")
             out = self.flush()
-            self.current, self.where = repo, where
+            self.current, self.where, self.src = repo, where, src
             self.seen.add(key)
         reason = self.filters.reject_reason(text) if self.filters.active() else None
         if reason:
@@ -268,7 +280,7 @@ class RepoGrouper:
     def flush(self) -> Optional[Document]:
         doc = None
         if self.current is not None and self.files:
-            doc = Document(self.where, {"text": format_repository(self.current, self.files, self.seed)}, repo=True)
+            doc = _repo_document(self.where, self.current, self.files, self.seed, *self.src)
         self.current, self.files = None, []
         return doc
 
@@ -284,7 +296,7 @@ def iter_documents(inputs: Sequence[str], json_keys: Sequence[str] = ("text",), 
         if kind == "repodir":
             counts = ReadCounts()
             yield from repository_documents(iter_repository_dir(path, counts, skip_non_utf8=skip_malformed),
-                                            seed, filters, stats, where=f"{path}/")
+                                            seed, filters, stats, where=f"{path}/", source=str(path))
             stats.binary_files += counts.binary_files
             stats.non_utf8_files += counts.non_utf8_files
             stats.loose_files += counts.loose_files
@@ -292,6 +304,14 @@ def iter_documents(inputs: Sequence[str], json_keys: Sequence[str] = ("text",), 
             yield from _iter_parquet(path, json_keys, seed, filters, stats, skip_malformed)
         else:
             yield from _iter_jsonl(path, json_keys, repo_context, seed, filters, stats, skip_malformed)
+
+
+def _record_origin(rec: dict[str, Any], source: str, line: Optional[int], row: Optional[int],
+                   text: str) -> Origin:
+    """A one-file document's origin; The Stack's `repo_name`/`path` fields name its repository."""
+    repo, fpath = rec.get("repo_name"), rec.get("path")
+    files = [FileSpan(fpath, 0, len(text))] if isinstance(fpath, str) else []
+    return Origin(source, line, row, repo if isinstance(repo, str) else None, files)
 
 
 def _iter_jsonl(path: Path, json_keys: Sequence[str], repo_context: bool, seed: int, filters: FileFilters,
@@ -312,7 +332,8 @@ def _iter_jsonl(path: Path, json_keys: Sequence[str], repo_context: bool, seed: 
                     stats.malformed_lines += 1
                     continue
                 raise DataError(f"{where}: --repo-context needs string fields 'repo_name' and 'path'")
-            doc = grouper.add(repo, fpath, text if isinstance(text, str) else "".join(text), where)
+            doc = grouper.add(repo, fpath, text if isinstance(text, str) else "".join(text), where,
+                              (str(path), lineno, None))
             if doc is not None:
                 yield doc
             continue
@@ -331,7 +352,7 @@ def _iter_jsonl(path: Path, json_keys: Sequence[str], repo_context: bool, seed: 
             if reason:
                 setattr(stats, reason, getattr(stats, reason) + 1)
                 continue
-        yield Document(where, fields_)
+        yield Document(where, fields_, origin=_record_origin(rec, str(path), lineno, None, fields_[json_keys[0]]))
     if grouper is not None:
         doc = grouper.flush()
         if doc is not None:
@@ -369,7 +390,8 @@ def _iter_parquet(path: Path, json_keys: Sequence[str], seed: int, filters: File
                         continue
                     raise DataError(f"{where}: column {text_col!r} is not a string")
                 if grouper is not None:
-                    doc = grouper.add(str(data["repo_name"][i]), str(data["path"][i]), text, where)
+                    doc = grouper.add(str(data["repo_name"][i]), str(data["path"][i]), text, where,
+                                      (str(path), None, row))
                     if doc is not None:
                         yield doc
                 else:
@@ -377,7 +399,7 @@ def _iter_parquet(path: Path, json_keys: Sequence[str], seed: int, filters: File
                     if reason:
                         setattr(stats, reason, getattr(stats, reason) + 1)
                         continue
-                    yield Document(where, {json_keys[0]: text})
+                    yield Document(where, {json_keys[0]: text}, origin=Origin(str(path), row=row))
     except DataError:
         raise
     except OSError as e:
