@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_sc2.training.main", "train StarCoder2 (single process, torchrun or srun)"),
     "convert": ("megatron_sc2.convert.main", "convert checkpoints to and from Hugging Face format"),
     "submit": ("megatron_sc2.launch.submit", "write an sbatch script for a training run and submit it"),
+    "portrait": ("megatron_sc2.governance.portrait", "membership test (Data Portraits): build|merge|query|info"),
+    "serve": ("megatron_sc2.governance.serve", "HTTP membership server: POST /overlap for the VS Code extension"),
+    "search": ("megatron_sc2.governance.search", "corpus search over the tokens: build|merge|count|find"),
+    "remove": ("megatron_sc2.governance.remove", "opt-out: a dataset without the listed repositories"),
     "demo": ("megatron_sc2.demo", "the end-to-end CPU demo behind `make demo`"),
 }
 
