@@ -279,3 +279,61 @@ def test_bad_filters_are_one_line_naming_the_file(corpus, capsys, tmp_path):
     one_line_error(["portrait", "build", "--data-path", str(tmp_path / "nodata"), "--tokenizer-model", tokp,
                     "--output", str(sh)], str(tmp_path / "nodata"))
     one_line_error(["portrait", "query", str(good), str(tmp_path / "missing.txt")], "missing.txt")
+
+
+def test_server_answers_overlap_for_a_real_http_client(corpus, capsys):
+    import http.client
+    import threading
+
+    from megatron_sc2.governance.serve import make_server
+
+    out = corpus["tmp"] / "p5"
+    bf = _build(corpus, out)
+    server = make_server(str(out), "127.0.0.1", 0, max_body=100_000)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+
+    def request(method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read() or b"null")
+        finally:
+            conn.close()
+
+    try:
+        code = max(corpus["files"].values(), key=len)
+        rng = random.Random(5)
+        # what the extension sends: 250 characters either side of the cursor, here CRLF and tabs
+        doc = (random_code(rng, 6) + code.replace("\n", "\r\n").replace("    ", "\t") + random_code(rng, 6))
+        mid = len(doc) // 2
+        doc = doc[max(0, mid - 250): mid + 250]
+        status, got = request("POST", "/overlap", json.dumps({"document": doc}),
+                              {"Content-Type": "application/json"})
+        assert status == 200 and got == {"spans": ref_query(ref_index(corpus["segments"]), doc)[2]}
+        assert got["spans"] and all(normalize(doc[a:b]) in normalize(code) for a, b in got["spans"])
+        status, full = request("POST", "/query", json.dumps({"document": code}))
+        assert status == 200 and full["score"] == pytest.approx(portrait.query_text(bf, code).score) and full["score"] > 0.9
+        status, health = request("GET", "/health")
+        assert status == 200 and health["num_bits"] == bf.params.num_bits
+        # bad requests: 4xx with a message, and the server keeps serving
+        for method, path, body, want in [("POST", "/overlap", "{not json", 400),
+                                         ("POST", "/overlap", json.dumps({"text": "x"}), 400),
+                                         ("POST", "/overlap", json.dumps({"document": 5}), 400),
+                                         ("POST", "/overlap", json.dumps(["document"]), 400),
+                                         ("POST", "/overlap", b"\xff\xfe", 400),
+                                         ("POST", "/nothing", json.dumps({"document": "x"}), 404),
+                                         ("GET", "/overlap", None, 405),
+                                         ("POST", "/overlap", json.dumps({"document": "x" * 200_000}), 413)]:
+            status, err = request(method, path, body)
+            assert status == want and isinstance(err.get("error"), str) and err["error"], (path, body)
+        status, got = request("POST", "/overlap", json.dumps({"document": ""}))
+        assert status == 200 and got == {"spans": []}
+    finally:
+        server.shutdown()
+        server.server_close()
+    capsys.readouterr()
+    assert cli_main(["serve", "--portrait", str(corpus["tmp"] / "nowhere")]) == 2
+    assert "portrait.bloom" in capsys.readouterr().err
