@@ -248,7 +248,42 @@ def query_text(bf: BloomFilter, text: str, min_chain: int = 1) -> QueryResult:
 
 # -- command line --------------------------------------------------------------------------
 
+def add_submit_flags(b: argparse.ArgumentParser) -> None:
+    g = b.add_argument_group("slurm (a job array of shards, then a merge job)")
+    g.add_argument("--submit-shards", type=int, default=None, metavar="N",
+                   help="submit N array tasks (each --shard auto) and a merge job after them")
+    g.add_argument("--logs", default=None, help="where the sbatch scripts and logs go (default OUTPUT/slurm)")
+    g.add_argument("--time", default=None, help="slurm time limit of each job")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--dry-run", action="store_true", help="write the scripts, submit nothing")
+
+
+def submit_main(tool: str, args: argparse.Namespace, build_args: list[str], merge_args: list[str]) -> int:
+    from megatron_sc2.governance.array_jobs import submit_sharded
+
+    if args.shard is not None:
+        raise ConfigError("--submit-shards and --shard exclude each other (each array task gets --shard auto)")
+    sub = submit_sharded(tool, build_args, merge_args, args.submit_shards,
+                         Path(args.logs or Path(args.output) / "slurm"), args.time, args.partition,
+                         dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"wrote {sub.array_script} and {sub.merge_script} (not submitted)", file=sys.stderr)
+    else:
+        print(f"submitted array job {sub.array_job} ({args.submit_shards} shards) and merge job {sub.merge_job}",
+              file=sys.stderr)
+        print(sub.merge_job)
+    return 0
+
+
 def _build_main(args: argparse.Namespace) -> int:
+    if args.submit_shards is not None:
+        build_args = ["--data-path", *[str(Path(p).resolve()) for p in args.data_path],
+                      "--tokenizer-model", str(Path(args.tokenizer_model).resolve()),
+                      "--output", str(Path(args.output).resolve()), "--error-rate", repr(args.error_rate)]
+        if args.capacity is not None:
+            build_args += ["--capacity", str(args.capacity)]
+        return submit_main("portrait", args, build_args,
+                           [str(Path(args.output).resolve()), "--num-shards", str(args.submit_shards)])
     shard = parse_shard(args.shard)
     report = build(args.data_path, args.tokenizer_model, args.output, args.error_rate, args.capacity, shard)
     print(report.line(), file=sys.stderr)
@@ -311,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--capacity", type=int, default=None,
                    help="windows the filter is sized for (default: an upper bound from the datasets)")
     b.add_argument("--shard", default=None, help="i/N: build only shard i of N (0-based); auto: slurm array task")
+    add_submit_flags(b)
     b.set_defaults(fn=_build_main)
     m = sub.add_parser("merge", help="OR the shards of DIR/shards into DIR/portrait.bloom")
     m.add_argument("output", help="portrait directory")

@@ -30,7 +30,7 @@ from megatron_sc2.data.indexed import IndexedDataset, strip_suffix
 from megatron_sc2.data.provenance import open_provenance
 from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.governance.corpus_text import document_ranges
-from megatron_sc2.governance.portrait import parse_shard
+from megatron_sc2.governance.portrait import add_submit_flags, parse_shard, submit_main
 
 MANIFEST = "search.json"
 FORMAT = "megatron_sc2.search"
@@ -355,6 +355,12 @@ def _query_ids(args, index: SearchIndex, tok) -> tuple[Optional[list[int]], Opti
 
 
 def _build_main(args) -> int:
+    if args.submit_shards is not None:
+        build_args = ["--data-path", *[str(Path(p).resolve()) for p in args.data_path],
+                      "--output", str(Path(args.output).resolve())]
+        if args.tokenizer_model:
+            build_args += ["--tokenizer-model", str(Path(args.tokenizer_model).resolve())]
+        return submit_main("search", args, build_args, [str(Path(args.output).resolve())])
     t0 = time.perf_counter()
     m = build(args.data_path, args.output, args.tokenizer_model, parse_shard(args.shard), args.shard_tokens)
     tokens = sum(s["tokens"] for s in m["shards"])
@@ -410,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer-model", default=None, help="recorded for queries (else give it to count/find)")
     b.add_argument("--shard", default=None, help="i/N: build only shard i of N (then `search merge`); auto: slurm array task")
     b.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard of a whole build")
+    add_submit_flags(b)
     b.set_defaults(fn=_build_main)
     m = sub.add_parser("merge", help="write the manifest of shards built with --shard")
     m.add_argument("output")
