@@ -145,8 +145,6 @@ def build(prefixes: Sequence[str], tokenizer, output: str | os.PathLike, error_r
     meta = {"datasets": [d.prefix for d in datasets], "documents": sum(d.num_documents for d in datasets),
             "tokenizer": str(tok.path), "shard": [i, n] if shard else None, "windows": builder.inserted}
     out = shard_path(output, i, n) if shard else filter_path(output)
-    if shard is None:
-        meta["shard"] = None
     write_filter(out, params, builder.packed(), meta if shard else _final_meta(meta))
     return BuildReport(out, params, docs, builder.inserted, chars, time.perf_counter() - t0)
 

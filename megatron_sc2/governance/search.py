@@ -292,7 +292,12 @@ class SearchIndex:
 
     def dataset(self, i: int) -> IndexedDataset:
         if i not in self._datasets:
-            self._datasets[i] = IndexedDataset(self.datasets[i])
+            ds = IndexedDataset(self.datasets[i])
+            if (ds.num_documents, ds.num_tokens) != (self.manifest["documents"][i], self.manifest["tokens"][i]):
+                raise DataError(f"{ds.idx_path}: changed since the search index {self.directory} was built "
+                                f"({ds.num_documents} documents / {ds.num_tokens} tokens, the index has "
+                                f"{self.manifest['documents'][i]} / {self.manifest['tokens'][i]}); rebuild the index")
+            self._datasets[i] = ds
         return self._datasets[i]
 
     def provenance(self, i: int):
