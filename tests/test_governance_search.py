@@ -161,3 +161,21 @@ def test_broken_index_is_one_line_naming_the_file(corpus, capsys, tmp_path):
     assert cli_main(["search", "build", "--data-path", *corpus["prefixes"], "--output", str(part), "--shard", "1/3"]) == 0
     one_line_error(["search", "merge", str(part)], "shard-00000-of-00003.json")
     one_line_error(["search", "build", "--data-path", str(tmp_path / "x"), "--output", str(part)], str(tmp_path / "x"))
+
+
+def test_int32_datasets_index_too(tmp_path):
+    """Vocabularies over 65,500 ids store int32 tokens: the index uses uint32 and its own separator."""
+    from megatron_sc2.data.indexed import write_documents
+
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 6, size=int(rng.integers(1, 60))) * 20000 for _ in range(40)]
+    write_documents(tmp_path / "w", docs, dtype=np.int32)
+    search.build([str(tmp_path / "w")], tmp_path / "ix")
+    index = search.SearchIndex(tmp_path / "ix")
+    assert index.shards[0].tokens.dtype == np.uint32
+    for n in (1, 2, 3, 5):
+        for _ in range(20):
+            d = docs[int(rng.integers(len(docs)))]
+            a = int(rng.integers(0, max(len(d) - n, 0) + 1))
+            q = d[a:a + n]
+            assert index.count_ids(q) == brute_count([x.astype(np.int64) for x in docs], q)

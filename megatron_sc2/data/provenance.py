@@ -232,9 +232,10 @@ def require_provenance(prefix: str | os.PathLike, num_documents: Optional[int] =
     return prov
 
 
-def merge_provenance(prefixes: Sequence[str], doc_counts: Sequence[int], output_prefix: str) -> Optional[Path]:
-    """The sidecar of a merged dataset: records in input order; documents of an input without a
-    sidecar get a record naming that dataset and the document's number in it. None when no
+def merge_provenance(prefixes: Sequence[str], doc_counts: Sequence[int], output_prefix: str) -> Optional[ProvenanceWriter]:
+    """The sidecar of a merged dataset, written but not yet finalized (the caller finalizes it
+    right after the data, or aborts it): records in input order; documents of an input without
+    a sidecar get a record naming that dataset and the document's number in it. None when no
     input has a sidecar."""
     sidecars = [open_provenance(p, n) for p, n in zip(prefixes, doc_counts)]
     if all(s is None for s in sidecars):
@@ -247,8 +248,7 @@ def merge_provenance(prefixes: Sequence[str], doc_counts: Sequence[int], output_
                     w.add_raw(s.raw(d))
                 else:
                     w.add({"source": str(p), "document": d})
-        w.finalize()
-    finally:
-        if not w._done:
-            w.abort()
-    return w.path
+    except BaseException:
+        w.abort()
+        raise
+    return w

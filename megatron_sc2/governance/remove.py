@@ -76,11 +76,11 @@ def remove_repositories(prefix: str, repos: Sequence[str], output_prefix: str) -
                 lengths = ds.sequence_lengths[seq_starts[d]:seq_starts[d + 1]]
                 w.add_document(ds.document(d), sequence_lengths=lengths.tolist())
                 pw.add_raw(prov.raw(d))
+            w.finalize()
             pw.finalize()
         finally:
             if not pw._done:
                 pw.abort()
-        w.finalize()
     kept = ds.num_documents - sum(removed.values())
     return RemovalReport(out, ds.num_documents, kept, tokens_removed, dict(removed),
                          [r for r in repos if r not in removed])

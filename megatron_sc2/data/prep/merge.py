@@ -27,12 +27,20 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDatase
     if any(Path(strip_suffix(p)).resolve() == Path(out).resolve() for p in prefixes):
         raise ConfigError(f"--output-prefix {out} is also an input")
     # the provenance sidecars travel along (a stale one at the output goes)
-    if merge_provenance([d.prefix for d in datasets], [d.num_documents for d in datasets], out) is None:
+    prov = merge_provenance([d.prefix for d in datasets], [d.num_documents for d in datasets], out)
+    try:
+        with IndexedWriter(out, dtype) as w:
+            for d in datasets:
+                w.add_index(d)
+            w.finalize()
+    except BaseException:
+        if prov is not None:
+            prov.abort()
+        raise
+    if prov is not None:
+        prov.finalize()
+    else:
         provenance_path(out).unlink(missing_ok=True)
-    with IndexedWriter(out, dtype) as w:
-        for d in datasets:
-            w.add_index(d)
-        w.finalize()
     return IndexedDataset(out)
 
 
