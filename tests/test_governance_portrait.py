@@ -337,3 +337,14 @@ def test_server_answers_overlap_for_a_real_http_client(corpus, capsys):
     capsys.readouterr()
     assert cli_main(["serve", "--portrait", str(corpus["tmp"] / "nowhere")]) == 2
     assert "portrait.bloom" in capsys.readouterr().err
+
+
+def test_packed_builder_sets_the_same_bits(corpus, monkeypatch):
+    """Past BOOL_LIMIT bits the builder keeps packed bytes: the file must not change."""
+    from megatron_sc2.governance.bloom import BitBuilder
+
+    a, b = corpus["tmp"] / "bool", corpus["tmp"] / "packed"
+    portrait.build(corpus["prefixes"], corpus["tok"], a)
+    monkeypatch.setattr(BitBuilder, "BOOL_LIMIT", 64)
+    portrait.build(corpus["prefixes"], corpus["tok"], b)
+    assert portrait.filter_path(a).read_bytes() == portrait.filter_path(b).read_bytes()

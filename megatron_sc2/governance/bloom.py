@@ -76,20 +76,31 @@ def bit_positions(digests: np.ndarray, params: BloomParams) -> np.ndarray:
 
 
 class BitBuilder:
-    """The bits of one build in memory (one byte per bit while inserting; packed when saved)."""
+    """The bits of one build in memory: one byte per bit while inserting (fastest) up to
+    `BOOL_LIMIT` bits, packed above it (8x less memory, about 2.5x slower inserts)."""
+
+    BOOL_LIMIT = 1 << 30
 
     def __init__(self, params: BloomParams):
         self.params = params
-        self.bits = np.zeros(params.num_bits, dtype=bool)
+        self.packed_mode = params.num_bits > self.BOOL_LIMIT
+        self.bits = np.zeros(params.num_bits // 8 if self.packed_mode else params.num_bits,
+                             dtype=np.uint8 if self.packed_mode else bool)
         self.inserted = 0
 
     def add_digests(self, digests: np.ndarray) -> None:
-        if len(digests):
-            self.bits[bit_positions(digests, self.params).ravel()] = True
-            self.inserted += len(digests)
+        if not len(digests):
+            return
+        pos = bit_positions(digests, self.params).ravel()
+        if self.packed_mode:
+            np.bitwise_or.at(self.bits, (pos >> np.uint64(3)).astype(np.int64),
+                             np.left_shift(np.uint8(1), (pos & np.uint64(7)).astype(np.uint8)))
+        else:
+            self.bits[pos] = True
+        self.inserted += len(digests)
 
     def packed(self) -> np.ndarray:
-        return np.packbits(self.bits, bitorder="little")
+        return self.bits if self.packed_mode else np.packbits(self.bits, bitorder="little")
 
 
 def _header_bytes(params: BloomParams, meta: dict[str, Any]) -> bytes:
