@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from megatron_sc2.cli import main as cli_main
 from megatron_sc2.data.indexed import IndexedDataset
 from megatron_sc2.data.prep.preprocess import preprocess
 from megatron_sc2.data.tokenizer import load_tokenizer
-from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.errors import ConfigError
 from megatron_sc2.governance import portrait
 from megatron_sc2.governance.bloom import HEADER_BYTES, BloomFilter
 from megatron_sc2.governance.corpus_text import TokenText

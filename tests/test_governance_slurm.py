@@ -5,7 +5,6 @@ byte for byte. Skipped (not failed) where slurm is not installed or its controll
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

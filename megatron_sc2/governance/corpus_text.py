@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from megatron_sc2.data.indexed import IndexedDataset
 from megatron_sc2.data.tokenizer import Tokenizer
 
 
@@ -116,23 +115,3 @@ class TokenText:
             out = np.asarray([len(self.tok.decode([i])) for i in range(n)], dtype=np.int64)
         out[self.specials[self.specials < n]] = 0
         return out
-
-
-def document_ranges(datasets: Sequence[IndexedDataset], shard: int = 0, num_shards: int = 1) -> list[tuple[int, int, int]]:
-    """(dataset, first document, end document) of one shard: the documents of all datasets in
-    order, cut into `num_shards` contiguous, nearly equal parts."""
-    total = sum(d.num_documents for d in datasets)
-    a, b = total * shard // num_shards, total * (shard + 1) // num_shards
-    out = []
-    base = 0
-    for i, d in enumerate(datasets):
-        lo, hi = max(a - base, 0), min(b - base, d.num_documents)
-        if lo < hi:
-            out.append((i, lo, hi))
-        base += d.num_documents
-    return out
-
-
-def iter_segments(ds: IndexedDataset, text: TokenText, first: int, end: int) -> Iterator[tuple[int, list[str]]]:
-    for d in range(first, end):
-        yield d, text.segments(ds.document(d))

@@ -31,8 +31,9 @@ from megatron_sc2.data.indexed import IndexedDataset, strip_suffix
 from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.governance.bloom import (BitBuilder, BloomFilter, BloomParams, merge_filters, window_digests,
                                            write_filter)
-from megatron_sc2.governance.corpus_text import TokenText, document_ranges
+from megatron_sc2.governance.corpus_text import TokenText
 from megatron_sc2.governance.normalize import normalize, normalize_with_offsets
+from megatron_sc2.governance.shards import add_submit_flags, document_ranges, parse_shard, submit_main
 
 WINDOW = 50
 FILTER_NAME = "portrait.bloom"
@@ -45,25 +46,6 @@ def filter_path(directory: str | os.PathLike) -> Path:
 
 def shard_path(directory: str | os.PathLike, shard: int, num_shards: int) -> Path:
     return Path(directory) / "shards" / f"portrait-{shard:05d}-of-{num_shards:05d}.bloom"
-
-
-def parse_shard(spec: Optional[str]) -> Optional[tuple[int, int]]:
-    """`i/N` (0-based), or `auto`: slurm's array task id and count (absent: no sharding)."""
-    if spec is None:
-        return None
-    if spec == "auto":
-        tid, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
-        if tid is None or count is None:
-            raise ConfigError("--shard auto: not a slurm array task (SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT unset)")
-        lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(tid) - lo, int(count)
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {spec}: expected i/N (0 <= i < N) or auto") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ConfigError(f"--shard {spec}: expected i/N with 0 <= i < N")
-    return i, n
 
 
 def window_bound(datasets: Sequence[IndexedDataset], text: TokenText) -> int:
@@ -245,33 +227,6 @@ def query_text(bf: BloomFilter, text: str, min_chain: int = 1) -> QueryResult:
 
 
 # -- command line --------------------------------------------------------------------------
-
-def add_submit_flags(b: argparse.ArgumentParser) -> None:
-    g = b.add_argument_group("slurm (a job array of shards, then a merge job)")
-    g.add_argument("--submit-shards", type=int, default=None, metavar="N",
-                   help="submit N array tasks (each --shard auto) and a merge job after them")
-    g.add_argument("--logs", default=None, help="where the sbatch scripts and logs go (default OUTPUT/slurm)")
-    g.add_argument("--time", default=None, help="slurm time limit of each job")
-    g.add_argument("--partition", default=None)
-    g.add_argument("--dry-run", action="store_true", help="write the scripts, submit nothing")
-
-
-def submit_main(tool: str, args: argparse.Namespace, build_args: list[str], merge_args: list[str]) -> int:
-    from megatron_sc2.governance.array_jobs import submit_sharded
-
-    if args.shard is not None:
-        raise ConfigError("--submit-shards and --shard exclude each other (each array task gets --shard auto)")
-    sub = submit_sharded(tool, build_args, merge_args, args.submit_shards,
-                         Path(args.logs or Path(args.output) / "slurm"), args.time, args.partition,
-                         dry_run=args.dry_run)
-    if args.dry_run:
-        print(f"wrote {sub.array_script} and {sub.merge_script} (not submitted)", file=sys.stderr)
-    else:
-        print(f"submitted array job {sub.array_job} ({args.submit_shards} shards) and merge job {sub.merge_job}",
-              file=sys.stderr)
-        print(sub.merge_job)
-    return 0
-
 
 def _build_main(args: argparse.Namespace) -> int:
     if args.submit_shards is not None:

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,8 +29,7 @@ import numpy as np
 from megatron_sc2.data.indexed import IndexedDataset, strip_suffix
 from megatron_sc2.data.provenance import open_provenance
 from megatron_sc2.errors import ConfigError, DataError
-from megatron_sc2.governance.corpus_text import document_ranges
-from megatron_sc2.governance.portrait import add_submit_flags, parse_shard, submit_main
+from megatron_sc2.governance.shards import add_submit_flags, document_ranges, parse_shard, submit_main
 
 MANIFEST = "search.json"
 FORMAT = "megatron_sc2.search"
