@@ -186,6 +186,22 @@ def bench_search(work: Path, data: str, tok, name: str, queries: int, shard_toke
           f"text query incl. tokenizing {ms(tlat)}; find --limit 10 with snippets {ms(flat)}")
     print(f"  beside a brute-force numpy scan of the .bin: {ms(brute)} = "
           f"{statistics.median(brute) / statistics.median(lat):.0f}x the indexed count")
+    if name == "stdlib":
+        t0 = time.perf_counter()
+        search.build([data], work / "search-bm25", str(tok.path), shard_tokens=shard_tokens, with_bm25=True)
+        t_bm = time.perf_counter() - t0 - t_build
+        bm = search.SearchIndex(work / "search-bm25")
+        words = ["json", "decode", "error", "socket", "thread", "lock", "parse", "args", "path", "open", "read"]
+        r = random.Random(1)
+        blat = []
+        for _ in range(100):
+            q = " ".join(r.sample(words, 3))
+            t0 = time.perf_counter()
+            bm.rank_bm25(q, 10)
+            blat.append(time.perf_counter() - t0)
+        bsize = sum(p.stat().st_size for p in (work / "search-bm25").glob("bm25-*"))
+        print(f"  BM25 (--bm25): about {t_bm:.1f} s more to build, {bsize / 1e6:.1f} MB; ranked 3-word queries, "
+              f"top 10 (first one opens the vocabulary): {ms(blat)}")
 
 
 def big_dataset(work: Path, data: str, tokens: int) -> str:

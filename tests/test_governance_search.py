@@ -178,3 +178,55 @@ def test_int32_datasets_index_too(tmp_path):
             a = int(rng.integers(0, max(len(d) - n, 0) + 1))
             q = d[a:a + n]
             assert index.count_ids(q) == brute_count([x.astype(np.int64) for x in docs], q)
+
+
+def test_bm25_ranks_like_a_plain_reference(corpus, capsys):
+    """The ranked mode against BM25 computed here from the decoded documents (Lucene's formula)."""
+    import math
+    import re
+    from collections import Counter
+
+    from megatron_sc2.governance.corpus_text import TokenText
+
+    out = corpus["tmp"] / "bm25"
+    tokp = str(corpus["tok"].path)
+    search.build(corpus["prefixes"], out, tokp, shard_tokens=4000, with_bm25=True)
+    index = search.SearchIndex(out)
+    assert len(index.shards) > 2
+    text = TokenText(corpus["tok"])
+    keys, bags = [], []
+    for di, p in enumerate(corpus["prefixes"]):
+        ds = IndexedDataset(p)
+        for d in range(ds.num_documents):
+            keys.append((di, d))
+            bags.append(Counter(re.findall(r"\w+", "\n".join(text.segments(ds.document(d))).lower())))
+    n, avgdl = len(bags), sum(sum(b.values()) for b in bags) / len(bags)
+
+    def ref(query):
+        q = list(dict.fromkeys(re.findall(r"\w+", query.lower())))
+        scores = {}
+        for t in q:
+            df = sum(t in b for b in bags)
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            for k, b in zip(keys, bags):
+                if t in b:
+                    tf, dl = b[t], sum(b.values())
+                    scores[k] = scores.get(k, 0.0) + idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * dl / avgdl))
+        return scores
+
+    for query in ["return self", "MARKER_one", "import x y", "def", "É if", "nothing_here"]:
+        want = ref(query)
+        matched, got = index.rank_bm25(query, limit=10)
+        assert matched == len(want)
+        best = sorted(want.items(), key=lambda kv: -kv[1])[:10]
+        assert [s for s, _, _ in got] == pytest.approx([s for _, s in best], rel=1e-9)
+        for s, di, d in got:
+            assert want[(di, d)] == pytest.approx(s, rel=1e-9)
+    capsys.readouterr()
+    assert cli_main(["search", "find", str(out), "marker_TWO", "--bm25", "--json", "--limit", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    h = res["hits"][0]
+    assert res["count"] == 1 and (h["repository"], h["path"]) == ("repo3", "pkg/f1.py") and "MARKER_two" in h["snippet"]
+    capsys.readouterr()
+    assert cli_main(["search", "find", str(corpus["whole"]), "x", "--bm25"]) == 2
+    assert "--bm25" in capsys.readouterr().err

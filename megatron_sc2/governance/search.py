@@ -66,8 +66,9 @@ def _separator(dtype: np.dtype) -> tuple[np.dtype, int]:
 
 
 def build_shard(datasets: Sequence[IndexedDataset], pieces: Sequence[tuple[int, int, int]], directory: Path,
-                name: str) -> ShardInfo:
-    """Write one shard's three files (temporary names, renamed when complete)."""
+                name: str, text=None) -> ShardInfo:
+    """Write one shard's three files (temporary names, renamed when complete); with `text` (a
+    TokenText) also its BM25 files."""
     from pydivsufsort import divsufsort
 
     tdtype, sep = _separator(datasets[0].dtype)
@@ -93,6 +94,11 @@ def build_shard(datasets: Sequence[IndexedDataset], pieces: Sequence[tuple[int, 
         tmp = files[key].with_name(files[key].name + f".tmp-{os.getpid()}")
         arr.tofile(tmp)
         os.replace(tmp, files[key])
+    if text is not None:
+        from megatron_sc2.governance import bm25
+
+        bm25.build_shard(("\n".join(text.segments(datasets[di].document(d))) for di, first, end in pieces
+                          for d in range(first, end)), directory, name)
     return ShardInfo(name, [list(map(int, p)) for p in pieces], int(len(tokens)), int(len(doc_pos) - 1),
                      np.dtype(tdtype).name, np.dtype(sa_dtype).name)
 
@@ -104,25 +110,34 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def build(prefixes: Sequence[str], output: str | os.PathLike, tokenizer: Optional[str] = None,
-          shard: Optional[tuple[int, int]] = None, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict[str, Any]:
+          shard: Optional[tuple[int, int]] = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+          with_bm25: bool = False) -> dict[str, Any]:
     """The whole index (cut into shards of at most about `shard_tokens` tokens), or with `shard`
-    one part i of N (then `merge` writes the manifest)."""
+    one part i of N (then `merge` writes the manifest); `with_bm25` adds the ranked mode."""
     if not prefixes:
         raise ConfigError("--data-path: give at least one dataset prefix")
+    text = None
+    if with_bm25:
+        if not tokenizer:
+            raise ConfigError("--bm25 needs --tokenizer-model (the documents are ranked as text)")
+        from megatron_sc2.data.tokenizer import load_tokenizer
+        from megatron_sc2.governance.corpus_text import TokenText
+
+        text = TokenText(load_tokenizer(tokenizer))
     datasets = [IndexedDataset(strip_suffix(p)) for p in prefixes]
     kinds = {np.dtype(d.dtype).itemsize <= 2 for d in datasets}
     if len(kinds) > 1:
         raise DataError(f"{datasets[0].idx_path}: datasets of different token dtypes cannot share an index")
     out = Path(output)
-    meta = {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer, **_corpus_meta(datasets)}
+    meta = {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer, "bm25": with_bm25, **_corpus_meta(datasets)}
     if shard is not None:
         i, n = shard
-        info = build_shard(datasets, document_ranges(datasets, i, n), out, f"{i:05d}-of-{n:05d}")
+        info = build_shard(datasets, document_ranges(datasets, i, n), out, f"{i:05d}-of-{n:05d}", text)
         _write_json(out / f"shard-{i:05d}-of-{n:05d}.json", {**meta, "shard": info.to_json()})
         return {**meta, "shards": [info.to_json()]}
     total = sum(d.num_tokens for d in datasets)
     n = max(1, -(-total // max(shard_tokens, 1)))
-    infos = [build_shard(datasets, document_ranges(datasets, i, n), out, f"{i:05d}-of-{n:05d}").to_json()
+    infos = [build_shard(datasets, document_ranges(datasets, i, n), out, f"{i:05d}-of-{n:05d}", text).to_json()
              for i in range(n)]
     manifest = {**meta, "shards": infos}
     _write_json(out / MANIFEST, manifest)
@@ -196,16 +211,26 @@ class Shard:
                 hi = mid
         return first, lo
 
+    def locate(self, row: int) -> tuple[int, int]:
+        """(dataset, document) of the shard's document row."""
+        base = 0
+        for di, first, end in self.info.pieces:
+            if row < base + end - first:
+                return di, first + row - base
+            base += end - first
+        raise IndexError(row)
+
 
 @dataclass
 class Hit:
     dataset: str
     document: int
-    token_offset: int
+    token_offset: Optional[int]
     repository: Optional[str] = None
     path: Optional[str] = None
     source: Optional[str] = None
     snippet: str = ""
+    score: Optional[float] = None
 
 
 class SearchIndex:
@@ -243,6 +268,7 @@ class SearchIndex:
                 arrays[key] = np.memmap(p, dtype=dtype, mode="r") if want else np.zeros(0, dtype)
             self.shards.append(Shard(info, arrays["tokens"], arrays["sa"], arrays["docs"]))
         self._prov: dict[int, Any] = {}
+        self._bm25: Optional[list] = None
         self._datasets: dict[int, IndexedDataset] = {}
 
     @property
@@ -281,13 +307,50 @@ class SearchIndex:
                 continue
             pos = np.sort(np.asarray(sh.sa[lo:min(hi, lo + limit - len(out))], dtype=np.int64))
             rows = np.searchsorted(sh.docs, pos, side="right") - 1
-            # shard row -> (dataset, document) through its pieces
-            bases = np.cumsum([0] + [p[2] - p[1] for p in sh.info.pieces])
             for p_, r in zip(pos.tolist(), rows.tolist()):
-                k = int(np.searchsorted(bases, r, side="right") - 1)
-                di, first, _ = sh.info.pieces[k]
-                out.append((di, first + r - int(bases[k]), p_ - int(sh.docs[r]) - 1))
+                out.append((*sh.locate(r), p_ - int(sh.docs[r]) - 1))
         return total, out
+
+    def rank_bm25(self, query: str, limit: int = 10) -> tuple[int, list[tuple[float, int, int]]]:
+        """(documents holding any query term, [(score, dataset, document)] best first)."""
+        from megatron_sc2.governance import bm25
+
+        if not self.manifest.get("bm25"):
+            raise DataError(f"{self.directory / MANIFEST}: built without --bm25; rebuild with it for ranked search")
+        if self._bm25 is None:
+            self._bm25 = [bm25.BM25Shard.open(self.directory, sh.info.name, sh.info.documents) for sh in self.shards]
+        matched, best = bm25.rank(self._bm25, query, limit)
+        return matched, [(score, *self.shards[si].locate(row)) for score, si, row in best]
+
+    def describe_ranked(self, ranked: Sequence[tuple[float, int, int]], query: str, tok, context: int = 80) -> list[Hit]:
+        """Hits of the ranked mode: the snippet and file around the first query term in the text."""
+        import re
+
+        from megatron_sc2.governance.bm25 import terms
+
+        words = sorted(set(terms(query)), key=len, reverse=True)
+        pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, words)) + r")(?!\w)", re.IGNORECASE) if words else None
+        names = [tok.decode([i]) for i in sorted(set(tok.special_ids.values()))]
+        specials = re.compile("|".join(re.escape(n) for n in names if n)) if any(names) else None
+        out = []
+        for score, di, doc in ranked:
+            h = Hit(self.datasets[di], doc, None, score=score)
+            text = tok.decode(self.dataset(di).document(doc).tolist())
+            plain = specials.sub(lambda m: " " * len(m.group()), text) if specials else text
+            m = pattern.search(plain) if pattern else None
+            at = m.start() if m else 0
+            h.snippet = plain[max(0, at - context): at + context].strip()
+            prov = self.provenance(di)
+            if prov is not None:
+                o = prov[doc]
+                h.repository, h.source = o.repository, o.source
+                for f in o.files:
+                    if f.char_start <= at < max(f.char_end, f.char_start + 1):
+                        h.path = f.path
+                if h.path is None and len(o.files) == 1:
+                    h.path = o.files[0].path
+            out.append(h)
+        return out
 
     def dataset(self, i: int) -> IndexedDataset:
         if i not in self._datasets:
@@ -364,9 +427,12 @@ def _build_main(args) -> int:
                       "--output", str(Path(args.output).resolve())]
         if args.tokenizer_model:
             build_args += ["--tokenizer-model", str(Path(args.tokenizer_model).resolve())]
+        if args.bm25:
+            build_args.append("--bm25")
         return submit_main("search", args, build_args, [str(Path(args.output).resolve())])
     t0 = time.perf_counter()
-    m = build(args.data_path, args.output, args.tokenizer_model, parse_shard(args.shard), args.shard_tokens)
+    m = build(args.data_path, args.output, args.tokenizer_model, parse_shard(args.shard), args.shard_tokens,
+              args.bm25)
     tokens = sum(s["tokens"] for s in m["shards"])
     print(f"search: indexed {tokens:,} tokens in {len(m['shards'])} shard(s) in {time.perf_counter() - t0:.1f} s "
           f"-> {args.output}", file=sys.stderr)
@@ -394,6 +460,21 @@ def _count_main(args) -> int:
 def _find_main(args) -> int:
     index = SearchIndex(args.directory)
     tok = _tokenizer(args, index)
+    if args.bm25:
+        if args.text is None:
+            raise ConfigError("--bm25: give the text to rank documents for")
+        if args.limit < 0:
+            raise ConfigError(f"--limit must be at least 0, got {args.limit}")
+        matched, ranked = index.rank_bm25(args.text, args.limit)
+        hits = index.describe_ranked(ranked, args.text, tok)
+        if args.json:
+            print(json.dumps({"count": matched, "hits": [h.__dict__ for h in hits]}))
+            return 0
+        print(f"{matched} document(s) hold a query term; best {len(hits)}:")
+        for h in hits:
+            print(f"--- {h.score:.3f}  {h.dataset} document {h.document}: {h.repository or '?'}/{h.path or '?'}")
+            print(h.snippet)
+        return 0
     ids, note = _query_ids(args, index, tok)
     if args.limit < 0:
         raise ConfigError(f"--limit must be at least 0, got {args.limit}")
@@ -420,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer-model", default=None, help="recorded for queries (else give it to count/find)")
     b.add_argument("--shard", default=None, help="i/N: build only shard i of N (then `search merge`); auto: slurm array task")
     b.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard of a whole build")
+    b.add_argument("--bm25", action="store_true", help="also index words for ranked search (`find --bm25`)")
     add_submit_flags(b)
     b.set_defaults(fn=_build_main)
     m = sub.add_parser("merge", help="write the manifest of shards built with --shard")
@@ -436,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "find":
             q.add_argument("--limit", type=int, default=10)
             q.add_argument("--context", type=int, default=24, help="tokens of snippet either side")
+            q.add_argument("--bm25", action="store_true", help="rank documents by BM25 over words instead")
         q.set_defaults(fn=fn)
     return p
 
