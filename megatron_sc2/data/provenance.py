@@ -79,15 +79,20 @@ class Origin:
         return Origin(rec.get("source", "?"), rec.get("line"), rec.get("row"), rec.get("repository"), files)
 
     def describe(self) -> list[str]:
-        where = self.source + (f":{self.line}" if self.line is not None else "") + (
+        where = _printable(self.source) + (f":{self.line}" if self.line is not None else "") + (
             f":row {self.row}" if self.row is not None else "")
         out = [f"source: {where}"]
         if self.repository is not None:
-            out.append(f"repository: {self.repository}")
+            out.append(f"repository: {_printable(self.repository)}")
         for f in self.files:
             tokens = f"tokens [{f.token_start}, {f.token_end})" if f.token_start is not None else "tokens ?"
-            out.append(f"  file {f.path}: chars [{f.char_start}, {f.char_end}), {tokens}")
+            out.append(f"  file {_printable(f.path)}: chars [{f.char_start}, {f.char_end}), {tokens}")
         return out
+
+
+def _printable(s: str) -> str:
+    """A name as it can be printed (a file name that is not UTF-8 shows U+FFFD)."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(s, str) else str(s)
 
 
 def token_spans(ids: np.ndarray, origin: Origin, file_sep: Optional[int], special_ids: Sequence[int]) -> None:
@@ -121,7 +126,8 @@ class ProvenanceWriter:
     def add(self, record: dict[str, Any] | Origin) -> None:
         if isinstance(record, Origin):
             record = record.to_record()
-        data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass") + b"\n"
+        # ASCII with escapes: a file name that is not UTF-8 (a surrogate escape) still reads back
+        data = json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
         self._f.write(data)
         self._offsets.append(self._offsets[-1] + len(data))
 
