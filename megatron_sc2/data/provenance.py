@@ -92,7 +92,12 @@ class Origin:
 
 def _printable(s: str) -> str:
     """A name as it can be printed (a file name that is not UTF-8 shows U+FFFD)."""
-    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(s, str) else str(s)
+    if not isinstance(s, str):
+        return str(s)
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode("utf-8")
 
 
 def token_spans(ids: np.ndarray, origin: Origin, file_sep: Optional[int], special_ids: Sequence[int]) -> None:
