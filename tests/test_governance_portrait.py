@@ -347,3 +347,15 @@ def test_packed_builder_sets_the_same_bits(corpus, monkeypatch):
     monkeypatch.setattr(BitBuilder, "BOOL_LIMIT", 64)
     portrait.build(corpus["prefixes"], corpus["tok"], b)
     assert portrait.filter_path(a).read_bytes() == portrait.filter_path(b).read_bytes()
+
+
+def test_window_bound_is_an_upper_bound_streamed(corpus):
+    """The sizing every shard computes: per document, its tokens' characters // 50, streamed in
+    chunks of any size, never below the windows actually inserted."""
+    text = TokenText(corpus["tok"])
+    datasets = [IndexedDataset(p) for p in corpus["prefixes"]]
+    lengths = text.char_lengths()
+    ref = sum(int(lengths[ds.document(d).astype(np.int64)].sum()) // 50 for ds in datasets for d in range(ds.num_documents))
+    assert portrait.window_bound(datasets, text) == portrait.window_bound(datasets, text, chunk=13) == ref
+    windows = sum(len(portrait.index_windows(s)) for s in corpus["segments"])
+    assert windows <= ref

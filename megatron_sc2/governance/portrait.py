@@ -48,22 +48,24 @@ def shard_path(directory: str | os.PathLike, shard: int, num_shards: int) -> Pat
     return Path(directory) / "shards" / f"portrait-{shard:05d}-of-{num_shards:05d}.bloom"
 
 
-def window_bound(datasets: Sequence[IndexedDataset], text: TokenText) -> int:
-    """An upper bound of the windows a build inserts: per document, its tokens' characters / 50."""
+def window_bound(datasets: Sequence[IndexedDataset], text: TokenText, chunk: int = 1 << 24) -> int:
+    """An upper bound of the windows a build inserts: per document, its tokens' characters / 50
+    (streamed over the `.bin`, memory flat)."""
     lengths = text.char_lengths()
     total = 0
-    chunk = 1 << 24
     for ds in datasets:
         if not ds.num_tokens:
             continue
-        tok_starts = np.concatenate([[0], np.cumsum(ds.sequence_lengths, dtype=np.int64)])[ds.document_indices]
-        chars = np.zeros(ds.num_tokens + 1, dtype=np.int64)  # prefix sums of characters per token
+        starts = np.concatenate([[0], np.cumsum(ds.sequence_lengths, dtype=np.int64)])[ds.document_indices]
+        prefix = np.zeros(len(starts), dtype=np.int64)  # characters before each document start
+        running = 0
         for a in range(0, ds.num_tokens, chunk):
-            ids = np.asarray(ds._bin_map[a:a + chunk], dtype=np.int64)
-            ids = np.minimum(ids, len(lengths) - 1)
-            chars[a + 1:a + 1 + len(ids)] = lengths[ids]
-        np.cumsum(chars, out=chars)
-        total += int((np.diff(chars[tok_starts]) // WINDOW).sum())
+            ids = np.minimum(np.asarray(ds._bin_map[a:a + chunk], dtype=np.int64), len(lengths) - 1)
+            c = np.cumsum(lengths[ids]) + running
+            sel = (starts > a) & (starts <= a + len(ids))
+            prefix[sel] = c[starts[sel] - a - 1]
+            running = int(c[-1])
+        total += int((np.diff(prefix) // WINDOW).sum())
     return total
 
 
