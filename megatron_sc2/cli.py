@@ -16,6 +16,7 @@ from megatron_sc2.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("megatron_sc2.data.prep.preprocess", "tokenize a corpus into Megatron .bin/.idx"),
     "train-tokenizer": ("megatron_sc2.data.prep.train_tokenizer", "train a byte-level BPE tokenizer with StarCoder2's special tokens"),
+    "clean": ("megatron_sc2.data.prep.clean.main", "near/exact dedup, PII redaction, decontamination, licence/language filters"),
     "merge": ("megatron_sc2.data.prep.merge", "merge several .bin/.idx datasets into one"),
     "inspect": ("megatron_sc2.data.prep.inspect", "summarize a .bin/.idx dataset and decode documents"),
     "train": ("megatron_sc2.training.main", "train StarCoder2 (single process, torchrun or srun)"),

@@ -1,0 +1,187 @@
+"""PII redaction with the placeholders StarCoder2 trained on.
+
+E-mail addresses -> `<EMAIL>`; keys, tokens and private keys -> `<KEY>` (detect-secrets' token
+detectors on the lines that hold a long token-like run, plus private-key blocks and key-named
+assignments of high-entropy strings); passwords in `password = "..."` style assignments ->
+`<PASSWORD>`; public IPv4/IPv6 addresses -> one of a fixed set of private addresses of the same
+family (chosen by a hash of the address, so a redaction is reproducible). Private, loopback,
+link-local and documentation-range addresses are not personal data and stay, as do version
+strings (an address-like run right after `version`/`v`), reserved example domains and
+`git@host` clone URLs. The false-positive rate on look-alikes is measured in tests/test_clean_pii.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Optional
+
+EMAIL, KEY, PASSWORD, IP = "<EMAIL>", "<KEY>", "<PASSWORD>", "ip_address"
+
+IPV4_REPLACEMENTS = ("172.16.31.10", "172.16.58.3", "172.16.17.32", "192.168.127.12", "192.168.3.11")
+IPV6_REPLACEMENTS = ("fd00:c2b6:b24b:be67:2827:688d:e6a1:6a3b", "fd00:a516:7c1b:17cd:6d81:2137:bd2a:2c5b",
+                     "fd00:4d2c:19b4:a6f3:c29e:7f01:5e8a:0b1d", "fd00:8f3e:22aa:91c0:4b5d:e2f7:0c68:3a94")
+
+_GENERIC_TLDS = {"com", "org", "net", "edu", "gov", "mil", "int", "info", "biz", "name", "pro", "mobi",
+                 "io", "dev", "app", "ai", "co", "me", "tech", "cloud", "online", "site", "xyz", "email"}
+_RESERVED_DOMAINS = re.compile(r"(^|\.)(example\.(com|org|net|edu)|localhost|test|invalid|example)$", re.I)
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@((?:[A-Za-z0-9-]{1,63}\.)+([A-Za-z]{2,24}))(?![\w(])")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+_VERSION_BEFORE = re.compile(r"(version|ver|release|rev|v)\s*[:=]?\s*[\"']?\s*$", re.I)
+_PRIVATE_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY( BLOCK)?-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----|\Z)",
+                          re.S)
+_KEY_ASSIGN = re.compile(
+    r"(?i)(?:api[_-]?key|apikey|secret|token|access[_-]?key|auth[_-]?key|private[_-]?key|client[_-]?secret)"
+    r"\w*[\"']?\s*(?:=|:|=>)\s*[\"']([A-Za-z0-9_\-+/=.]{16,})[\"']")
+_PASSWORD = re.compile(
+    r"(?i)(?:password|passwd|passphrase|pwd|db_pass|pass)\w*[\"']?\s*(?:=|:|=>)\s*([\"'])([^\"'\s]{4,})\1")
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9_\-+/=]{16,}")
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-+/=.]*")
+
+_DETECT_SECRETS_PLUGINS = (
+    "AWSKeyDetector", "ArtifactoryDetector", "AzureStorageKeyDetector", "CloudantDetector",
+    "DiscordBotTokenDetector", "GitHubTokenDetector", "GitLabTokenDetector", "IbmCloudIamDetector",
+    "IbmCosHmacDetector", "JwtTokenDetector", "MailchimpDetector", "NpmDetector", "OpenAIDetector",
+    "PypiTokenDetector", "SendGridDetector", "SlackDetector", "SoftlayerDetector", "SquareOAuthDetector",
+    "StripeDetector", "TelegramBotTokenDetector", "TwilioKeyDetector")
+
+
+def _entropy(s: str) -> float:
+    counts = Counter(s)
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def _looks_random(value: str) -> bool:
+    """A secret, not a word, path or placeholder: letters and digits mixed, high entropy."""
+    if value.startswith(("$", "{", "<", "%")) or len(set(value)) < 6:
+        return False
+    has_digit = any(c.isdigit() for c in value)
+    has_alpha = any(c.isalpha() for c in value)
+    return has_digit and has_alpha and _entropy(value) >= 3.0
+
+
+@lru_cache(maxsize=1)
+def _scan_line():
+    """detect-secrets' line scanner with its token detectors (not the entropy and keyword ones,
+    which flag lock-file hashes and every `password` word)."""
+    from detect_secrets.core.scan import scan_line
+    from detect_secrets.settings import transient_settings
+
+    ctx = transient_settings({"plugins_used": [{"name": n} for n in _DETECT_SECRETS_PLUGINS]})
+    ctx.__enter__()  # kept for the life of the process
+    return scan_line
+
+
+def _replacement_ip(addr: str, version: int) -> str:
+    pool = IPV4_REPLACEMENTS if version == 4 else IPV6_REPLACEMENTS
+    return pool[int.from_bytes(hashlib.blake2b(addr.encode(), digest_size=4).digest(), "little") % len(pool)]
+
+
+def _is_public(addr: str) -> Optional[int]:
+    """The IP version of a public (global unicast) address, else None."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    if not ip.is_global or ip.is_multicast:
+        return None
+    return ip.version
+
+
+@dataclass
+class Redaction:
+    text: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def find_spans(text: str) -> list[tuple[int, int, str, str]]:
+    """(start, end, replacement, kind) of every PII span found, possibly overlapping."""
+    spans: list[tuple[int, int, str, str]] = []
+    for m in _PRIVATE_KEY.finditer(text):
+        spans.append((m.start(), m.end(), KEY, "key"))
+    for m in _EMAIL.finditer(text):
+        domain, tld = m.group(1), m.group(2)
+        local = m.group(0).split("@", 1)[0]
+        if _RESERVED_DOMAINS.search(domain) or local.lower() in ("git", "hg", "noreply", "no-reply"):
+            continue
+        if len(tld) != 2 and tld.lower() not in _GENERIC_TLDS:
+            continue
+        spans.append((m.start(), m.end(), EMAIL, "email"))
+    for m in _IPV4.finditer(text):
+        if any(len(p) > 1 and p[0] == "0" for p in m.group(0).split(".")):
+            continue
+        if _VERSION_BEFORE.search(text[max(0, m.start() - 12):m.start()]):
+            continue
+        v = _is_public(m.group(0))
+        if v:
+            spans.append((m.start(), m.end(), _replacement_ip(m.group(0), v), "ip"))
+    if "::" in text or text.count(":") >= 7:
+        for m in _IPV6.finditer(text):
+            s = m.group(0)
+            if s.count(":") < 7 and ("::" not in s or sum(1 for g in s.split(":") if g) < 3):
+                continue
+            v = _is_public(s)
+            if v:
+                spans.append((m.start(), m.end(), _replacement_ip(s, v), "ip"))
+    for m in _PASSWORD.finditer(text):
+        value = m.group(2)
+        if value.startswith(("$", "{", "<", "%", "*")) or len(set(value)) == 1:
+            continue
+        spans.append((m.start(2), m.end(2), PASSWORD, "password"))
+    for m in _KEY_ASSIGN.finditer(text):
+        if _looks_random(m.group(1)):
+            spans.append((m.start(1), m.end(1), KEY, "key"))
+    spans += _detect_secrets_spans(text)
+    return spans
+
+
+def _detect_secrets_spans(text: str) -> list[tuple[int, int, str, str]]:
+    out = []
+    scan = None
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        run = _TOKEN_RUN.search(line)
+        if run is not None and len(line) < 4000:
+            if any(c.isdigit() for m in _TOKEN_RUN.finditer(line) for c in m.group(0)):
+                scan = scan or _scan_line()
+                for secret in scan(line.rstrip("\r\n")):
+                    value = secret.secret_value or ""
+                    pos = line.find(value) if value else -1
+                    if pos < 0:
+                        continue
+                    # detect-secrets may report only a token's prefix: take the whole token
+                    start = pos
+                    while start > 0 and _TOKEN_CHARS.fullmatch(line[start - 1]):
+                        start -= 1
+                    end = pos + _TOKEN_CHARS.match(line, pos).end() - pos
+                    token = line[start:end].strip(".")
+                    if len(token) >= 8:
+                        s = offset + line.find(token, start)
+                        out.append((s, s + len(token), KEY, "key"))
+        offset += len(line)
+    return out
+
+
+def redact(text: str) -> Redaction:
+    """The text with every PII span replaced; counts per kind of what was replaced."""
+    spans = find_spans(text)
+    if not spans:
+        return Redaction(text, {})
+    spans.sort(key=lambda s: (s[0], -(s[1] - s[0])))
+    out, counts, pos = [], Counter(), 0
+    for start, end, repl, kind in spans:
+        if start < pos:
+            continue  # overlaps a span already replaced (the earlier, longer one wins)
+        out.append(text[pos:start])
+        out.append(repl)
+        counts[kind] += 1
+        pos = end
+    out.append(text[pos:])
+    return Redaction("".join(out), dict(counts))

@@ -1,0 +1,337 @@
+"""The clean pipeline in two steps, so that it runs as N shards on one machine or on a cluster.
+
+1. `scan_shard(i, N)`: the files of shard i through the per-file stages (licence, language and
+   path filters, decontamination, PII redaction), with each survivor's content hash and MinHash
+   signature (of the text before redaction). Written to `DIR/.clean-work/shard-i-of-N/` under a
+   temporary name and renamed when complete, with the settings' fingerprint: a re-run finds
+   finished shards and does not redo them.
+2. `merge(N)`: needs every shard; exact dedup over all content hashes, then LSH clustering over
+   all signatures (in uid order, so the result does not depend on N), then each shard's
+   survivors to `DIR/part-i-of-N.jsonl`, with `report.json` and `manifest.jsonl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.data.prep.sources import ReadStats
+from megatron_sc2.data.prep.clean import exact_dedup, keep_rule
+from megatron_sc2.data.prep.clean import near_dedup as near
+from megatron_sc2.data.prep.clean.filters import FileRules
+from megatron_sc2.data.prep.clean.records import iter_records
+
+WORK = ".clean-work"
+EXAMPLES = 5
+
+
+@dataclass
+class CleanConfig:
+    inputs: list[str]
+    output: str
+    text_key: Optional[str] = None
+    skip_malformed: bool = False
+    exact_dedup: bool = False
+    near_dedup: bool = False
+    near_verify: float = 0.7
+    pii: bool = False
+    decontaminate: bool = False
+    benchmark_files: list[str] = field(default_factory=list)
+    licenses: Optional[tuple[str, ...]] = None
+    languages: Optional[tuple[str, ...]] = None
+    path_filters: bool = False
+    num_perm: int = 250
+    bands: int = near.BANDS
+    rows: int = near.ROWS
+    seed: int = 42
+
+    def fingerprint(self) -> str:
+        d = asdict(self)
+        d.pop("output")
+        d["inputs"] = [str(Path(p).resolve()) if not any(c in p for c in "*?[") else p for p in self.inputs]
+        d["benchmark_files"] = [str(Path(p).resolve()) for p in self.benchmark_files]
+        return hashlib.blake2b(json.dumps(d, sort_keys=True, default=list).encode(), digest_size=12).hexdigest()
+
+    def check(self) -> None:
+        if self.bands * self.rows > self.num_perm:
+            raise ConfigError(f"--bands x --rows ({self.bands} x {self.rows}) exceed --num-perm {self.num_perm}")
+        if not 0 <= self.near_verify <= 1:
+            raise ConfigError(f"--near-verify must be within [0, 1], got {self.near_verify}")
+        if not self.inputs:
+            raise ConfigError("nothing to clean: give --input")
+
+
+def work_dir(cfg: CleanConfig) -> Path:
+    return Path(cfg.output) / WORK
+
+
+def shard_dir(cfg: CleanConfig, i: int, n: int) -> Path:
+    return work_dir(cfg) / f"shard-{i:05d}-of-{n:05d}"
+
+
+def _shard_done(cfg: CleanConfig, i: int, n: int) -> bool:
+    stats = shard_dir(cfg, i, n) / "stats.json"
+    try:
+        return json.loads(stats.read_text())["fingerprint"] == cfg.fingerprint()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _entry(rec, action: str, stage: str, reason: str, **detail: Any) -> dict[str, Any]:
+    e = {"uid": rec.uid, "where": rec.where, "repo_name": rec.repo, "path": rec.path,
+         "action": action, "stage": stage, "reason": reason}
+    if detail:
+        e["detail"] = detail
+    return e
+
+
+def scan_shard(cfg: CleanConfig, i: int, n: int) -> str:
+    """Run shard i of n; "done" or "skipped" (already done with these settings)."""
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {i}/{n}: the index must be in 0..{n - 1}")
+    if _shard_done(cfg, i, n):
+        return "skipped"
+    from megatron_sc2.data.prep.clean.minhash import MinHasher
+    from megatron_sc2.data.prep.clean.exact_dedup import content_hash
+
+    rules = FileRules(cfg.licenses, cfg.languages, cfg.path_filters)
+    decon = None
+    if cfg.decontaminate:
+        from megatron_sc2.data.prep.clean.decontaminate import Decontaminator
+        decon = Decontaminator.build(True, cfg.benchmark_files)
+    redact = None
+    if cfg.pii:
+        from megatron_sc2.data.prep.clean.pii import redact
+    hasher = MinHasher(cfg.num_perm, cfg.seed) if cfg.near_dedup else None
+
+    final = shard_dir(cfg, i, n)
+    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stats = ReadStats()
+    seen = 0
+    uids: list[int] = []
+    hashes: list[tuple[int, int]] = []
+    keys: list[tuple[int, int, int, int]] = []
+    sigs: list[np.ndarray] = []
+    try:
+        with open(tmp / "kept.jsonl", "w", encoding="utf-8") as kept, \
+                open(tmp / "index.jsonl", "w", encoding="utf-8") as index, \
+                open(tmp / "manifest.jsonl", "w", encoding="utf-8") as manifest:
+            for rec in iter_records(cfg.inputs, stats, cfg.text_key, cfg.skip_malformed, i, n):
+                text = rec.text
+                if not text and rec.repo is None:
+                    if not cfg.skip_malformed:
+                        raise DataError(f"{rec.where}: empty document (no text to tokenize); "
+                                        "pass --skip-malformed to skip such documents")
+                    stats.empty_documents += 1
+                    continue
+                seen += 1
+                dropped = rules.reason(rec.record, rec.path, text)
+                if dropped:
+                    manifest.write(json.dumps(_entry(rec, "removed", dropped[0], dropped[1])) + "\n")
+                    continue
+                if decon is not None:
+                    hit = decon.match(text)
+                    if hit is not None:
+                        manifest.write(json.dumps(_entry(rec, "removed", "decontaminate", "benchmark",
+                                                         benchmark=hit.source)) + "\n")
+                        continue
+                uids.append(rec.uid)
+                hashes.append(content_hash(text))
+                keys.append(keep_rule.keep_key(rec.record))
+                if hasher is not None:
+                    sigs.append(hasher.signature(text))
+                if redact is not None:
+                    red = redact(text)
+                    if red.counts:
+                        rec.record[rec.text_key] = red.text
+                        manifest.write(json.dumps(_entry(rec, "redacted", "pii", "pii", **red.counts)) + "\n")
+                kept.write(json.dumps(rec.record, ensure_ascii=False) + "\n")
+                index.write(json.dumps([rec.where, rec.repo, rec.path]) + "\n")
+        np.savez(tmp / "meta.npz", uid=np.array(uids, dtype=np.int64),
+                 hash=np.array(hashes, dtype=np.uint64).reshape(-1, 2),
+                 keys=np.array(keys, dtype=np.int64).reshape(-1, 4),
+                 sigs=(np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint32)))
+        (tmp / "stats.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "files": seen,
+                                                    "read": asdict(stats)}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return "done"
+
+
+@dataclass
+class MergeResult:
+    report: dict[str, Any]
+    outputs: list[Path]
+
+
+def _manifest_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def merge(cfg: CleanConfig, n: int, keep_work: bool = False) -> MergeResult:
+    """Dedup across all n shards and write the output; every shard must be done."""
+    t0 = time.perf_counter()
+    missing = [i for i in range(n) if not _shard_done(cfg, i, n)]
+    if missing:
+        raise DataError(f"{work_dir(cfg)}: shards {', '.join(map(str, missing))} of {n} are not done "
+                        "(or were made with other settings); run them first")
+    metas = [np.load(shard_dir(cfg, i, n) / "meta.npz") for i in range(n)]
+    uid = np.concatenate([m["uid"] for m in metas])
+    shard_of_row = np.concatenate([np.full(m["uid"].size, i) for i, m in enumerate(metas)])
+    hashes = np.concatenate([m["hash"] for m in metas])
+    keys = np.concatenate([m["keys"] for m in metas])
+    order = np.argsort(uid, kind="stable")
+    uid, hashes, keys, shard_of_row = uid[order], hashes[order], keys[order], shard_of_row[order]
+
+    removed: dict[int, tuple[str, int]] = {}  # uid -> (stage, uid of the kept copy)
+    alive = np.ones(uid.size, dtype=bool)
+    if cfg.exact_dedup or cfg.near_dedup:
+        keeper = exact_dedup.duplicates(uid, hashes, keys)
+        for u, k in zip(uid[keeper >= 0].tolist(), keeper[keeper >= 0].tolist()):
+            removed[u] = ("exact_dedup", k)
+        alive = keeper < 0
+    clusters = 0
+    if cfg.near_dedup:
+        sigs = np.concatenate([m["sigs"] for m in metas])[order][alive]
+        keeper = near.duplicates(uid[alive], sigs, keys[alive], cfg.near_verify, cfg.bands, cfg.rows)
+        for u, k in zip(uid[alive][keeper >= 0].tolist(), keeper[keeper >= 0].tolist()):
+            removed[u] = ("near_dedup", k)
+        clusters = len(set(keeper[keeper >= 0].tolist()))
+
+    out_dir = Path(cfg.output)
+    where: dict[int, tuple[str, Optional[str], Optional[str]]] = {}
+    entries: list[dict[str, Any]] = []
+    outputs: list[Path] = []
+    kept_files = 0
+    for i in range(n):
+        d = shard_dir(cfg, i, n)
+        shard_uids = metas[i]["uid"].tolist()
+        with open(d / "index.jsonl", encoding="utf-8") as f:
+            for u, line in zip(shard_uids, f):
+                w = json.loads(line)
+                where[u] = (w[0], w[1], w[2])
+        entries += _manifest_lines(d / "manifest.jsonl")
+        dest = out_dir / f"part-{i:05d}-of-{n:05d}.jsonl"
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        with open(d / "kept.jsonl", encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            for u, line in zip(shard_uids, src):
+                if u not in removed:
+                    dst.write(line)
+                    kept_files += 1
+        os.replace(tmp, dest)
+        outputs.append(dest)
+    for u, (stage, k) in removed.items():
+        w, kw = where[u], where[k]
+        entries.append({"uid": u, "where": w[0], "repo_name": w[1], "path": w[2], "action": "removed",
+                        "stage": stage, "reason": "exact_duplicate" if stage == "exact_dedup" else "near_duplicate",
+                        "detail": {"kept": kw[0], "kept_repo_name": kw[1], "kept_path": kw[2]}})
+    # a redaction of a file later removed as a duplicate is not a change to the output
+    entries = [e for e in entries if not (e["action"] == "redacted" and e["uid"] in removed)]
+    entries.sort(key=lambda e: (e["uid"], e["action"] != "removed"))
+
+    report = _report(cfg, n, entries, kept_files, clusters, time.perf_counter() - t0)
+    _write_atomic(out_dir / "manifest.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    for old in out_dir.glob("part-*-of-*.jsonl"):
+        if old not in outputs:
+            old.unlink()
+    if not keep_work:
+        shutil.rmtree(work_dir(cfg), ignore_errors=True)
+    return MergeResult(report, outputs)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _report(cfg: CleanConfig, n: int, entries: list[dict[str, Any]], kept: int, clusters: int,
+            merge_seconds: float) -> dict[str, Any]:
+    read = Counter()
+    files_in = 0
+    for i in range(n):
+        s = json.loads((shard_dir(cfg, i, n) / "stats.json").read_text())
+        files_in += s["files"]
+        for k, v in s["read"].items():
+            if k not in ("input_files", "input_bytes"):
+                read[k] += v
+        if i == 0:  # every shard reads every input: counts of inputs and bytes from one
+            read["input_files"], read["input_bytes"] = s["read"]["input_files"], s["read"]["input_bytes"]
+    removed: dict[str, Counter] = defaultdict(Counter)
+    redacted: Counter = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+    redacted_files = 0
+    for e in entries:
+        key = f"{e['stage']}/{e['reason']}"
+        if e["action"] == "removed":
+            removed[e["stage"]][e["reason"]] += 1
+        else:
+            redacted_files += 1
+            for kind, c in e.get("detail", {}).items():
+                redacted[kind] += c
+        if len(examples[key]) < EXAMPLES:
+            examples[key].append(e["where"])
+    total_removed = sum(sum(c.values()) for c in removed.values())
+    return {
+        "input": {"files": files_in, **dict(read)},
+        "output": {"files": kept, "shards": n},
+        "removed": {stage: dict(c) for stage, c in sorted(removed.items())},
+        "removed_total": total_removed,
+        "redacted": {"files": redacted_files, **dict(redacted)},
+        "near_dedup_clusters": clusters,
+        "stages": {"exact_dedup": cfg.exact_dedup or cfg.near_dedup, "near_dedup": cfg.near_dedup,
+                   "pii": cfg.pii, "decontaminate": cfg.decontaminate, "licenses": cfg.licenses,
+                   "languages": cfg.languages, "path_filters": cfg.path_filters},
+        "examples": dict(examples),
+        "merge_seconds": round(merge_seconds, 3),
+    }
+
+
+def _scan_job(args: tuple[CleanConfig, int, int]) -> str:
+    cfg, i, n = args
+    return scan_shard(cfg, i, n)
+
+
+def run_local(cfg: CleanConfig, workers: int, keep_work: bool = False) -> MergeResult:
+    """All shards on this machine (one per worker process), then the merge."""
+    cfg.check()
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    if workers == 1:
+        scan_shard(cfg, 0, 1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+            list(pool.map(_scan_job, [(cfg, i, workers) for i in range(workers)]))
+    return merge(cfg, workers, keep_work)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    r = report
+    lines = [f"files: {r['input']['files']:,} in, {r['output']['files']:,} out in {r['output']['shards']} "
+             f"shard(s); removed {r['removed_total']:,}"]
+    for stage, reasons in r["removed"].items():
+        lines.append(f"  {stage}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())))
+    red = {k: v for k, v in r["redacted"].items() if k != "files"}
+    if r["redacted"]["files"]:
+        lines.append(f"  pii: {r['redacted']['files']:,} files redacted (" +
+                     ", ".join(f"{k} {v:,}" for k, v in sorted(red.items())) + ")")
+    return lines
