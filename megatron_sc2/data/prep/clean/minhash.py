@@ -88,7 +88,7 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ascii_piece_hashes(data: bytes) -> np.ndarray:
-    """`word_hash` of every piece of `re.split(r"\W", text.lower())` for an ASCII text, in numpy:
+    r"""`word_hash` of every piece of `re.split(r"\W", text.lower())` for an ASCII text, in numpy:
     a prefix sum of (byte + 1) * B**j gives each piece's polynomial in O(1)."""
     b = np.frombuffer(data, dtype=np.uint8)
     n = b.size
