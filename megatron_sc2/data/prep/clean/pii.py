@@ -33,7 +33,7 @@ _RESERVED_DOMAINS = re.compile(r"(^|\.)(example\.(com|org|net|edu)|localhost|tes
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@((?:[A-Za-z0-9-]{1,63}\.)+([A-Za-z]{2,24}))(?![\w(])")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
-_VERSION_BEFORE = re.compile(r"(version|ver|release|rev|v)\s*[:=]?\s*[\"']?\s*$", re.I)
+_VERSION_BEFORE = re.compile(r"\b(\w*version\w*|ver|release|rev|v)\s*[:=]?\s*[\"']?\s*$", re.I)
 _PRIVATE_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY( BLOCK)?-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----|\Z)",
                           re.S)
 _KEY_ASSIGN = re.compile(
@@ -68,15 +68,14 @@ def _looks_random(value: str) -> bool:
 
 
 @lru_cache(maxsize=1)
-def _scan_line():
-    """detect-secrets' line scanner with its token detectors (not the entropy and keyword ones,
-    which flag lock-file hashes and every `password` word)."""
-    from detect_secrets.core.scan import scan_line
-    from detect_secrets.settings import transient_settings
+def _detectors() -> tuple:
+    """detect-secrets' token detectors (not its entropy and keyword ones, which flag lock-file
+    hashes and every `password` word), called on a line through `analyze_string` (its
+    `scan_line` adds heuristic filters that drop real tokens such as `ghp_...`)."""
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 
-    ctx = transient_settings({"plugins_used": [{"name": n} for n in _DETECT_SECRETS_PLUGINS]})
-    ctx.__enter__()  # kept for the life of the process
-    return scan_line
+    by_name = {c.__name__: c for c in get_mapping_from_secret_type_to_class().values()}
+    return tuple(by_name[n]() for n in _DETECT_SECRETS_PLUGINS if n in by_name)
 
 
 def _replacement_ip(addr: str, version: int) -> str:
@@ -117,7 +116,7 @@ def find_spans(text: str) -> list[tuple[int, int, str, str]]:
     for m in _IPV4.finditer(text):
         if any(len(p) > 1 and p[0] == "0" for p in m.group(0).split(".")):
             continue
-        if _VERSION_BEFORE.search(text[max(0, m.start() - 12):m.start()]):
+        if _VERSION_BEFORE.search(text[max(0, m.start() - 24):m.start()]):
             continue
         v = _is_public(m.group(0))
         if v:
@@ -144,16 +143,16 @@ def find_spans(text: str) -> list[tuple[int, int, str, str]]:
 
 def _detect_secrets_spans(text: str) -> list[tuple[int, int, str, str]]:
     out = []
-    scan = None
+    detectors = None
     offset = 0
     for line in text.splitlines(keepends=True):
         run = _TOKEN_RUN.search(line)
         if run is not None and len(line) < 4000:
             if any(c.isdigit() for m in _TOKEN_RUN.finditer(line) for c in m.group(0)):
-                scan = scan or _scan_line()
-                for secret in scan(line.rstrip("\r\n")):
-                    value = secret.secret_value or ""
-                    pos = line.find(value) if value else -1
+                detectors = detectors or _detectors()
+                found = [v for d in detectors for v in d.analyze_string(line.rstrip("\r\n")) if v]
+                for value in found:
+                    pos = line.find(value)
                     if pos < 0:
                         continue
                     # detect-secrets may report only a token's prefix: take the whole token
