@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-task", type=int, default=1)
     r.add_argument("--python", default=sys.executable, help="interpreter on the compute nodes")
     r.add_argument("--dry-run", action="store_true", help="with --slurm: print the scripts, submit nothing")
+    r.add_argument("--hold", action="store_true", help="with --slurm: submit the shard array held (scontrol release)")
     r.add_argument("--keep-work", action="store_true", help="keep DIR/.clean-work after the merge")
     return p
 

@@ -16,14 +16,19 @@ from argparse import Namespace
 from pathlib import Path
 
 from megatron_sc2.errors import UserError
-from megatron_sc2.data.prep.clean.runner import CleanConfig, work_dir
+from megatron_sc2.data.prep.clean.runner import CleanConfig
 
 _OWN_FLAGS = {"--slurm": 1, "--partition": 1, "--account": 1, "--time": 1, "--cpus-per-task": 1,
-              "--python": 1, "--dry-run": 0, "--workers": 1}
+              "--python": 1, "--dry-run": 0, "--workers": 1, "--hold": 0}
 
 
 class SubmitError(UserError):
     """sbatch is missing or refused a job."""
+
+
+def log_dir(cfg: CleanConfig) -> Path:
+    """The scripts and slurm's output: DIR/slurm/ (kept after the merge removes the work files)."""
+    return (Path(cfg.output) / "slurm").resolve()
 
 
 def _clean_argv(argv: list[str]) -> list[str]:
@@ -55,7 +60,7 @@ def scripts(cfg: CleanConfig, args: Namespace, argv: list[str]) -> tuple[str, st
     n = args.slurm
     if n < 1:
         raise UserError(f"--slurm must be at least 1, got {n}")
-    logs = (work_dir(cfg) / "slurm").resolve()
+    logs = log_dir(cfg)
     base = [args.python, "-m", "megatron_sc2.cli", "clean", *_clean_argv(argv)]
     cmd = " ".join(shlex.quote(a) for a in base)
     env = "export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1"
@@ -83,7 +88,7 @@ def submit_chain(cfg: CleanConfig, args: Namespace, argv: list[str]) -> str:
     scan, merge = scripts(cfg, args, argv)
     if args.dry_run:
         return f"# --- shard array\n{scan}# --- merge (after the array)\n{merge}"
-    logs = (work_dir(cfg) / "slurm").resolve()
+    logs = log_dir(cfg)
     logs.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, text in (("scan.sbatch", scan), ("merge.sbatch", merge)):
@@ -92,8 +97,9 @@ def submit_chain(cfg: CleanConfig, args: Namespace, argv: list[str]) -> str:
         tmp.write_text(text)
         os.replace(tmp, p)
         paths.append(p)
-    array = _sbatch(paths[0])
+    array = _sbatch(paths[0], *(["--hold"] if args.hold else []))
     if not re.fullmatch(r"\d+", array):
         raise SubmitError(f"sbatch gave an unexpected job id {array!r}")
     merge_id = _sbatch(paths[1], f"--dependency=afterok:{array}")
-    return f"submitted shard array {array} ({args.slurm} tasks) and merge job {merge_id}\n  logs: {logs}"
+    held = " (held: release it with `scontrol release`)" if args.hold else ""
+    return f"submitted shard array {array} ({args.slurm} tasks){held} and merge job {merge_id}\n  logs: {logs}"
