@@ -211,3 +211,25 @@ def test_slurm_dry_run_prints_the_chain(tmp_path, capsys):
     assert "#SBATCH --array=0-3" in text and '--shard "$SLURM_ARRAY_TASK_ID/4"' in text
     assert "--merge 4" in text and "#SBATCH --kill-on-invalid-dep=yes" in text and "--partition=debug" in text
     assert "--slurm" not in text.split("# --- merge")[1].split("exec", 1)[1]
+
+
+def test_decontaminator_equals_plain_substring_search():
+    """The numpy 8-byte-key matcher against `pattern in text` on every pattern (brute force)."""
+    import random
+
+    from megatron_sc2.data.prep.clean.decontaminate import Decontaminator, Pattern, humaneval_patterns, normalize
+
+    pats = humaneval_patterns()
+    rng = random.Random(3)
+    extra = [Pattern(normalize("é" * 3 + "ünïcödé benchmark text here ok"), "u"), Pattern("a" * 25, "aa")]
+    dec = Decontaminator(pats + extra)
+    alphabet = "abc (),:\n\té"
+    for trial in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+        if trial % 3 == 0:
+            p = rng.choice(pats + extra).text
+            cut = rng.randint(0, len(p))
+            text = text[: len(text) // 2] + (p if trial % 2 else p[:cut] + " \n " + p[cut:-1]) + text[len(text) // 2:]
+        norm = normalize(text)
+        expect = any(p.text in norm for p in pats + extra)
+        assert (dec.match(text) is not None) == expect, text

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
+
 from megatron_sc2.errors import ConfigError, DataError
 
 MIN_CHARS = 20
@@ -109,18 +111,24 @@ def benchmark_file_patterns(path: str | Path) -> list[Pattern]:
 
 @dataclass
 class Decontaminator:
-    """Finds the first benchmark text a file contains. Patterns are grouped by their first 8
-    characters so a file is searched only for the groups whose key occurs in it."""
+    """Finds the first benchmark text a file contains. Every pattern is keyed by its first 8
+    UTF-8 bytes; a file's 8-byte windows are looked up all at once in numpy, and only the
+    patterns whose key occurs at a position are compared there (UTF-8 substring search is
+    byte substring search)."""
 
     patterns: list[Pattern]
 
     def __post_init__(self) -> None:
-        seen: dict[str, Pattern] = {}
+        by_key: dict[int, list[tuple[bytes, Pattern]]] = {}
+        seen: set[str] = set()
         for p in self.patterns:
-            seen.setdefault(p.text, p)
-        self._groups: dict[str, list[Pattern]] = {}
-        for p in seen.values():
-            self._groups.setdefault(p.text[:8], []).append(p)
+            if p.text in seen:
+                continue
+            seen.add(p.text)
+            data = p.text.encode("utf-8", "surrogatepass")
+            by_key.setdefault(int.from_bytes(data[:8], "little"), []).append((data, p))
+        self._by_key = by_key
+        self._keys = np.array(sorted(by_key), dtype=np.uint64)
 
     @classmethod
     def build(cls, humaneval: bool, files: Sequence[str]) -> "Decontaminator":
@@ -130,12 +138,17 @@ class Decontaminator:
         return cls(pats)
 
     def match(self, text: str) -> Optional[Pattern]:
-        norm = normalize(text)
-        if len(norm) < MIN_CHARS:
+        data = normalize(text).encode("utf-8", "surrogatepass")
+        n = len(data) - 7
+        if len(data) < MIN_CHARS or not self._keys.size:
             return None
-        for key, group in self._groups.items():
-            if key in norm:
-                for p in group:
-                    if p.text in norm:
-                        return p
+        b = np.frombuffer(data, dtype=np.uint8)
+        windows = b[:n].astype(np.uint64)
+        for j in range(1, 8):
+            windows |= b[j:j + n].astype(np.uint64) << np.uint64(8 * j)
+        pos = np.flatnonzero(np.isin(windows, self._keys))
+        for p in pos.tolist():
+            for pat_bytes, pat in self._by_key[int(windows[p])]:
+                if data.startswith(pat_bytes, p):
+                    return pat
         return None

@@ -32,17 +32,21 @@ _GENERIC_TLDS = {"com", "org", "net", "edu", "gov", "mil", "int", "info", "biz",
 _RESERVED_DOMAINS = re.compile(r"(^|\.)(example\.(com|org|net|edu)|localhost|test|invalid|example)$", re.I)
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@((?:[A-Za-z0-9-]{1,63}\.)+([A-Za-z]{2,24}))(?![\w(])")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
 _VERSION_BEFORE = re.compile(r"\b(\w*version\w*|ver|release|rev|v)\s*[:=]?\s*[\"']?\s*$", re.I)
 _PRIVATE_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY( BLOCK)?-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----|\Z)",
                           re.S)
-_KEY_ASSIGN = re.compile(
+# assignments are found from their value (rare: a quoted token) and the name checked before it
+_KEY_VALUE = re.compile(r"(?:=|:|=>)\s*[\"']([A-Za-z0-9_\-+/=.]{16,})[\"']")
+_KEY_NAME = re.compile(
     r"(?i)(?:api[_-]?key|apikey|secret|token|access[_-]?key|auth[_-]?key|private[_-]?key|client[_-]?secret)"
-    r"\w*[\"']?\s*(?:=|:|=>)\s*[\"']([A-Za-z0-9_\-+/=.]{16,})[\"']")
-_PASSWORD = re.compile(
-    r"(?i)(?:password|passwd|passphrase|pwd|db_pass|pass)\w*[\"']?\s*(?:=|:|=>)\s*([\"'])([^\"'\s]{4,})\1")
+    r"\w*[\"']?\s*$")
+_PASSWORD_VALUE = re.compile(r"(?:=|:|=>)\s*([\"'])([^\"'\s]{4,})\1")
+_PASSWORD_NAME = re.compile(r"(?i)(?:password|passwd|passphrase|pwd|db_pass|pass)\w*[\"']?\s*$")
+_NAME_WINDOW = 48
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9_\-+/=]{16,}")
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-+/=.]*")
+_DIGIT = re.compile(r"\d")
 
 _DETECT_SECRETS_PLUGINS = (
     "AWSKeyDetector", "ArtifactoryDetector", "AzureStorageKeyDetector", "CloudantDetector",
@@ -105,7 +109,8 @@ def find_spans(text: str) -> list[tuple[int, int, str, str]]:
     spans: list[tuple[int, int, str, str]] = []
     for m in _PRIVATE_KEY.finditer(text):
         spans.append((m.start(), m.end(), KEY, "key"))
-    for m in _EMAIL.finditer(text):
+    low = text.lower()
+    for m in (_EMAIL.finditer(text) if "@" in text else ()):
         domain, tld = m.group(1), m.group(2)
         local = m.group(0).split("@", 1)[0]
         if _RESERVED_DOMAINS.search(domain) or local.lower() in ("git", "hg", "noreply", "no-reply"):
@@ -129,42 +134,53 @@ def find_spans(text: str) -> list[tuple[int, int, str, str]]:
             v = _is_public(s)
             if v:
                 spans.append((m.start(), m.end(), _replacement_ip(s, v), "ip"))
-    for m in _PASSWORD.finditer(text):
+    for m in (_PASSWORD_VALUE.finditer(text) if "pass" in low or "pwd" in low else ()):
+        if not _PASSWORD_NAME.search(text, max(0, m.start() - _NAME_WINDOW), m.start()):
+            continue
         value = m.group(2)
         if value.startswith(("$", "{", "<", "%", "*")) or len(set(value)) == 1:
             continue
         spans.append((m.start(2), m.end(2), PASSWORD, "password"))
-    for m in _KEY_ASSIGN.finditer(text):
-        if _looks_random(m.group(1)):
+    has_name = any(w in low for w in ("key", "secret", "token"))
+    for m in (_KEY_VALUE.finditer(text) if has_name else ()):
+        if _KEY_NAME.search(text, max(0, m.start() - _NAME_WINDOW), m.start()) and _looks_random(m.group(1)):
             spans.append((m.start(1), m.end(1), KEY, "key"))
     spans += _detect_secrets_spans(text)
     return spans
 
 
 def _detect_secrets_spans(text: str) -> list[tuple[int, int, str, str]]:
-    out = []
-    detectors = None
-    offset = 0
-    for line in text.splitlines(keepends=True):
-        run = _TOKEN_RUN.search(line)
-        if run is not None and len(line) < 4000:
-            if any(c.isdigit() for m in _TOKEN_RUN.finditer(line) for c in m.group(0)):
-                detectors = detectors or _detectors()
-                found = [v for d in detectors for v in d.analyze_string(line.rstrip("\r\n")) if v]
-                for value in found:
-                    pos = line.find(value)
-                    if pos < 0:
-                        continue
-                    # detect-secrets may report only a token's prefix: take the whole token
-                    start = pos
-                    while start > 0 and _TOKEN_CHARS.fullmatch(line[start - 1]):
-                        start -= 1
-                    end = pos + _TOKEN_CHARS.match(line, pos).end() - pos
-                    token = line[start:end].strip(".")
-                    if len(token) >= 8:
-                        s = offset + line.find(token, start)
-                        out.append((s, s + len(token), KEY, "key"))
-        offset += len(line)
+    """detect-secrets' detectors on the lines holding a 16+ character token-like run with a
+    digit in it (every token they know has one); other lines cannot match and are not scanned."""
+    lines: dict[int, int] = {}
+    for m in _TOKEN_RUN.finditer(text):
+        if _DIGIT.search(m.group(0)) is None:
+            continue
+        start = text.rfind("\n", 0, m.start()) + 1
+        if start not in lines:
+            end = text.find("\n", m.end())
+            lines[start] = len(text) if end < 0 else end
+    out: list[tuple[int, int, str, str]] = []
+    if not lines:
+        return out
+    detectors = _detectors()
+    for offset, end in lines.items():
+        line = text[offset:end]
+        if len(line) >= 4000:
+            continue
+        for value in {v for d in detectors for v in d.analyze_string(line.rstrip("\r")) if v}:
+            pos = line.find(value)
+            if pos < 0:
+                continue
+            # detect-secrets may report only a token's prefix: take the whole token
+            start = pos
+            while start > 0 and _TOKEN_CHARS.fullmatch(line[start - 1]):
+                start -= 1
+            end_tok = _TOKEN_CHARS.match(line, pos).end()
+            token = line[start:end_tok].strip(".")
+            if len(token) >= 8:
+                s = offset + line.find(token, start)
+                out.append((s, s + len(token), KEY, "key"))
     return out
 
 
