@@ -77,6 +77,21 @@ def know_the_data(data_prefix: str, tok_dir: Path, corpus: Path, out: Path) -> d
     return {"portrait_known_score": seen.score, "portrait_new_score": new.score, "search_counts": counts}
 
 
+def clean_corpus(corpus: Path, out: Path, workers: int) -> dict:
+    """`megatron-sc2 clean --all` of the corpus (dedup, PII, HumanEval decontamination, path
+    filters): its report. The later steps keep using the raw corpus, so that the demo's
+    training numbers stay comparable across versions."""
+    from megatron_sc2.data.prep.clean.runner import CleanConfig, run_local, summary_lines
+
+    cfg = CleanConfig([str(corpus)], str(out), exact_dedup=True, near_dedup=True, pii=True, decontaminate=True,
+                      licenses=("permissive", "no_license"), path_filters=True)
+    report = run_local(cfg, workers).report
+    for line in summary_lines(report):
+        print(line)
+    print(f"report.json, manifest.jsonl and {report['output']['shards']} JSON lines shard(s) -> {out}")
+    return report
+
+
 def plot_loss(metrics_file: Path, png: Path) -> None:
     import matplotlib
 
@@ -144,6 +159,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{repos} repositories, {files} files, {size / 1e6:.1f} MB -> {corpus}")
     timings["corpus_s"] = time.perf_counter() - t
 
+    t = _step("1b/7 clean: exact + near dedup, PII, decontamination, path filters (a look; training uses the raw corpus)")
+    clean_report = clean_corpus(corpus, out / "clean", args.workers)
+    timings["clean_s"] = time.perf_counter() - t
+
     t = _step("2/7 tokenizer: byte-level BPE with StarCoder2's 38 special tokens")
     from megatron_sc2.data.prep.train_tokenizer import train_tokenizer
 
@@ -200,12 +219,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nfill-in-the-middle:\n{gen['fim_prefix']}[{gen['fim_middle']}]{gen['fim_suffix']}")
 
     summary = {"corpus": {"repositories": repos, "files": files, "bytes": size},
+               "clean": {"files_in": clean_report["input"]["files"], "files_out": clean_report["output"]["files"],
+                         "removed": clean_report["removed"], "redacted": clean_report["redacted"]},
                "loss_first": first, "loss_last": last, "steps": len(records),
                "train_tokens_per_s": tokens_per_s, "timings_s": timings, "generation": gen,
                "governance": governance}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n=== done. Everything is under", out)
-    for name in ("corpus", "tokenizer", "data", "governance", "checkpoints", "hf", "loss.png", "summary.json"):
+    for name in ("corpus", "clean", "tokenizer", "data", "governance", "checkpoints", "hf", "loss.png", "summary.json"):
         print(f"  {out / name}")
     if not last < first - 1.0:
         print(f"demo: error: the loss did not fall clearly ({first:.3f} -> {last:.3f})", file=sys.stderr)
