@@ -233,3 +233,34 @@ def test_decontaminator_equals_plain_substring_search():
         norm = normalize(text)
         expect = any(p.text in norm for p in pats + extra)
         assert (dec.match(text) is not None) == expect, text
+
+
+def test_parquet_with_the_stack_v2_columns(tmp_path, capsys):
+    """Parquet rows keep their metadata columns; the keep rule reads licence, stars and dates."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    body = "\n".join(f"def step_{i}(state):\n    return state * {i} + {i % 7}\n" for i in range(25))
+    near = body.replace("step_4(", "step_four(")
+    table = pa.table({
+        "blob_id": ["b1", "b2", "b3", "b4"],
+        "repo_name": ["org/old", "org/new", "org/gpl", "org/other"],
+        "path": ["s.py", "s.py", "s.py", "t.py"],
+        "content": [body, near, body + "\n", "print('other')\n"],
+        "license_type": ["permissive", "permissive", "non_permissive", "no_license"],
+        "star_events_count": [10, 10, 50, 0],
+        "revision_date": pa.array([1_600_000_000_000, 1_700_000_000_000, 1_700_000_000_000, 0],
+                                  type=pa.timestamp("ms")),
+    })
+    src = tmp_path / "stack.parquet"
+    pq.write_table(table, src)
+    out = tmp_path / "o"
+    rc, err = _clean(["--input", str(src), "--output", str(out), "--near-dedup", "--workers", "1"], capsys)
+    assert rc == 0, err
+    kept = [json.loads(l) for l in (out / "part-00000-of-00001.jsonl").read_text().splitlines()]
+    # one cluster of three: permissive beats the starrier GPL copy, then the later revision wins
+    assert [r["blob_id"] for r in kept] == ["b2", "b4"]
+    assert kept[0]["license_type"] == "permissive" and kept[0]["revision_date"].startswith("2023-11-14")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    rc, err = _clean(["--input", str(tmp_path / "bad.parquet"), "--output", str(tmp_path / "b")], capsys)
+    assert rc == 2 and len(err) == 1 and "bad.parquet: not a readable parquet file" in err[0]
