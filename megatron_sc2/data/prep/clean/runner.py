@@ -308,7 +308,8 @@ def _scan_job(args: tuple[CleanConfig, int, int]) -> str:
 
 
 def run_local(cfg: CleanConfig, workers: int, keep_work: bool = False) -> MergeResult:
-    """All shards on this machine (one per worker process), then the merge."""
+    """All shards on this machine (one per worker process, started by a fork server: a fresh
+    interpreter, not a fork of a caller that may hold torch's threads), then the merge."""
     cfg.check()
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
@@ -319,7 +320,7 @@ def run_local(cfg: CleanConfig, workers: int, keep_work: bool = False) -> MergeR
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver")) as pool:
             list(pool.map(_scan_job, [(cfg, i, workers) for i in range(workers)]))
     return merge(cfg, workers, keep_work)
 
