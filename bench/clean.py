@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -114,9 +113,8 @@ def bench_whole(root: Path, out: Path, workers: int) -> dict:
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     sec = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     report = json.loads((out / "report.json").read_text())
-    return {"seconds": sec, "peak_rss_mb_one_process": peak, "workers": workers, "report": report}
+    return {"seconds": sec, "workers": workers, "report": report}
 
 
 def bench_slurm(root: Path, out: Path) -> dict:
@@ -158,8 +156,8 @@ def main() -> int:
         w = bench_whole(root, Path(d) / "out", os.cpu_count() or 1)
         r = w["report"]
         print(f"clean --all of the stdlib ({r['input']['files']} files, {r['input']['input_bytes'] / 1e6:.1f} MB), "
-              f"{w['workers']} workers: {w['seconds']:.1f} s, peak RSS {w['peak_rss_mb_one_process']:.0f} MB "
-              f"(largest process); removed {r['removed_total']} ({json.dumps(r['removed'])}), "
+              f"{w['workers']} workers: {w['seconds']:.1f} s, peak RSS {r['resources']['shard_peak_rss_mb_max']:.0f} MB "
+              f"per shard process, {r['resources']['merge_peak_rss_mb']:.0f} MB merging; removed {r['removed_total']} ({json.dumps(r['removed'])}), "
               f"redacted {json.dumps(r['redacted'])}", flush=True)
         if not args.skip_slurm:
             s = bench_slurm(root, Path(d) / "slurm")

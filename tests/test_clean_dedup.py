@@ -185,7 +185,7 @@ def test_four_shards_equal_one_shard(planted, tmp_path):
     m1 = (tmp_path / "one" / "manifest.jsonl").read_text()
     assert m1 == (tmp_path / "four" / "manifest.jsonl").read_text()
     for r in (r1, r4):
-        r.pop("merge_seconds"), r.pop("output")
+        r.pop("merge_seconds"), r.pop("output"), r.pop("resources")
     assert r1 == r4
     assert r1["removed"]["exact_dedup"]["exact_duplicate"] == 30
 
@@ -201,3 +201,47 @@ def test_keep_rule_prefers_licence_then_stars(tmp_path):
     run_local(CleanConfig([str(src)], str(tmp_path / "o"), exact_dedup=True), 1)
     kept = [json.loads(l) for l in (tmp_path / "o" / "part-00000-of-00001.jsonl").read_text().splitlines()]
     assert [r["repo_name"] for r in kept] == ["p2"]
+
+
+def test_clusters_equal_brute_force_components(tmp_path):
+    """Groups of near copies (chains of small edits) and unrelated files: the files removed equal
+    the brute-force components at Jaccard >= 0.7 minus one kept per component, up to misses
+    bounded by the S-curve; every removal names a file of its own component as the kept one."""
+    rng = random.Random(11)
+    vocab = _vocab(rng, 20000)
+    texts = []
+    for g in range(12):
+        base = _base_file(rng, vocab)
+        text = _render(base)
+        for k in range(1 + g % 4):  # groups of 1..4 files, each an edit of the previous
+            texts.append(text)
+            text = _variant(rng, base, vocab, "edit", 1) if k % 2 == 0 else _variant(rng, base, vocab, "rename", 1)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    n = len(texts)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    pair_j = {}
+    for i in range(n):
+        for k in range(i + 1, n):
+            j = _jaccard(texts[i], texts[k])
+            assert j > 0.85 or j < 0.5  # the test's corpus has nothing near the threshold
+            if j >= 0.7:
+                pair_j[(i, k)] = j
+                parent[find(k)] = find(i)
+    comps: dict[int, set[int]] = {}
+    for i in range(n):
+        comps.setdefault(find(i), set()).add(i)
+    run_local(CleanConfig([str(src)], str(tmp_path / "o"), near_dedup=True), 1)
+    removed = {int(w.rsplit(":", 1)[1]) - 1: int(k.rsplit(":", 1)[1]) - 1 for w, k in _removed(tmp_path / "o").items()}
+    for i, k in removed.items():
+        assert find(i) == find(k)
+    expected_removed = sum(len(c) - 1 for c in comps.values())
+    p_miss = [1 - float(near_dedup.collision_probability(j)) for j in pair_j.values()]
+    assert expected_removed - len(removed) <= sum(p_miss) + 3 * math.sqrt(sum(p * (1 - p) for p in p_miss)) + 1
+    assert len(removed) <= expected_removed

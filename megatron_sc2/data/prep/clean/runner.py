@@ -114,6 +114,7 @@ def scan_shard(cfg: CleanConfig, i: int, n: int) -> str:
         from megatron_sc2.data.prep.clean.pii import redact
     hasher = MinHasher(cfg.num_perm, cfg.seed) if cfg.near_dedup else None
 
+    t0 = time.perf_counter()
     final = shard_dir(cfg, i, n)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -164,7 +165,8 @@ def scan_shard(cfg: CleanConfig, i: int, n: int) -> str:
                  keys=np.array(keys, dtype=np.int64).reshape(-1, 4),
                  sigs=(np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint32)))
         (tmp / "stats.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "files": seen,
-                                                    "read": asdict(stats)}))
+                                                    "read": asdict(stats), "peak_rss_mb": _peak_rss_mb(),
+                                                    "seconds": round(time.perf_counter() - t0, 3)}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     finally:
@@ -254,6 +256,13 @@ def merge(cfg: CleanConfig, n: int, keep_work: bool = False) -> MergeResult:
     return MergeResult(report, outputs)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -264,9 +273,12 @@ def _report(cfg: CleanConfig, n: int, entries: list[dict[str, Any]], kept: int, 
             merge_seconds: float) -> dict[str, Any]:
     read = Counter()
     files_in = 0
+    shard_rss, shard_seconds = [], []
     for i in range(n):
         s = json.loads((shard_dir(cfg, i, n) / "stats.json").read_text())
         files_in += s["files"]
+        shard_rss.append(s.get("peak_rss_mb", 0.0))
+        shard_seconds.append(s.get("seconds", 0.0))
         for k, v in s["read"].items():
             if k not in ("input_files", "input_bytes"):
                 read[k] += v
@@ -299,6 +311,8 @@ def _report(cfg: CleanConfig, n: int, entries: list[dict[str, Any]], kept: int, 
                    "languages": cfg.languages, "path_filters": cfg.path_filters},
         "examples": dict(examples),
         "merge_seconds": round(merge_seconds, 3),
+        "resources": {"shard_seconds_max": max(shard_seconds), "shard_peak_rss_mb_max": max(shard_rss),
+                      "merge_peak_rss_mb": _peak_rss_mb()},
     }
 
 
