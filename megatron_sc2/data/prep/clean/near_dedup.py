@@ -10,6 +10,8 @@ of a bucket is paired with the bucket's first member (the smallest uid).
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 
 from megatron_sc2.data.prep.clean import keep_rule
@@ -23,30 +25,56 @@ def collision_probability(jaccard: float | np.ndarray, bands: int = BANDS, rows:
     return 1.0 - (1.0 - np.asarray(jaccard, dtype=np.float64) ** rows) ** bands
 
 
-def candidate_edges(sigs: np.ndarray, bands: int = BANDS, rows: int = ROWS, verify: float = 0.7) -> np.ndarray:
-    """(m, 2) row-index pairs (i, first member of i's bucket) over all bands, verified."""
+def band_keys(sigs: np.ndarray, bands: int = BANDS, rows: int = ROWS) -> np.ndarray:
+    """(n, bands) uint64: each band's `rows` values folded into one 64-bit key (what the merge
+    keeps per file instead of the whole signature: 200 bytes instead of 1,000). Two different
+    bands share a key with probability ~2**-64; verification drops such a pair anyway."""
     n, perms = sigs.shape
     if bands * rows > perms:
         raise ValueError(f"{bands} bands x {rows} rows need {bands * rows} permutations, have {perms}")
-    live = np.flatnonzero(has_shingles(sigs)) if n else np.zeros(0, dtype=np.int64)
+    v = sigs[:, :bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    k = np.zeros((n, bands), dtype=np.uint64)
+    for r in range(rows):
+        k ^= v[:, :, r]
+        k *= _FOLD
+        k ^= k >> np.uint64(29)
+    return k
+
+
+_FOLD = np.uint64(0xBF58476D1CE4E5B9)
+
+RowGetter = Callable[[np.ndarray], np.ndarray]
+
+
+def edges_from_band_keys(keys: np.ndarray, live: np.ndarray, sig_rows: Optional[RowGetter] = None,
+                         verify: float = 0.7) -> np.ndarray:
+    """(m, 2) row-index pairs (i, first member of i's bucket) over all bands; with `verify`,
+    only pairs whose signatures (from `sig_rows(indices)`) agree on that fraction."""
+    live_idx = np.flatnonzero(live)
     edges = []
-    for b in range(bands):
-        band = np.ascontiguousarray(sigs[live, b * rows:(b + 1) * rows])
-        _, first, inverse = np.unique(band, axis=0, return_index=True, return_inverse=True)
+    for b in range(keys.shape[1]):
+        _, first, inverse = np.unique(keys[live_idx, b], return_index=True, return_inverse=True)
         head = first[inverse.ravel()]
-        sel = head != np.arange(live.size)
+        sel = head != np.arange(live_idx.size)
         if sel.any():
-            edges.append(np.stack([live[sel], live[head[sel]]], axis=1))
+            edges.append(np.stack([live_idx[sel], live_idx[head[sel]]], axis=1))
     if not edges:
         return np.zeros((0, 2), dtype=np.int64)
     e = np.unique(np.concatenate(edges), axis=0)
     if verify > 0:
+        if sig_rows is None:
+            raise ValueError("verification needs the signatures")
         agree = np.empty(len(e), dtype=np.float64)
         for lo in range(0, len(e), 65536):
             blk = e[lo:lo + 65536]
-            agree[lo:lo + 65536] = (sigs[blk[:, 0]] == sigs[blk[:, 1]]).mean(axis=1)
+            agree[lo:lo + 65536] = (sig_rows(blk[:, 0]) == sig_rows(blk[:, 1])).mean(axis=1)
         e = e[agree >= verify]
     return e
+
+
+def candidate_edges(sigs: np.ndarray, bands: int = BANDS, rows: int = ROWS, verify: float = 0.7) -> np.ndarray:
+    """The edges of a signature matrix held in memory."""
+    return edges_from_band_keys(band_keys(sigs, bands, rows), has_shingles(sigs), lambda i: sigs[i], verify)
 
 
 def components(n: int, edges: np.ndarray) -> np.ndarray:
@@ -62,13 +90,19 @@ def components(n: int, edges: np.ndarray) -> np.ndarray:
 
 def duplicates(uid: np.ndarray, sigs: np.ndarray, keys: np.ndarray, verify: float = 0.7,
                bands: int = BANDS, rows: int = ROWS) -> np.ndarray:
+    """`duplicates_from_bands` of a signature matrix held in memory."""
+    return duplicates_from_bands(uid, band_keys(sigs, bands, rows), has_shingles(sigs), lambda i: sigs[i], keys, verify)
+
+
+def duplicates_from_bands(uid: np.ndarray, bkeys: np.ndarray, live: np.ndarray, sig_rows: Optional[RowGetter],
+                          keys: np.ndarray, verify: float = 0.7) -> np.ndarray:
     """For each row, -1 when kept, else the uid of the file kept for its cluster. Rows must be in
     uid order (the bucket heads then do not depend on how the input was sharded)."""
     n = uid.size
     keeper = np.full(n, -1, dtype=np.int64)
     if n == 0:
         return keeper
-    comp = components(n, candidate_edges(sigs, bands, rows, verify))
+    comp = components(n, edges_from_band_keys(bkeys, live, sig_rows, verify))
     idx = keep_rule.order(uid, keys, comp)
     c = comp[idx]
     first = np.ones(n, dtype=bool)

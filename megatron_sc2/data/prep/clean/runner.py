@@ -29,6 +29,7 @@ from megatron_sc2.data.prep.sources import ReadStats
 from megatron_sc2.data.prep.clean import exact_dedup, keep_rule
 from megatron_sc2.data.prep.clean import near_dedup as near
 from megatron_sc2.data.prep.clean.filters import FileRules
+from megatron_sc2.data.prep.clean.minhash import has_shingles
 from megatron_sc2.data.prep.clean.records import iter_records
 
 WORK = ".clean-work"
@@ -160,10 +161,14 @@ def scan_shard(cfg: CleanConfig, i: int, n: int) -> str:
                         manifest.write(json.dumps(_entry(rec, "redacted", "pii", "pii", **red.counts)) + "\n")
                 kept.write(json.dumps(rec.record, ensure_ascii=False) + "\n")
                 index.write(json.dumps([rec.where, rec.repo, rec.path]) + "\n")
+        sig_matrix = np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint32)
         np.savez(tmp / "meta.npz", uid=np.array(uids, dtype=np.int64),
                  hash=np.array(hashes, dtype=np.uint64).reshape(-1, 2),
                  keys=np.array(keys, dtype=np.int64).reshape(-1, 4),
-                 sigs=(np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint32)))
+                 bands=near.band_keys(sig_matrix, cfg.bands, cfg.rows) if cfg.near_dedup
+                 else np.zeros((len(uids), 0), dtype=np.uint64),
+                 live=has_shingles(sig_matrix) if cfg.near_dedup else np.zeros(len(uids), dtype=bool))
+        np.save(tmp / "sigs.npy", sig_matrix)  # read back memory-mapped, for verification only
         (tmp / "stats.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "files": seen,
                                                     "read": asdict(stats), "peak_rss_mb": _peak_rss_mb(),
                                                     "seconds": round(time.perf_counter() - t0, 3)}))
@@ -180,6 +185,24 @@ class MergeResult:
     outputs: list[Path]
 
 
+def _signature_rows(cfg: CleanConfig, n: int, sizes: list[int], rows: np.ndarray):
+    """Signatures of rows (indices into `rows`) read from the shards' memory-mapped sigs.npy:
+    the merge holds band keys for every file but signatures only for candidate pairs."""
+    maps = [np.load(shard_dir(cfg, i, n) / "sigs.npy", mmap_mode="r") for i in range(n)]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+    def get(idx: np.ndarray) -> np.ndarray:
+        g = rows[idx]
+        shard = np.searchsorted(offsets, g, side="right") - 1
+        out = np.empty((len(idx), cfg.num_perm), dtype=np.uint32)
+        for s in np.unique(shard).tolist():
+            sel = shard == s
+            out[sel] = maps[s][g[sel] - offsets[s]]
+        return out
+
+    return get
+
+
 def _manifest_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
@@ -193,11 +216,10 @@ def merge(cfg: CleanConfig, n: int, keep_work: bool = False) -> MergeResult:
                         "(or were made with other settings); run them first")
     metas = [np.load(shard_dir(cfg, i, n) / "meta.npz") for i in range(n)]
     uid = np.concatenate([m["uid"] for m in metas])
-    shard_of_row = np.concatenate([np.full(m["uid"].size, i) for i, m in enumerate(metas)])
     hashes = np.concatenate([m["hash"] for m in metas])
     keys = np.concatenate([m["keys"] for m in metas])
     order = np.argsort(uid, kind="stable")
-    uid, hashes, keys, shard_of_row = uid[order], hashes[order], keys[order], shard_of_row[order]
+    uid, hashes, keys = uid[order], hashes[order], keys[order]
 
     removed: dict[int, tuple[str, int]] = {}  # uid -> (stage, uid of the kept copy)
     alive = np.ones(uid.size, dtype=bool)
@@ -208,8 +230,11 @@ def merge(cfg: CleanConfig, n: int, keep_work: bool = False) -> MergeResult:
         alive = keeper < 0
     clusters = 0
     if cfg.near_dedup:
-        sigs = np.concatenate([m["sigs"] for m in metas])[order][alive]
-        keeper = near.duplicates(uid[alive], sigs, keys[alive], cfg.near_verify, cfg.bands, cfg.rows)
+        rows = order[alive]  # positions in the shards' concatenation, in uid order
+        bkeys = np.concatenate([m["bands"] for m in metas])[rows]
+        live = np.concatenate([m["live"] for m in metas])[rows]
+        sig_rows = _signature_rows(cfg, n, [m["uid"].size for m in metas], rows)
+        keeper = near.duplicates_from_bands(uid[alive], bkeys, live, sig_rows, keys[alive], cfg.near_verify)
         for u, k in zip(uid[alive][keeper >= 0].tolist(), keeper[keeper >= 0].tolist()):
             removed[u] = ("near_dedup", k)
         clusters = len(set(keeper[keeper >= 0].tolist()))
