@@ -264,3 +264,14 @@ def test_parquet_with_the_stack_v2_columns(tmp_path, capsys):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     rc, err = _clean(["--input", str(tmp_path / "bad.parquet"), "--output", str(tmp_path / "b")], capsys)
     assert rc == 2 and len(err) == 1 and "bad.parquet: not a readable parquet file" in err[0]
+
+
+def test_submit_clean_writes_the_same_chain(tmp_path, capsys):
+    src = _jsonl(tmp_path / "in.jsonl", [{"text": "x = 1"}])
+    base = ["--input", str(src), "--output", str(tmp_path / "o"), "--pii", "--dry-run"]
+    assert cli_main(["submit", "clean", "--shards", "3", *base]) == 0
+    via_submit = capsys.readouterr().out
+    assert cli_main(["clean", *base, "--slurm", "3"]) == 0
+    assert via_submit == capsys.readouterr().out and "#SBATCH --array=0-2" in via_submit
+    rc = cli_main(["submit", "clean", *base])
+    assert rc == 2 and "--shards N" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     megatron-sc2 submit --config FILE --nodes N (--gpus-per-node G | --ntasks-per-node T)
         [--time HH:MM:SS] [--partition P] [--account A] [--job-name J] [--signal USR1@120]
         [--dry-run] [-- extra train flags]
+    megatron-sc2 submit clean --shards N --input IN... --output DIR [clean flags] [--dry-run]
 
 The training settings are parsed and checked here, before anything is queued (a layout that does
 not divide the job's ranks fails now, not after hours in the queue). The script goes to the run's
@@ -171,8 +172,32 @@ def submit(argv: Sequence[str]) -> Submission:
     return Submission(script, path, job_id, log_pattern)
 
 
+def submit_clean(argv: Sequence[str]) -> int:
+    """`megatron-sc2 submit clean --shards N [clean flags]`: the clean's job chain (a job array of
+    N shards and a dependent merge job), as `megatron-sc2 clean ... --slurm N` writes it."""
+    from megatron_sc2.data.prep.clean.main import main as clean_main
+
+    argv = list(argv)
+    shards = None
+    for i, a in enumerate(argv):
+        if a == "--shards" and i + 1 < len(argv):
+            shards = argv[i + 1]
+            del argv[i:i + 2]
+            break
+        if a.startswith("--shards="):
+            shards = a.split("=", 1)[1]
+            del argv[i]
+            break
+    if shards is None or not shards.isdigit() or int(shards) < 1:
+        raise ConfigError("submit clean: give --shards N (N >= 1), then the clean flags")
+    return clean_main([*argv, "--slurm", shards])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    result = submit(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "clean":
+        return submit_clean(argv[1:])
+    result = submit(argv)
     if result.job_id is None:
         sys.stdout.write(result.script)
         return 0
