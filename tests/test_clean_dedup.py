@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from megatron_sc2.data.prep.clean import near_dedup
-from megatron_sc2.data.prep.clean.minhash import MinHasher, ascii_piece_hashes, shingle_hash_of_bytes, split_words, word_hash
+from megatron_sc2.data.prep.clean.minhash import MinHasher, piece_hashes, shingle_hash_of_bytes, split_words, word_hash
 from megatron_sc2.data.prep.clean.runner import CleanConfig, merge, run_local, scan_shard
 
 
@@ -47,11 +47,14 @@ def test_signature_equals_datasketch():
         assert np.array_equal(ours, ref.hashvalues), t
 
 
-def test_ascii_piece_hashes_equal_the_scalar_definition():
+def test_piece_hashes_equal_the_scalar_definition():
+    """The vectorized split and hash against `re.split` and the per-piece loop, ASCII and not
+    (letters, digits and separators of other scripts, a lower() that changes the length)."""
     rng = random.Random(1)
-    for _ in range(200):
-        t = "".join(rng.choice("aZ_9 ,.\n\t()") for _ in range(rng.randint(0, 60)))
-        assert ascii_piece_hashes(t.encode()).tolist() == [word_hash(w) for w in split_words(t)]
+    for alphabet in ("aZ_9 ,.\n\t()", "aZ_9 ,éÜß例子٣²—\u00a0İ\u2028𝔘\U0001F600"):
+        for _ in range(200):
+            t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+            assert piece_hashes(t).tolist() == [word_hash(w) for w in split_words(t)], t
 
 
 def _vocab(rng: random.Random, n: int) -> list[str]:

@@ -2,7 +2,8 @@
 
 Shingles: 5-grams of `re.split(r"\\W", text.lower())` (empty pieces included, as BigCode's
 split keeps them); a file with fewer than 5 pieces has no shingles and is left to exact dedup.
-Each piece gets a 64-bit blake2b hash (cached per process), a shingle is a polynomial of its 5
+Each piece gets a 64-bit polynomial hash of its code points (computed for all pieces at
+once with a prefix sum), a shingle is a polynomial of its 5
 piece hashes mod 2**64 (uint64), and the signature is, per permutation k, min over the distinct
 shingle hashes h of `a_k * fmix32(h mod 2**32) + b_k mod 2**32` -- datasketch's default
 "affine32" scheme with its permutation parameters (`numpy.random.RandomState(seed)`), so
@@ -15,7 +16,6 @@ Python-level SHA-1 per shingle.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -28,7 +28,6 @@ _SPLIT = re.compile(r"\W")
 _POLY = np.uint64(0x9E3779B97F4A7C15)  # odd: the shingle polynomial's base
 _MAX = np.uint32(0xFFFFFFFF)
 _BLOCK = 16384  # shingles per numpy block (250 x 16384 x 4 B = 16 MB at most)
-_CACHE_LIMIT = 2_000_000
 
 
 _B = 0x100000001B3  # odd: the piece hash's base (the FNV-64 prime)
@@ -55,13 +54,12 @@ def _fmix64_int(h: int) -> int:
 
 
 def word_hash(word: str) -> int:
-    """A piece's 64-bit hash: fmix64(sum (byte_j + 1) * B**j + len * K) over its UTF-8 bytes."""
-    data = word.encode("utf-8", "surrogatepass")
+    """A piece's 64-bit hash: fmix64(sum (code point_j + 1) * B**j + len * K) over its code points."""
     g, p = 0, 1
-    for c in data:
-        g = (g + (c + 1) * p) & _M64
+    for ch in word:
+        g = (g + (ord(ch) + 1) * p) & _M64
         p = (p * _B) & _M64
-    return _fmix64_int((g + len(data) * _LEN_K) & _M64)
+    return _fmix64_int((g + len(word) * _LEN_K) & _M64)
 
 
 def _fmix64(h: np.ndarray) -> np.ndarray:
@@ -87,12 +85,35 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _POW_CACHE[0], _POW_CACHE[1]
 
 
-def ascii_piece_hashes(data: bytes) -> np.ndarray:
-    r"""`word_hash` of every piece of `re.split(r"\W", text.lower())` for an ASCII text, in numpy:
-    a prefix sum of (byte + 1) * B**j gives each piece's polynomial in O(1)."""
-    b = np.frombuffer(data, dtype=np.uint8)
-    n = b.size
-    seps = np.flatnonzero(~_WORD_BYTE[b])
+_WORD_CP: dict[int, bool] = {}  # non-ASCII code point -> is it a `\w` character (cached)
+
+
+def _word_mask(codes: np.ndarray) -> np.ndarray:
+    r"""`\w` per code point: a table for ASCII, `re`'s own answer for each distinct other one."""
+    mask = _WORD_BYTE[np.minimum(codes, 255).astype(np.uint8)] & (codes < 128)
+    high = codes >= 128
+    if high.any():
+        uniq = np.unique(codes[high])
+        for c in uniq.tolist():
+            if c not in _WORD_CP:
+                _WORD_CP[c] = _SPLIT.match(chr(c)) is None
+        word = np.array([_WORD_CP[c] for c in uniq.tolist()], dtype=bool)
+        mask[high] = word[np.searchsorted(uniq, codes[high])]
+    return mask
+
+
+def piece_hashes(text: str) -> np.ndarray:
+    r"""`word_hash` of every piece of `re.split(r"\W", text.lower())`, in numpy: a prefix sum of
+    (code point + 1) * B**j gives each piece's polynomial in O(1)."""
+    if text.isascii():
+        b = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+        codes = _LOWER[b]
+        word = _WORD_BYTE[b]
+    else:
+        codes = np.frombuffer(text.lower().encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+        word = _word_mask(codes)
+    n = codes.size
+    seps = np.flatnonzero(~word)
     starts = np.empty(seps.size + 1, dtype=np.int64)
     starts[0] = 0
     starts[1:] = seps + 1
@@ -101,7 +122,7 @@ def ascii_piece_hashes(data: bytes) -> np.ndarray:
     ends[-1] = n
     fwd, inv = _powers(n + 1)
     prefix = np.zeros(n + 1, dtype=np.uint64)
-    np.cumsum((_LOWER[b] + np.uint64(1)) * fwd[:n], dtype=np.uint64, out=prefix[1:])
+    np.cumsum((codes + np.uint64(1)) * fwd[:n], dtype=np.uint64, out=prefix[1:])
     g = (prefix[ends] - prefix[starts]) * inv[starts]
     g += (ends - starts).astype(np.uint64) * np.uint64(_LEN_K)
     return _fmix64(g)
@@ -131,14 +152,13 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 @dataclass
 class MinHasher:
-    """Signatures of texts; holds the permutations and a cache of piece hashes."""
+    """Signatures of texts; holds the permutations."""
 
     num_perm: int = NUM_PERM
     seed: int = SEED
     ngram: int = NGRAM
     a: np.ndarray = field(init=False, repr=False)
     b: np.ndarray = field(init=False, repr=False)
-    _cache: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         gen = np.random.RandomState(self.seed)  # datasketch's order of draws (affine32)
@@ -148,10 +168,7 @@ class MinHasher:
     def shingle_hashes(self, text: str, distinct: bool = True) -> np.ndarray:
         """Shingle hashes (uint64; distinct and sorted unless `distinct=False`, which keeps
         repeats: a minimum does not need them removed) of a text; empty under `ngram` pieces."""
-        if text.isascii():
-            w = ascii_piece_hashes(text.encode("ascii"))
-        else:
-            w = self._piece_hashes(split_words(text))
+        w = piece_hashes(text)
         n = w.size - self.ngram + 1
         if n <= 0:
             return np.zeros(0, dtype=np.uint64)
@@ -160,18 +177,6 @@ class MinHasher:
             s *= _POLY
             s += w[k:k + n]
         return np.unique(s) if distinct else s
-
-    def _piece_hashes(self, words: list[str]) -> np.ndarray:
-        cache = self._cache
-        if len(cache) > _CACHE_LIMIT:
-            cache.clear()
-        get = cache.get
-        hs = [get(w) for w in words]
-        if None in hs:
-            for i, h in enumerate(hs):
-                if h is None:
-                    hs[i] = cache[words[i]] = word_hash(words[i])
-        return np.array(hs, dtype=np.uint64)
 
     def signature_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
         sig = np.full(self.num_perm, _MAX, dtype=np.uint32)
