@@ -30,9 +30,12 @@ IPV6_REPLACEMENTS = ("fd00:c2b6:b24b:be67:2827:688d:e6a1:6a3b", "fd00:a516:7c1b:
 _GENERIC_TLDS = {"com", "org", "net", "edu", "gov", "mil", "int", "info", "biz", "name", "pro", "mobi",
                  "io", "dev", "app", "ai", "co", "me", "tech", "cloud", "online", "site", "xyz", "email"}
 _RESERVED_DOMAINS = re.compile(r"(^|\.)(example\.(com|org|net|edu)|localhost|test|invalid|example)$", re.I)
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@((?:[A-Za-z0-9-]{1,63}\.)+([A-Za-z]{2,24}))(?![\w(])")
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+# Patterns start with a literal or a character set (so `re` skips ahead to candidates fast);
+# what may not come before a match is checked in Python, not with a lookbehind.
+_EMAIL_AT = re.compile(r"@((?:[A-Za-z0-9-]{1,63}\.)+([A-Za-z]{2,24}))(?![\w(])")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}$")
+_IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)")
+_IPV6 = re.compile(r"[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
 _VERSION_BEFORE = re.compile(r"\b(\w*version\w*|ver|release|rev|v)\s*[:=]?\s*[\"']?\s*$", re.I)
 _PRIVATE_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY( BLOCK)?-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----|\Z)",
                           re.S)
@@ -104,21 +107,39 @@ class Redaction:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def _before_is(text: str, pos: int, extra: str) -> bool:
+    """Whether the character before pos is a word character or one of `extra`."""
+    if pos == 0:
+        return False
+    c = text[pos - 1]
+    return c.isalnum() or c == "_" or c in extra
+
+
 def find_spans(text: str) -> list[tuple[int, int, str, str]]:
     """(start, end, replacement, kind) of every PII span found, possibly overlapping."""
     spans: list[tuple[int, int, str, str]] = []
     for m in _PRIVATE_KEY.finditer(text):
         spans.append((m.start(), m.end(), KEY, "key"))
     low = text.lower()
-    for m in (_EMAIL.finditer(text) if "@" in text else ()):
+    for m in (_EMAIL_AT.finditer(text) if "@" in text else ()):
         domain, tld = m.group(1), m.group(2)
-        local = m.group(0).split("@", 1)[0]
+        lm = _EMAIL_LOCAL.search(text, max(0, m.start() - 64), m.start())
+        if lm is None:
+            continue
+        start = lm.start()
+        while start < m.start() and not text[start].isalnum():
+            start += 1  # the local part starts with a letter or digit
+        local = text[start:m.start()]
+        if not local or _before_is(text, start, "._%+-"):
+            continue
         if _RESERVED_DOMAINS.search(domain) or local.lower() in ("git", "hg", "noreply", "no-reply"):
             continue
         if len(tld) != 2 and tld.lower() not in _GENERIC_TLDS:
             continue
-        spans.append((m.start(), m.end(), EMAIL, "email"))
+        spans.append((start, m.end(), EMAIL, "email"))
     for m in _IPV4.finditer(text):
+        if _before_is(text, m.start(), "."):
+            continue
         if any(len(p) > 1 and p[0] == "0" for p in m.group(0).split(".")):
             continue
         if _VERSION_BEFORE.search(text[max(0, m.start() - 24):m.start()]):
@@ -128,6 +149,8 @@ def find_spans(text: str) -> list[tuple[int, int, str, str]]:
             spans.append((m.start(), m.end(), _replacement_ip(m.group(0), v), "ip"))
     if "::" in text or text.count(":") >= 7:
         for m in _IPV6.finditer(text):
+            if _before_is(text, m.start(), ":."):
+                continue
             s = m.group(0)
             if s.count(":") < 7 and ("::" not in s or sum(1 for g in s.split(":") if g) < 3):
                 continue
