@@ -171,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timings["tokenizer_s"] = time.perf_counter() - t
 
     t = _step("3/7 preprocess: repository-context documents into .bin/.idx")
-    from megatron_sc2.data import preprocess
+    from megatron_sc2.data.prep import preprocess
 
     prefix = out / "data" / "stdlib"
     (out / "data").mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from megatron_sc2.errors import ConfigError
-from megatron_sc2.data.prep.clean.languages import canonical_language, language_of
+from megatron_sc2.data.prep.clean.languages import CORE_LANGUAGES, canonical_language, language_of
 
 LICENSE_TYPES = ("permissive", "no_license", "non_permissive")
 
@@ -45,10 +45,14 @@ def parse_licenses(values: Sequence[str]) -> tuple[str, ...]:
 
 
 def parse_languages(values: Sequence[str]) -> tuple[str, ...]:
-    out = []
+    """Languages named as the user spells them (`python`, `cpp`), `core` for CORE_LANGUAGES."""
+    out: list[str] = []
     for v in values:
         for part in v.split(","):
             if not part.strip():
+                continue
+            if part.strip().lower() == "core":
+                out += CORE_LANGUAGES
                 continue
             lang = canonical_language(part)
             if lang is None:
@@ -57,7 +61,7 @@ def parse_languages(values: Sequence[str]) -> tuple[str, ...]:
             out.append(lang)
     if not out:
         raise ConfigError("--languages: give at least one language")
-    return tuple(out)
+    return tuple(dict.fromkeys(out))
 
 
 def license_type(record: dict[str, Any]) -> str:

@@ -68,11 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> CleanConfig:
-    languages = None
-    if args.languages:
-        langs = [v for v in args.languages if v.lower() != "core"]
-        languages = tuple(dict.fromkeys((CORE_LANGUAGES if len(langs) < len(args.languages) else ())
-                                        + (parse_languages(langs) if langs else ())))
+    languages = parse_languages(args.languages) if args.languages else None
     licenses = parse_licenses(args.licenses) if args.licenses else None
     if args.all and licenses is None:
         licenses = ("permissive", "no_license")
