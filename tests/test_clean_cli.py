@@ -117,6 +117,9 @@ def test_language_table_covers_the_core_languages():
              "q.R": "R", "r.sql": "SQL", "Makefile": "Makefile", "x/Dockerfile": "Dockerfile", "README": None}
     for path, lang in names.items():
         assert language_of(path) == lang, path
+    from megatron_sc2.data.prep.clean.filters import parse_languages
+
+    assert parse_languages(["zig,core", "cpp"]) == ("Zig", *[c for c in CORE_LANGUAGES])
 
 
 def _corpus(root: Path) -> Path:
