@@ -278,3 +278,14 @@ def test_submit_clean_writes_the_same_chain(tmp_path, capsys):
     assert via_submit == capsys.readouterr().out and "#SBATCH --array=0-2" in via_submit
     rc = cli_main(["submit", "clean", *base])
     assert rc == 2 and "--shards N" in capsys.readouterr().err
+
+
+def test_a_finished_shard_is_reused_only_for_the_same_input(tmp_path):
+    from megatron_sc2.data.prep.clean.runner import scan_shard
+
+    src = _jsonl(tmp_path / "in.jsonl", [{"text": "a = 1"}, {"text": "b = 2"}])
+    cfg = CleanConfig([str(src)], str(tmp_path / "o"), exact_dedup=True)
+    assert scan_shard(cfg, 0, 2) == "done" and scan_shard(cfg, 0, 2) == "skipped"
+    _jsonl(src, [{"text": "a = 1"}, {"text": "b = 2"}, {"text": "c = 3"}])
+    assert scan_shard(cfg, 0, 2) == "done"
+    assert scan_shard(CleanConfig([str(src)], str(tmp_path / "o"), pii=True), 0, 2) == "done"

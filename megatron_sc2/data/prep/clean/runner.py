@@ -57,9 +57,16 @@ class CleanConfig:
     seed: int = 42
 
     def fingerprint(self) -> str:
+        """The settings and inputs (paths, sizes, modification times) a finished shard was made
+        from: a shard is reused only when they are the same."""
+        from megatron_sc2.data.prep.sources import expand_inputs
+
         d = asdict(self)
         d.pop("output")
-        d["inputs"] = [str(Path(p).resolve()) if not any(c in p for c in "*?[") else p for p in self.inputs]
+        d["inputs"] = []
+        for _, path in expand_inputs(self.inputs):
+            st = path.stat()
+            d["inputs"].append([str(path.resolve()), st.st_size, st.st_mtime_ns])
         d["benchmark_files"] = [str(Path(p).resolve()) for p in self.benchmark_files]
         return hashlib.blake2b(json.dumps(d, sort_keys=True, default=list).encode(), digest_size=12).hexdigest()
 
