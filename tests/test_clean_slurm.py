@@ -62,7 +62,7 @@ def test_slurm_chain_equals_one_machine_and_resumes(tmp_path, capsys, monkeypatc
     ref = tmp_path / "ref"
     ref_report = run_local(CleanConfig([str(src)], str(ref), exact_dedup=True, near_dedup=True, pii=True), 1).report
 
-    out = tmp_path / "slurm"
+    out = tmp_path / "slurm out"  # a space: #SBATCH lines and the command must keep it
     argv = ["--input", str(src), "--output", str(out), "--exact-dedup", "--near-dedup", "--pii",
             "--slurm", "4", "--time", "00:05:00"]
     array, merge_job = _submit(argv + ["--hold"], capsys)

@@ -45,14 +45,24 @@ def _clean_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _directive(flag: str, value: object) -> str:
+    """One #SBATCH line; sbatch reads these itself (no shell): double quotes keep spaces."""
+    text = str(value)
+    if '"' in text or "\n" in text or "\r" in text:
+        raise UserError(f"--{flag} {text!r} contains a double quote or a line break, which an #SBATCH line cannot hold")
+    if re.search(r"\s|'|#", text):
+        text = f'"{text}"'
+    return f"#SBATCH --{flag}={text}"
+
+
 def _header(args: Namespace, name: str, log: Path) -> list[str]:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={log}",
-             "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={args.cpus_per_task}", f"#SBATCH --time={args.time}",
-             f"#SBATCH --chdir={os.getcwd()}"]
+    lines = ["#!/bin/bash", _directive("job-name", name), _directive("output", log), _directive("ntasks", 1),
+             _directive("cpus-per-task", args.cpus_per_task), _directive("time", args.time),
+             _directive("chdir", os.getcwd())]
     if args.partition:
-        lines.append(f"#SBATCH --partition={args.partition}")
+        lines.append(_directive("partition", args.partition))
     if args.account:
-        lines.append(f"#SBATCH --account={args.account}")
+        lines.append(_directive("account", args.account))
     return lines
 
 
@@ -65,10 +75,10 @@ def scripts(cfg: CleanConfig, args: Namespace, argv: list[str]) -> tuple[str, st
     cmd = " ".join(shlex.quote(a) for a in base)
     env = "export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1"
     scan = _header(args, "sc2-clean-scan", logs / "scan-%A_%a.out") + [
-        f"#SBATCH --array=0-{n - 1}", "set -euo pipefail", env,
+        _directive("array", f"0-{n - 1}"), "set -euo pipefail", env,
         f"exec {cmd} --shard \"$SLURM_ARRAY_TASK_ID/{n}\""]
     merge = _header(args, "sc2-clean-merge", logs / "merge-%j.out") + [
-        "#SBATCH --kill-on-invalid-dep=yes", "set -euo pipefail", env, f"exec {cmd} --merge {n}"]
+        _directive("kill-on-invalid-dep", "yes"), "set -euo pipefail", env, f"exec {cmd} --merge {n}"]
     return "\n".join(scan) + "\n", "\n".join(merge) + "\n"
 
 
