@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from megatron_sc2.cli import main as cli_main
-from megatron_sc2.errors import DataError
 from megatron_sc2.data.prep.clean.runner import CleanConfig, run_local
 
 
@@ -185,12 +184,18 @@ def test_bad_input_is_refused_as_preprocess_refuses_it(tmp_path, capsys):
     cut = tmp_path / "cut.jsonl.gz"
     data = gzip.compress(("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5000))).encode())
     cut.write_bytes(data[: len(data) // 2])
+    import zstandard
+
+    zcut = tmp_path / "cut.jsonl.zst"
+    zdata = zstandard.ZstdCompressor().compress(("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5000))).encode())
+    zcut.write_bytes(zdata[: len(zdata) // 2])
     repo = tmp_path / "repos" / "r1"
     repo.mkdir(parents=True)
     (repo / "a.py").write_bytes(b"caf\xe9 = 1\n")
     cases = [(tmp_path / "missing.jsonl", "input not found"), (bad, r"in\.jsonl:2: malformed JSON"),
              (nonutf, r"nonutf\.jsonl:2: not valid UTF-8"), (empty, r"empty\.jsonl:2: empty document"),
              (nokey, r"nokey\.jsonl:1: no text under key 'text'"), (cut, r"cut\.jsonl\.gz: compressed stream"),
+             (zcut, r"cut\.jsonl\.zst: .*(corrupt|ends early)"),
              (tmp_path / "repos", r"a\.py: not valid UTF-8")]
     for path, message in cases:
         rc, err = _clean(["--input", str(path), "--output", str(tmp_path / "o"), "--exact-dedup", "--workers", "1"], capsys)

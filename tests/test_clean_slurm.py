@@ -5,7 +5,6 @@ the same command again runs only that shard. Skipped (not failed) where slurm is
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
