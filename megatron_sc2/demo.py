@@ -81,7 +81,9 @@ def clean_corpus(corpus: Path, out: Path, workers: int) -> dict:
     """`megatron-sc2 clean --all` of the corpus (dedup, PII, HumanEval decontamination, path
     filters): its report. The later steps keep using the raw corpus, so that the demo's
     training numbers stay comparable across versions."""
-    from megatron_sc2.data.prep.clean.runner import CleanConfig, run_local, summary_lines
+    from megatron_sc2.data.prep.clean.report import summary_lines
+    from megatron_sc2.data.prep.clean.runner import run_local
+    from megatron_sc2.data.prep.clean.settings import CleanConfig
 
     cfg = CleanConfig([str(corpus)], str(out), exact_dedup=True, near_dedup=True, pii=True, decontaminate=True,
                       licenses=("permissive", "no_license"), path_filters=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from megatron_sc2.cli import main as cli_main
-from megatron_sc2.data.prep.clean.runner import CleanConfig, run_local
+from megatron_sc2.data.prep.clean.runner import run_local
+from megatron_sc2.data.prep.clean.settings import CleanConfig
 
 
 def _humaneval(task: str) -> dict:

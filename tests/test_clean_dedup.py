@@ -15,7 +15,8 @@ import pytest
 
 from megatron_sc2.data.prep.clean import near_dedup
 from megatron_sc2.data.prep.clean.minhash import MinHasher, piece_hashes, shingle_hash_of_bytes, split_words, word_hash
-from megatron_sc2.data.prep.clean.runner import CleanConfig, merge, run_local, scan_shard
+from megatron_sc2.data.prep.clean.runner import merge, run_local, scan_shard
+from megatron_sc2.data.prep.clean.settings import CleanConfig
 
 
 def _shingles(text: str) -> set[str]:

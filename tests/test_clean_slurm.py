@@ -14,7 +14,8 @@ import pytest
 
 from megatron_sc2.cli import main as cli_main
 from megatron_sc2.launch import slurm
-from megatron_sc2.data.prep.clean.runner import CleanConfig, run_local
+from megatron_sc2.data.prep.clean.runner import run_local
+from megatron_sc2.data.prep.clean.settings import CleanConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

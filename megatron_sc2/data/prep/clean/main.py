@@ -19,7 +19,9 @@ from typing import Optional, Sequence
 from megatron_sc2.errors import ConfigError
 from megatron_sc2.data.prep.clean.filters import parse_languages, parse_licenses
 from megatron_sc2.data.prep.clean.languages import CORE_LANGUAGES
-from megatron_sc2.data.prep.clean.runner import CleanConfig, merge, run_local, scan_shard, summary_lines
+from megatron_sc2.data.prep.clean.report import summary_lines
+from megatron_sc2.data.prep.clean.runner import merge, run_local, scan_shard
+from megatron_sc2.data.prep.clean.settings import CleanConfig
 
 
 class _Parser(argparse.ArgumentParser):

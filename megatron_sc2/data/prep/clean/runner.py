@@ -12,13 +12,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,61 +29,8 @@ from megatron_sc2.data.prep.clean import near_dedup as near
 from megatron_sc2.data.prep.clean.filters import FileRules
 from megatron_sc2.data.prep.clean.minhash import has_shingles
 from megatron_sc2.data.prep.clean.records import iter_records
-
-WORK = ".clean-work"
-EXAMPLES = 5
-
-
-@dataclass
-class CleanConfig:
-    inputs: list[str]
-    output: str
-    text_key: Optional[str] = None
-    skip_malformed: bool = False
-    exact_dedup: bool = False
-    near_dedup: bool = False
-    near_verify: float = 0.7
-    pii: bool = False
-    decontaminate: bool = False
-    benchmark_files: list[str] = field(default_factory=list)
-    licenses: Optional[tuple[str, ...]] = None
-    languages: Optional[tuple[str, ...]] = None
-    path_filters: bool = False
-    num_perm: int = 250
-    bands: int = near.BANDS
-    rows: int = near.ROWS
-    seed: int = 42
-
-    def fingerprint(self) -> str:
-        """The settings and inputs (paths, sizes, modification times) a finished shard was made
-        from: a shard is reused only when they are the same."""
-        from megatron_sc2.data.prep.sources import expand_inputs
-
-        d = asdict(self)
-        d.pop("output")
-        d["inputs"] = []
-        for _, path in expand_inputs(self.inputs):
-            st = path.stat()
-            d["inputs"].append([str(path.resolve()), st.st_size, st.st_mtime_ns])
-        d["benchmark_files"] = [str(Path(p).resolve()) for p in self.benchmark_files]
-        return hashlib.blake2b(json.dumps(d, sort_keys=True, default=list).encode(), digest_size=12).hexdigest()
-
-    def check(self) -> None:
-        if self.bands * self.rows > self.num_perm:
-            raise ConfigError(f"--bands x --rows ({self.bands} x {self.rows}) exceed --num-perm {self.num_perm}")
-        if not 0 <= self.near_verify <= 1:
-            raise ConfigError(f"--near-verify must be within [0, 1], got {self.near_verify}")
-        if not self.inputs:
-            raise ConfigError("nothing to clean: give --input")
-
-
-def work_dir(cfg: CleanConfig) -> Path:
-    return Path(cfg.output) / WORK
-
-
-def shard_dir(cfg: CleanConfig, i: int, n: int) -> Path:
-    return work_dir(cfg) / f"shard-{i:05d}-of-{n:05d}"
-
+from megatron_sc2.data.prep.clean.report import peak_rss_mb, build_report
+from megatron_sc2.data.prep.clean.settings import CleanConfig, shard_dir, work_dir
 
 def _shard_done(cfg: CleanConfig, i: int, n: int) -> bool:
     stats = shard_dir(cfg, i, n) / "stats.json"
@@ -177,7 +122,7 @@ def scan_shard(cfg: CleanConfig, i: int, n: int) -> str:
                  live=has_shingles(sig_matrix) if cfg.near_dedup else np.zeros(len(uids), dtype=bool))
         np.save(tmp / "sigs.npy", sig_matrix)  # read back memory-mapped, for verification only
         (tmp / "stats.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "files": seen,
-                                                    "read": asdict(stats), "peak_rss_mb": _peak_rss_mb(),
+                                                    "read": asdict(stats), "peak_rss_mb": peak_rss_mb(),
                                                     "seconds": round(time.perf_counter() - t0, 3)}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -277,7 +222,7 @@ def merge(cfg: CleanConfig, n: int, keep_work: bool = False) -> MergeResult:
     entries = [e for e in entries if not (e["action"] == "redacted" and e["uid"] in removed)]
     entries.sort(key=lambda e: (e["uid"], e["action"] != "removed"))
 
-    report = _report(cfg, n, entries, kept_files, clusters, time.perf_counter() - t0)
+    report = build_report(cfg, n, entries, kept_files, clusters, time.perf_counter() - t0)
     _write_atomic(out_dir / "manifest.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
     _write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     for old in out_dir.glob("part-*-of-*.jsonl"):
@@ -288,64 +233,10 @@ def merge(cfg: CleanConfig, n: int, keep_work: bool = False) -> MergeResult:
     return MergeResult(report, outputs)
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _report(cfg: CleanConfig, n: int, entries: list[dict[str, Any]], kept: int, clusters: int,
-            merge_seconds: float) -> dict[str, Any]:
-    read = Counter()
-    files_in = 0
-    shard_rss, shard_seconds = [], []
-    for i in range(n):
-        s = json.loads((shard_dir(cfg, i, n) / "stats.json").read_text())
-        files_in += s["files"]
-        shard_rss.append(s.get("peak_rss_mb", 0.0))
-        shard_seconds.append(s.get("seconds", 0.0))
-        for k, v in s["read"].items():
-            if k not in ("input_files", "input_bytes"):
-                read[k] += v
-        if i == 0:  # every shard reads every input: counts of inputs and bytes from one
-            read["input_files"], read["input_bytes"] = s["read"]["input_files"], s["read"]["input_bytes"]
-    removed: dict[str, Counter] = defaultdict(Counter)
-    redacted: Counter = Counter()
-    examples: dict[str, list[str]] = defaultdict(list)
-    redacted_files = 0
-    for e in entries:
-        key = f"{e['stage']}/{e['reason']}"
-        if e["action"] == "removed":
-            removed[e["stage"]][e["reason"]] += 1
-        else:
-            redacted_files += 1
-            for kind, c in e.get("detail", {}).items():
-                redacted[kind] += c
-        if len(examples[key]) < EXAMPLES:
-            examples[key].append(e["where"])
-    total_removed = sum(sum(c.values()) for c in removed.values())
-    return {
-        "input": {"files": files_in, **dict(read)},
-        "output": {"files": kept, "shards": n},
-        "removed": {stage: dict(c) for stage, c in sorted(removed.items())},
-        "removed_total": total_removed,
-        "redacted": {"files": redacted_files, **dict(redacted)},
-        "near_dedup_clusters": clusters,
-        "stages": {"exact_dedup": cfg.exact_dedup or cfg.near_dedup, "near_dedup": cfg.near_dedup,
-                   "pii": cfg.pii, "decontaminate": cfg.decontaminate, "licenses": cfg.licenses,
-                   "languages": cfg.languages, "path_filters": cfg.path_filters},
-        "examples": dict(examples),
-        "merge_seconds": round(merge_seconds, 3),
-        "resources": {"shard_seconds_max": max(shard_seconds), "shard_peak_rss_mb_max": max(shard_rss),
-                      "merge_peak_rss_mb": _peak_rss_mb()},
-    }
 
 
 def _scan_job(args: tuple[CleanConfig, int, int]) -> str:
@@ -369,16 +260,3 @@ def run_local(cfg: CleanConfig, workers: int, keep_work: bool = False) -> MergeR
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver")) as pool:
             list(pool.map(_scan_job, [(cfg, i, workers) for i in range(workers)]))
     return merge(cfg, workers, keep_work)
-
-
-def summary_lines(report: dict[str, Any]) -> list[str]:
-    r = report
-    lines = [f"files: {r['input']['files']:,} in, {r['output']['files']:,} out in {r['output']['shards']} "
-             f"shard(s); removed {r['removed_total']:,}"]
-    for stage, reasons in r["removed"].items():
-        lines.append(f"  {stage}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())))
-    red = {k: v for k, v in r["redacted"].items() if k != "files"}
-    if r["redacted"]["files"]:
-        lines.append(f"  pii: {r['redacted']['files']:,} files redacted (" +
-                     ", ".join(f"{k} {v:,}" for k, v in sorted(red.items())) + ")")
-    return lines

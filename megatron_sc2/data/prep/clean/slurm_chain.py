@@ -16,7 +16,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from megatron_sc2.errors import UserError
-from megatron_sc2.data.prep.clean.runner import CleanConfig
+from megatron_sc2.data.prep.clean.settings import CleanConfig
 
 _OWN_FLAGS = {"--slurm": 1, "--partition": 1, "--account": 1, "--time": 1, "--cpus-per-task": 1,
               "--python": 1, "--dry-run": 0, "--workers": 1, "--hold": 0}
