@@ -8,6 +8,11 @@
 2. `merge(N)`: needs every shard; exact dedup over all content hashes, then LSH clustering over
    all signatures (in uid order, so the result does not depend on N), then each shard's
    survivors to `DIR/part-i-of-N.jsonl`, with `report.json` and `manifest.jsonl`.
+
+Limits: every shard reads every input (and skips the records of other shards), so reading is
+paid N times; the merge is one process holding about 300 bytes per file (uid, content hash,
+keep-rule columns, 25 band keys, its location) plus the manifest, i.e. about 30 GB for 100
+million files. Signatures stay on disk (memory-mapped) and are read for candidate pairs only.
 """
 
 from __future__ import annotations
