@@ -249,3 +249,35 @@ def test_clusters_equal_brute_force_components(tmp_path):
     p_miss = [1 - float(near_dedup.collision_probability(j)) for j in pair_j.values()]
     assert expected_removed - len(removed) <= sum(p_miss) + 3 * math.sqrt(sum(p * (1 - p) for p in p_miss)) + 1
     assert len(removed) <= expected_removed
+
+
+@pytest.mark.parametrize("n_inputs", [2, 6])
+def test_shards_equal_one_shard_with_malformed_lines(tmp_path, n_inputs):
+    """Fewer input files than shards: each shard reads all and keeps its records; more: each
+    shard reads only its own files. Either way the output, manifest and every count equal the
+    one-shard run's (malformed lines counted once)."""
+    rng = random.Random(n_inputs)
+    vocab = _vocab(rng, 5000)
+    base = _render(_base_file(rng, vocab))
+    inputs = []
+    for k in range(n_inputs):
+        rows = [json.dumps({"text": base if j % 4 == 0 else _variant(rng, _base_file(rng, vocab), vocab, "edit", 1)})
+                for j in range(7)]
+        rows.insert(3, '{"text": "broken')
+        p = tmp_path / f"in{k}.jsonl"
+        p.write_text("\n".join(rows) + "\n")
+        inputs.append(str(p))
+    kw = dict(exact_dedup=True, near_dedup=True, skip_malformed=True)
+    r1 = run_local(CleanConfig(inputs, str(tmp_path / "one"), **kw), 1).report
+    four = CleanConfig(inputs, str(tmp_path / "four"), **kw)
+    for i in range(4):
+        scan_shard(four, i, 4)
+    r4 = merge(four, 4).report
+    lines = lambda d: sorted(l for p in (tmp_path / d).glob("part-*.jsonl") for l in p.read_text().splitlines())
+    assert lines("one") == lines("four")
+    assert (tmp_path / "one" / "manifest.jsonl").read_text() == (tmp_path / "four" / "manifest.jsonl").read_text()
+    for r in (r1, r4):
+        r.pop("merge_seconds"), r.pop("output"), r.pop("resources")
+    assert r1 == r4
+    assert r1["input"]["malformed_lines"] == n_inputs and r1["input"]["input_files"] == n_inputs
+    assert r1["removed"]["exact_dedup"]["exact_duplicate"] == 2 * n_inputs - 1

@@ -64,45 +64,82 @@ def _pick_key(rec: dict[str, Any], text_key: Optional[str], where: str) -> str:
     return key
 
 
+def reads_every_input(inputs: Sequence[str], nshards: int) -> bool:
+    """Whether each shard reads every input (fewer input files than shards: records are dealt
+    out instead), so that counts about the inputs are the same in every shard."""
+    return nshards > 1 and len(expand_inputs(inputs)) < nshards
+
+
+def input_owner(inputs: Sequence[str], nshards: int) -> list[int]:
+    """The shard of each input file when there are at least as many files as shards: largest
+    first to the least loaded shard (directories count as the mean file size)."""
+    specs = expand_inputs(inputs)
+    sizes = [p.stat().st_size if kind != "repodir" else -1 for kind, p in specs]
+    mean = max(1, sum(s for s in sizes if s >= 0) // max(1, sum(s >= 0 for s in sizes)))
+    sizes = [s if s >= 0 else mean for s in sizes]
+    load = [0] * nshards
+    owner = [0] * len(specs)
+    for idx in sorted(range(len(specs)), key=lambda i: (-sizes[i], i)):
+        s = min(range(nshards), key=lambda k: (load[k], k))
+        owner[idx] = s
+        load[s] += sizes[idx]
+    return owner
+
+
 def iter_records(inputs: Sequence[str], stats: ReadStats, text_key: Optional[str] = None,
                  skip_malformed: bool = False, shard: int = 0, nshards: int = 1) -> Iterator[FileRecord]:
-    """The records of this shard, in input order."""
-    for idx, (kind, path) in enumerate(expand_inputs(inputs)):
-        stats.input_files += 1
-        base = idx << _POS_BITS
-        if kind == "repodir":
-            counts = ReadCounts()
-            pos = 0
-            for name, files in iter_repository_dir(path, counts, skip_non_utf8=skip_malformed):
-                mine = shard_of(name, 0, nshards) == shard
-                for rel, text in files:
-                    stats.input_bytes += len(text)
-                    if mine:
-                        yield FileRecord(base | pos, f"{path}/{name}/{rel}", "content",
-                                         {"repo_name": name, "path": rel, "content": text})
-                    pos += 1
-            stats.binary_files += counts.binary_files
-            stats.non_utf8_files += counts.non_utf8_files
-            stats.loose_files += counts.loose_files
-        elif kind == "parquet":
-            yield from _parquet(path, base, stats, text_key, skip_malformed, shard, nshards)
+    """The records of this shard, in input order. With at least as many input files as shards,
+    a shard reads only its own files (`input_owner`); else every shard reads every file and
+    keeps its records (`shard_of`)."""
+    specs = expand_inputs(inputs)
+    owner = input_owner(inputs, nshards) if nshards > 1 and len(specs) >= nshards else None
+    for idx, (kind, path) in enumerate(specs):
+        if owner is not None:
+            if owner[idx] != shard:
+                continue
+            shard_, nshards_ = 0, 1  # this whole file is ours
         else:
-            pos = 0
-            for lineno, rec in iter_jsonl_records(path, stats, skip_malformed):
-                where = f"{path}:{lineno}"
-                try:
-                    key = _pick_key(rec, text_key, where)
-                except DataError:
-                    if skip_malformed:
-                        stats.malformed_lines += 1
-                        continue
-                    raise
-                if isinstance(rec[key], list):
-                    rec[key] = "".join(map(str, rec[key]))
-                repo = rec.get("repo_name") if isinstance(rec.get("repo_name"), str) else None
-                if shard_of(repo, pos, nshards) == shard:
-                    yield FileRecord(base | pos, where, key, rec)
+            shard_, nshards_ = shard, nshards
+        yield from _file_records(idx, kind, path, stats, text_key, skip_malformed, shard_, nshards_)
+
+
+def _file_records(idx: int, kind: str, path: Path, stats: ReadStats, text_key: Optional[str],
+                  skip_malformed: bool, shard: int, nshards: int) -> Iterator[FileRecord]:
+    stats.input_files += 1
+    base = idx << _POS_BITS
+    if kind == "repodir":
+        counts = ReadCounts()
+        pos = 0
+        for name, files in iter_repository_dir(path, counts, skip_non_utf8=skip_malformed):
+            mine = shard_of(name, 0, nshards) == shard
+            for rel, text in files:
+                stats.input_bytes += len(text)
+                if mine:
+                    yield FileRecord(base | pos, f"{path}/{name}/{rel}", "content",
+                                     {"repo_name": name, "path": rel, "content": text})
                 pos += 1
+        stats.binary_files += counts.binary_files
+        stats.non_utf8_files += counts.non_utf8_files
+        stats.loose_files += counts.loose_files
+    elif kind == "parquet":
+        yield from _parquet(path, base, stats, text_key, skip_malformed, shard, nshards)
+    else:
+        pos = 0
+        for lineno, rec in iter_jsonl_records(path, stats, skip_malformed):
+            where = f"{path}:{lineno}"
+            try:
+                key = _pick_key(rec, text_key, where)
+            except DataError:
+                if skip_malformed:
+                    stats.malformed_lines += 1
+                    continue
+                raise
+            if isinstance(rec[key], list):
+                rec[key] = "".join(map(str, rec[key]))
+            repo = rec.get("repo_name") if isinstance(rec.get("repo_name"), str) else None
+            if shard_of(repo, pos, nshards) == shard:
+                yield FileRecord(base | pos, where, key, rec)
+            pos += 1
 
 
 def _jsonable(v: Any) -> Any:

@@ -30,10 +30,10 @@ def build_report(cfg: CleanConfig, n: int, entries: list[dict[str, Any]], kept: 
         shard_rss.append(s.get("peak_rss_mb", 0.0))
         shard_seconds.append(s.get("seconds", 0.0))
         for k, v in s["read"].items():
-            if k not in ("input_files", "input_bytes"):
+            # where every shard reads every input, what reading counts (files, bytes, malformed
+            # lines, ...) is the same in each: taken once; empty documents are per record
+            if not s.get("reads_all") or i == 0 or k == "empty_documents":
                 read[k] += v
-        if i == 0:  # every shard reads every input: counts of inputs and bytes from one
-            read["input_files"], read["input_bytes"] = s["read"]["input_files"], s["read"]["input_bytes"]
     removed: dict[str, Counter] = defaultdict(Counter)
     redacted: Counter = Counter()
     examples: dict[str, list[str]] = defaultdict(list)

@@ -33,7 +33,7 @@ from megatron_sc2.data.prep.clean import exact_dedup, keep_rule
 from megatron_sc2.data.prep.clean import near_dedup as near
 from megatron_sc2.data.prep.clean.filters import FileRules
 from megatron_sc2.data.prep.clean.minhash import has_shingles
-from megatron_sc2.data.prep.clean.records import iter_records
+from megatron_sc2.data.prep.clean.records import iter_records, reads_every_input
 from megatron_sc2.data.prep.clean.report import peak_rss_mb, build_report
 from megatron_sc2.data.prep.clean.settings import CleanConfig, shard_dir, work_dir
 
@@ -128,6 +128,7 @@ def scan_shard(cfg: CleanConfig, i: int, n: int) -> str:
         np.save(tmp / "sigs.npy", sig_matrix)  # read back memory-mapped, for verification only
         (tmp / "stats.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "files": seen,
                                                     "read": asdict(stats), "peak_rss_mb": peak_rss_mb(),
+                                                    "reads_all": reads_every_input(cfg.inputs, n),
                                                     "seconds": round(time.perf_counter() - t0, 3)}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
