@@ -9,10 +9,10 @@
    all signatures (in uid order, so the result does not depend on N), then each shard's
    survivors to `DIR/part-i-of-N.jsonl`, with `report.json` and `manifest.jsonl`.
 
-Limits: every shard reads every input (and skips the records of other shards), so reading is
-paid N times; the merge is one process holding about 300 bytes per file (uid, content hash,
-keep-rule columns, 25 band keys, its location) plus the manifest, i.e. about 30 GB for 100
-million files. Signatures stay on disk (memory-mapped) and are read for candidate pairs only.
+Limits: with fewer input files than shards every shard reads every input (and skips the
+records of other shards), so reading is paid N times (with more files, each reads its own); the
+merge is one process holding a few hundred bytes per file (uid, content hash, keep-rule columns,
+25 band keys, its location) plus the manifest: tens of GB for 100 million files. Signatures stay on disk (memory-mapped) and are read for candidate pairs only.
 """
 
 from __future__ import annotations
