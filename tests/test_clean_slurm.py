@@ -27,7 +27,7 @@ def _in_queue(*jobs: str) -> bool:
     return bool(out.stdout.strip())
 
 
-def _wait_gone(*jobs: str, timeout: float = 240) -> None:
+def _wait_gone(*jobs: str, timeout: float = 480) -> None:  # the cluster may be busy with others
     deadline = time.monotonic() + timeout
     while _in_queue(*jobs):
         if time.monotonic() > deadline:
