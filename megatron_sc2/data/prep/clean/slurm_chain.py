@@ -55,7 +55,12 @@ def _directive(flag: str, value: object) -> str:
     return f"#SBATCH --{flag}={text}"
 
 
-def _header(args: Namespace, name: str, log: Path) -> list[str]:
+def _pattern(directory: Path, name: str) -> str:
+    """slurm's output file pattern: a '%' of the directory is literal."""
+    return str(directory).replace("%", "%%") + "/" + name
+
+
+def _header(args: Namespace, name: str, log: str) -> list[str]:
     lines = ["#!/bin/bash", _directive("job-name", name), _directive("output", log), _directive("ntasks", 1),
              _directive("cpus-per-task", args.cpus_per_task), _directive("time", args.time),
              _directive("chdir", os.getcwd())]
@@ -74,10 +79,10 @@ def scripts(cfg: CleanConfig, args: Namespace, argv: list[str]) -> tuple[str, st
     base = [args.python, "-m", "megatron_sc2.cli", "clean", *_clean_argv(argv)]
     cmd = " ".join(shlex.quote(a) for a in base)
     env = "export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1"
-    scan = _header(args, "sc2-clean-scan", logs / "scan-%A_%a.out") + [
+    scan = _header(args, "sc2-clean-scan", _pattern(logs, "scan-%A_%a.out")) + [
         _directive("array", f"0-{n - 1}"), "set -euo pipefail", env,
         f"exec {cmd} --shard \"$SLURM_ARRAY_TASK_ID/{n}\""]
-    merge = _header(args, "sc2-clean-merge", logs / "merge-%j.out") + [
+    merge = _header(args, "sc2-clean-merge", _pattern(logs, "merge-%j.out")) + [
         _directive("kill-on-invalid-dep", "yes"), "set -euo pipefail", env, f"exec {cmd} --merge {n}"]
     return "\n".join(scan) + "\n", "\n".join(merge) + "\n"
 
