@@ -53,22 +53,26 @@ def test_decontamination(tmp_path, capsys):
     mbpp_code = "def remove_Occ(s,ch): \r\n    for i in range(len(s)): \r\n        if (s[i] == ch): \r\n            s = s[0 : i] + s[i + 1:] \r\n            break\r\n    return s"
     bench = _jsonl(tmp_path / "mbpp.jsonl", [{"task_id": 11, "text": "Write a python function to remove first and last occurrence of a given character from the string.",
                                               "code": mbpp_code, "test_list": ["assert remove_Occ(\"hello\",\"l\") == \"heo\""]}])
+    apps_solution = "n = int(input())\nprint(sum(int(c) for c in str(n)) * 7 - 3)\n"
+    apps = _jsonl(tmp_path / "apps.jsonl", [{"problem_id": 1, "solutions": json.dumps([apps_solution, "print(1)"])}])
     src = _jsonl(tmp_path / "in.jsonl", [
         {"repo_name": "a", "path": "a.py", "content": contaminated},
         {"repo_name": "b", "path": "b.py", "content": name_only},
         {"repo_name": "c", "path": "c.py", "content": "# copied\n" + doc + "    pass\n"},
         {"repo_name": "d", "path": "d.py", "content": "x = 1\n" + mbpp_code.replace("\r\n", "\n") + "\n"},
         {"repo_name": "e", "path": "e.py", "content": "def add(x, y):\n    return x + y\n"},  # trivial: exempt
+        {"repo_name": "f", "path": "f.py", "content": "# solution\n" + apps_solution.replace("\n", "\n\n")},
     ])
     out = tmp_path / "out"
-    rc, err = _clean(["--input", str(src), "--output", str(out), "--decontaminate", str(bench), "--workers", "1"], capsys)
+    rc, err = _clean(["--input", str(src), "--output", str(out), "--decontaminate", str(bench), str(apps),
+                      "--workers", "1"], capsys)
     assert rc == 0, err
     kept = [json.loads(l)["repo_name"] for l in (out / "part-00000-of-00001.jsonl").read_text().splitlines()]
     assert kept == ["b", "e"]
     manifest = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
     why = {e["repo_name"]: e["detail"]["benchmark"] for e in manifest}
     assert why["a"] == "HumanEval/0 canonical_solution" and why["c"] == "HumanEval/2 docstring"
-    assert why["d"].startswith("mbpp.jsonl:1 ")
+    assert why["d"].startswith("mbpp.jsonl:1 ") and why["f"] == "apps.jsonl:1 solutions"
 
 
 @pytest.mark.parametrize("content,message", [

@@ -67,7 +67,17 @@ def _docstring(prompt: str, name: str) -> Optional[str]:
 
 
 def _texts(value: Any) -> Iterator[str]:
+    """The strings of a field; a string that is itself a JSON list of strings (APPS keeps its
+    `solutions` so) gives its elements."""
     if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                inner = json.loads(value)
+            except ValueError:
+                inner = None
+            if isinstance(inner, list) and inner and all(isinstance(v, str) for v in inner):
+                yield from inner
+                return
         yield value
     elif isinstance(value, list):
         for v in value:
