@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("megatron_sc2.governance.serve", "HTTP membership server: POST /overlap for the VS Code extension"),
     "search": ("megatron_sc2.governance.search", "corpus search over the tokens: build|merge|count|find"),
     "remove": ("megatron_sc2.governance.remove", "opt-out: a dataset without the listed repositories"),
+    "plan": ("megatron_sc2.parallel.plan_main", "list the parallel layouts that fit a cluster's GPUs, best first"),
     "demo": ("megatron_sc2.demo", "the end-to-end CPU demo behind `make demo`"),
 }
 
