@@ -238,10 +238,11 @@ def recompute_peak_bytes(cfg: ModelConfig, tokens: int, tp: int, sp: bool,
 
 
 def loss_bytes(cfg: ModelConfig, tokens: int, tp: int) -> int:
-    """Peak of the head and loss at the end of the forward: bf16 logits, their fp32 copy, and the
-    fp32 log-softmax (one process) or shifted logits and softmax (vocabulary-parallel loss)."""
+    """Peak of the head and loss per logit: one process, in the loss's backward (bf16 logits, the
+    saved fp32 log-softmax, its fp32 gradient and that gradient in bf16); vocabulary-parallel, at
+    the end of the forward (bf16 logits, fp32 copy, shifted logits, softmax)."""
     v = cfg.vocab_size // tp
-    per = 2 + 4 + 4 if tp == 1 else 2 + 4 + 4 + 4
+    per = 2 + 4 + 4 + 2 if tp == 1 else 2 + 4 + 4 + 4
     return per * v * tokens
 
 
