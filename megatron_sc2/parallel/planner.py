@@ -391,6 +391,14 @@ def estimate_time(cfg: ModelConfig, layout: Layout, seq_length: int, gpu: GPU) -
         msg = 2 * cfg.hidden_size * tokens
         per_layer = 4 * 2 * (layout.tp - 1) / layout.tp * msg / bw
         comm += per_layer * layers_per_rank * n_mb
+    if layout.pp > 1:
+        # Each model chunk sends its activations forward and receives their gradients, bf16,
+        # per micro-batch, between nodes once a stage spans a node; not overlapped.
+        bw = gpu.intra_node_bytes_per_s if layout.world_size <= gpu.gpus_per_node \
+            else gpu.inter_node_bytes_per_s
+        seq_split = layout.tp if (layout.sequence_parallel and layout.tp > 1) else 1
+        msg = 2 * cfg.hidden_size * tokens // seq_split
+        comm += 2 * msg / bw * layout.virtual_stages * n_mb
     if layout.cp > 1:
         bw = gpu.intra_node_bytes_per_s if layout.tp * layout.cp <= gpu.gpus_per_node \
             else gpu.inter_node_bytes_per_s

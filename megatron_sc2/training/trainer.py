@@ -34,7 +34,9 @@ from megatron_sc2.training.optimizer import build_optimizer, learning_rate
 from megatron_sc2.training.signals import StopRequests
 from megatron_sc2.training import flops as flops_mod
 
-# Fields of ModelConfig that must agree between a checkpoint and the run that loads it.
+# Fields of ModelConfig that must agree between a checkpoint and the run that loads it: the
+# shapes. rope_theta, max_position_embeddings and sliding_window are left out on purpose: the
+# 16k stage resumes a 4k checkpoint with the rotary base raised tenfold.
 _ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                 "num_query_groups", "tie_word_embeddings", "use_bias")
 
