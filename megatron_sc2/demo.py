@@ -141,6 +141,20 @@ def generate(hf_dir: Path) -> dict[str, str]:
     }
 
 
+def plan_layouts(out: Path) -> Path:
+    """The layouts of StarCoder2-15B at 16k on 64 H100s (`megatron-sc2 plan`), the best one
+    train runs written as a config for `megatron-sc2 submit`."""
+    from megatron_sc2.parallel import plan_main
+
+    config = out / "plan-15b-16k.yaml"
+    rc = plan_main.main(["--model", "starcoder2-15b", "--seq-length", "16384", "--gpus", "64",
+                         "--gpu", "h100-80gb", "--rotary-base", "1e6", "--top", "5",
+                         "--write-config", str(config)])
+    if rc:
+        raise SystemExit(rc)
+    return config
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-sc2 demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="build/demo", help="output directory (default build/demo)")
@@ -220,6 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"completion of {gen['completion_prompt']!r}:\n{gen['completion_prompt']}{gen['completion']}")
     print(f"\nfill-in-the-middle:\n{gen['fim_prefix']}[{gen['fim_middle']}]{gen['fim_suffix']}")
 
+    t = _step("plan: layouts of StarCoder2-15B at 16k on 64 H100s (megatron-sc2 plan)")
+    plan_config = plan_layouts(out)
+    timings["plan_s"] = time.perf_counter() - t
+
     summary = {"corpus": {"repositories": repos, "files": files, "bytes": size},
                "clean": {"files_in": clean_report["input"]["files"], "files_out": clean_report["output"]["files"],
                          "removed": clean_report["removed"], "redacted": clean_report["redacted"]},
@@ -228,7 +246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "governance": governance}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n=== done. Everything is under", out)
-    for name in ("corpus", "clean", "tokenizer", "data", "governance", "checkpoints", "hf", "loss.png", "summary.json"):
+    for name in ("corpus", "clean", "tokenizer", "data", "governance", "checkpoints", "hf",
+                 "loss.png", "summary.json", plan_config.name):
         print(f"  {out / name}")
     if not last < first - 1.0:
         print(f"demo: error: the loss did not fall clearly ({first:.3f} -> {last:.3f})", file=sys.stderr)
