@@ -77,9 +77,6 @@ def test_every_layout_obeys_the_layout_rules_and_fits_best_first():
         lay.parallel_layout().validate(cfg, 16384 // lay.cp)
         assert 16384 % lay.cp == 0 and cfg.num_attention_heads % lay.tp == 0
         assert p.fits == (p.memory.total <= planner.usable_bytes(H100))
-    small = planner.plan(cfg, 16384, 8, planner.GPUS["a100-40gb"])
-    assert not any(p.fits for p in small[:1]) or small[0].memory.total <= planner.usable_bytes(
-        planner.GPUS["a100-40gb"])
 
 
 def test_halo_is_the_window_not_the_sequence():

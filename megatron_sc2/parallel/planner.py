@@ -66,7 +66,8 @@ USABLE_FRACTION = 0.92
 
 @dataclass(frozen=True)
 class Layout:
-    """One candidate: ParallelLayout's sizes plus context parallelism (planned only)."""
+    """One candidate: ParallelLayout's sizes plus context parallelism (planned only). The planner
+    always uses sequence parallelism with TP (it only saves memory)."""
 
     tp: int
     pp: int
@@ -259,12 +260,12 @@ def in_flight_microbatches(pp: int, virtual: int, n_mb: int, stage: int) -> floa
 
 # ----------------------------------------------------------------------------- memory
 
-def estimate_memory(cfg: ModelConfig, layout: Layout, seq_length: int,
-                    bf16: bool = True) -> Memory:
-    """Per-GPU memory of the fullest rank of `layout` (the max over pipeline stages)."""
+def estimate_memory(cfg: ModelConfig, layout: Layout, seq_length: int) -> Memory:
+    """Per-GPU memory of the fullest rank of `layout` (the max over pipeline stages) in a bf16
+    (autocast) run, the recipe's precision; fp32 runs are not modelled."""
     best: Optional[Memory] = None
     for stage, shape in enumerate(stage_shapes(cfg, layout.tp, layout.pp, layout.virtual_stages)):
-        m = _stage_memory(cfg, layout, seq_length, stage, shape, bf16)
+        m = _stage_memory(cfg, layout, seq_length, stage, shape)
         if best is None or m.total > best.total:
             best = m
     assert best is not None
@@ -272,12 +273,14 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_length: int,
 
 
 def _stage_memory(cfg: ModelConfig, layout: Layout, seq_length: int, stage: int,
-                  shape: StageShape, bf16: bool) -> Memory:
+                  shape: StageShape) -> Memory:
     """The larger of the two peaks of a step: the end of the forward (activations and the loss
     live) and the optimizer step (gradients and AdamW's temporaries live)."""
-    fwd = _forward_peak(cfg, layout, seq_length, stage, shape, bf16)
-    opt = _optimizer_peak(cfg, layout, shape)
-    return fwd if fwd.total >= opt.total else opt
+    peaks = [_forward_peak(cfg, layout, seq_length, stage, shape),
+             _optimizer_peak(cfg, layout, shape)]
+    if layout.tp > 1 and layout.dp * layout.cp > 1:
+        peaks.append(_table_backward_peak(cfg, layout, seq_length, stage, shape))
+    return max(peaks, key=lambda m: m.total)
 
 
 def _accumulates(layout: Layout) -> bool:
@@ -287,14 +290,13 @@ def _accumulates(layout: Layout) -> bool:
 
 
 def _forward_peak(cfg: ModelConfig, layout: Layout, seq_length: int, stage: int,
-                  shape: StageShape, bf16: bool) -> Memory:
+                  shape: StageShape) -> Memory:
     tp, cp = layout.tp, layout.cp
     shard = layout.dp * cp                             # FSDP shards over data and context ranks
     p = shape.params
     # fp32 shards at rest plus the stage gathered through the step; autocast's bf16 copies.
     params = 4 * p if shard == 1 else 4 * p // shard + 4 * p
-    if bf16:
-        params += 2 * shape.cast_params
+    params += 2 * shape.cast_params
     grads = 4 * p if _accumulates(layout) else 0       # unsharded while micro-batches accumulate
     if grads and shape.first and tp > 1 and _embedding_grad_unsharded(cfg, layout):
         grads += 4 * shape.embed_params * (tp - 1)
@@ -324,6 +326,46 @@ def _embedding_grad_unsharded(cfg: ModelConfig, layout: Layout) -> bool:
     """The vocabulary-parallel embedding's gradient arrives unsharded (the whole vocabulary)
     unless the tied head's sharded gradient is added to it on the same rank."""
     return not cfg.tie_word_embeddings or layout.pp > 1
+
+
+# FSDP2 over a TP mesh: in the backward of a vocabulary-sharded table (embedding, lm_head) its
+# gradient arrives whole and is copied; full fp32 tables of temporaries at that moment, measured
+# with the fake-tensor tracker (bench/plan.py): ~5 at a tied embedding (the head's and the
+# embedding's gradients added), ~1.3 at the lm_head of a last pipeline stage.
+_FSDP_TP_TIED_EMBEDDING_TABLES = 5.0
+_FSDP_TP_HEAD_TABLES = 1.33
+
+
+def _table_backward_peak(cfg: ModelConfig, layout: Layout, seq_length: int, stage: int,
+                         shape: StageShape) -> Memory:
+    tp, shard = layout.tp, layout.dp * layout.cp
+    p, e = shape.params, shape.embed_params
+    table = 4 * cfg.vocab_size * cfg.hidden_size
+    cast = 2 * shape.cast_params                       # autocast's copies live through the step
+    n_mb = layout.num_microbatches
+    if shape.first and shape.last and cfg.tie_word_embeddings:
+        # The embedding's backward, the last of the micro-batch: the layers' activations are
+        # gone, and after the step's last micro-batch their parameters are resharded.
+        params = 4 * p // shard + (4 * e if n_mb == 1 else 4 * p) + cast
+        grads = 4 * (p - e) * (1 if n_mb > 1 else 0) + 4 * (p - e) // shard
+        temp = int(_FSDP_TP_TIED_EMBEDDING_TABLES * table)
+        return Memory(params=params, grads=grads, optimizer=8 * p // shard + temp,
+                      activations=0, comm_buffers=0)
+    if not shape.last or layout.pp == 1:
+        # (Without a pipeline the tracker finds the untied head's backward below the forward's
+        # peak.)
+        return Memory(0, 0, 0, 0, 0)
+    # The lm_head's backward on the last pipeline stage, the first of the micro-batch: every
+    # activation is still saved.
+    fwd = _forward_peak(cfg, layout, seq_length, stage, shape)
+    tokens = layout.micro_batch_size * seq_length // layout.cp
+    loss_fwd = loss_bytes(cfg, tokens, tp)
+    loss_bwd = (4 + 4 + 2) * cfg.vocab_size // tp * tokens   # saved softmax, its grad, in bf16
+    grads = (4 * p if _accumulates(layout) else 0) + table * (tp - 1) // tp
+    temp = int(_FSDP_TP_HEAD_TABLES * table)
+    return Memory(params=fwd.params, grads=grads, optimizer=fwd.optimizer + temp,
+                  activations=fwd.activations - loss_fwd + loss_bwd,
+                  comm_buffers=fwd.comm_buffers)
 
 
 # AdamW's temporaries on a vocabulary-sharded DTensor table (embedding or lm_head) during the
@@ -462,7 +504,7 @@ def candidate_layouts(cfg: ModelConfig, seq_length: int, gpus: int, global_batch
 
 def plan(cfg: ModelConfig, seq_length: int, gpus: int, gpu: GPU,
          global_batch_size: Optional[int] = None, tp: Optional[int] = None,
-         pp: Optional[int] = None, cp: Optional[int] = None, bf16: bool = True) -> list[Plan]:
+         pp: Optional[int] = None, cp: Optional[int] = None) -> list[Plan]:
     """Every candidate layout with its memory and time, the ones that fit first, fastest first."""
     if gpus <= 0:
         raise ConfigError(f"--gpus must be positive, got {gpus}")
@@ -484,7 +526,7 @@ def plan(cfg: ModelConfig, seq_length: int, gpus: int, gpu: GPU,
     limit = usable_bytes(gpu)
     plans = []
     for lay in candidate_layouts(cfg, seq_length, gpus, gbs, gpu.gpus_per_node, tp, pp, cp):
-        mem = estimate_memory(cfg, lay, seq_length, bf16)
+        mem = estimate_memory(cfg, lay, seq_length)
         step, bubble, comm = estimate_time(cfg, lay, seq_length, gpu)
         model_flops = flops_mod.train_flops_per_step(cfg, seq_length, gbs)
         mfu = model_flops / (step * lay.world_size * gpu.peak_flops)
