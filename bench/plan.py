@@ -124,7 +124,8 @@ if __name__ == "__main__" and "--measured" in sys.argv:
 
 def slope_section() -> None:
     """How the traces extrapolate to the full depth: the per-layer growth of the traced peak
-    (two layers minus one, no pipeline) against the model's per-layer terms."""
+    (four layers against two, no pipeline; at one layer a step's peak can sit elsewhere, in the
+    embedding's backward) against the model's per-layer terms."""
     import dataclasses
 
     from megatron_sc2.config import preset
@@ -135,14 +136,15 @@ def slope_section() -> None:
                                ("starcoder2-15b", 4, 8, 4096)):
         lay = planner.Layout(tp=tp, pp=1, dp=dp, cp=1, micro_batch_size=1, global_batch_size=dp)
         t, e = [], []
-        for layers in (1, 2):
+        for layers in (2, 4):
             cfg = dataclasses.replace(preset(model), num_layers=layers)
             t.append(trace_in_subprocess(cfg, lay.parallel_layout(), seq).peak)
             e.append(planner.estimate_memory(cfg, lay, seq).total)
         full = preset(model).num_layers
-        print(f"{model:15} {lay.describe():22} seq {seq}: per layer traced {(t[1] - t[0]) / GIB:.3f} "
-              f"GiB, estimated {(e[1] - e[0]) / GIB:.3f} GiB; {full} layers extrapolated from the "
-              f"trace {(t[0] + (full - 1) * (t[1] - t[0])) / GIB:.2f} GiB, estimated "
+        slope, est_slope = (t[1] - t[0]) / 2, (e[1] - e[0]) / 2
+        print(f"{model:15} {lay.describe():22} seq {seq}: per layer traced {slope / GIB:.3f} "
+              f"GiB, estimated {est_slope / GIB:.3f} GiB; {full} layers extrapolated from the "
+              f"trace {(t[0] + (full - 2) * slope) / GIB:.2f} GiB, estimated "
               f"{planner.estimate_memory(preset(model), lay, seq).total / GIB:.2f} GiB", flush=True)
 
 
