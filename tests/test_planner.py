@@ -101,9 +101,13 @@ def test_plan_command_prints_table_and_writes_a_config_train_reads(tmp_path, cap
     assert "context_parallel_size" not in data          # the default pick is one train runs
     cfg = parse_train_args(["--config", str(out), "--mock-data"])
     assert (cfg.seq_length, cfg.rotary_base, cfg.model) == (16384, 1e7, "starcoder2-7b")
-    lay = planner.Layout(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
-                         dp=1, cp=1, micro_batch_size=1, global_batch_size=1)
-    assert 64 % (lay.tp * lay.pp) == 0
+    # ... and `megatron-sc2 submit --config` takes it for the 64 GPUs it was planned for
+    from megatron_sc2.launch.submit import build
+
+    spec, sub, _ = build(["--config", str(out), "--nodes", "8", "--gpus-per-node", "8",
+                          "--dry-run", "--", "--mock-data", "--save", str(tmp_path / "ck")])
+    assert spec.nodes * spec.tasks_per_node == 64
+    assert sub.tensor_model_parallel_size == data["tensor_model_parallel_size"]
 
 
 def test_a_cp_layout_is_written_marked_and_refused_by_train(tmp_path, capsys):
