@@ -12,8 +12,9 @@ What is emulated, and why:
   backward, ops/attention.py) takes their place.
 - A pipeline schedule needs its peers, so a stage is driven by hand in 1F1B's order: the first
   stage runs `pp` micro-batches forward before the first backward (the most it ever holds), the
-  last stage one at a time through the head and the loss. The schedule's own small buffers
-  (P2P receive buffers) are not counted.
+  last stage one at a time through the head and the loss; under the interleaved schedule the
+  first rank runs its warm-up's chunk forwards before the first backward. The schedules' own
+  small buffers (P2P receive buffers) are not counted.
 - Fake tensors exist only on the CPU here, so autocast follows the CPU's op lists (LayerNorm
   stays in bf16; CUDA's autocast runs it in fp32): the planner's `cuda_autocast=False` variant is
   what this validates.
@@ -123,8 +124,8 @@ def trace_step_memory(cfg: ModelConfig, layout: ParallelLayout, seq_length: int,
 
     if dist.is_initialized():
         raise RuntimeError("trace_step_memory needs no process group to be initialized")
-    if layout.virtual_stages != 1:
-        raise ValueError("the interleaved schedule is not traced (virtual_stages must be 1)")
+    if layout.virtual_stages != 1 and stage != "first":
+        raise ValueError("the interleaved schedule is traced on the first pipeline rank only")
     layout.validate(cfg, seq_length)
     rank = 0
     if stage == "last" and layout.pp > 1:
@@ -188,8 +189,41 @@ def _forget_groups() -> None:
         cache.cache_clear()
 
 
+def _interleaved_first_rank_step(pm, layout: ParallelLayout, cfg: ModelConfig, mbs: int,
+                                 seq: int) -> None:
+    """The first pipeline rank under the interleaved schedule: its warm-up runs
+    (v - 1) x pp + 2 (pp - 1) chunk forwards, and one more, before the first backward (torch's
+    ScheduleInterleaved1F1B, as Megatron's), chunk (k // pp) % v at the k-th forward; then every
+    held forward is taken back, the most recent first, and the rest of the step runs one forward
+    and one backward at a time."""
+    pp, v, n_mb = layout.pp, layout.virtual_stages, layout.num_microbatches
+    shards = layout.tp if layout.sequence_parallel else 1
+    total = n_mb * v
+    held: list[torch.Tensor] = []
+
+    def forward(k: int) -> torch.Tensor:
+        chunk = pm.chunks[(k // pp) % v]
+        if chunk.is_first:
+            return chunk(torch.randint(0, cfg.vocab_size, (mbs, seq)))
+        h = torch.empty((mbs, seq // shards, cfg.hidden_size), requires_grad=True)
+        return chunk(h)
+
+    warmup = min((v - 1) * pp + 2 * (pp - 1) + 1, total)
+    for k in range(warmup):
+        held.append(forward(k))
+    for k in range(warmup, total):
+        out = held.pop()
+        out.backward(torch.empty_like(out))
+        held.append(forward(k))
+    while held:
+        out = held.pop()
+        out.backward(torch.empty_like(out))
+
+
 def _stage_step(pm, layout: ParallelLayout, cfg: ModelConfig, mbs: int, seq: int) -> None:
     """One step of this pipeline stage in 1F1B's order, without peers (see the module notes)."""
+    if layout.virtual_stages > 1:
+        return _interleaved_first_rank_step(pm, layout, cfg, mbs, seq)
     chunk = pm.chunks[0]
     n_mb = layout.num_microbatches
     shards = layout.tp if layout.sequence_parallel else 1

@@ -248,14 +248,17 @@ def loss_bytes(cfg: ModelConfig, tokens: int, tp: int) -> int:
 
 
 def in_flight_microbatches(pp: int, virtual: int, n_mb: int, stage: int) -> float:
-    """Micro-batches whose activations a stage holds at once under 1F1B (stage 0 holds pp);
-    the interleaved schedule holds Megatron's (1 + (pp - 1) / (pp x v)) x pp on the first rank."""
+    """Micro-batches of all of a pipeline rank's layers held at once. 1F1B: stage s holds
+    pp - s. Interleaved (torch's ScheduleInterleaved1F1B, as Megatron's): the warm-up runs
+    (v - 1) x pp + 2 (pp - 1 - s) chunk forwards, and one more, before the first backward, each
+    holding 1/v of the rank's layers -- (1 + (pp - 1) / (pp x v)) x pp on the first rank when the
+    step has enough micro-batches; never more than the step's n_mb x v chunk forwards."""
     if pp == 1:
         return 1.0
-    held = min(pp - stage, n_mb)
-    if virtual > 1:
-        return held * (1.0 + (pp - 1) / (pp * virtual))
-    return float(held)
+    if virtual == 1:
+        return float(min(pp - stage, n_mb))
+    chunk_forwards = (virtual - 1) * pp + 2 * (pp - 1 - stage) + 1
+    return min(chunk_forwards, n_mb * virtual) / virtual
 
 
 # ----------------------------------------------------------------------------- memory
@@ -309,7 +312,10 @@ def _forward_peak(cfg: ModelConfig, layout: Layout, seq_length: int, stage: int,
     acts = int(shape.layers * per_layer * held)
     acts += recompute_peak_bytes(cfg, tokens, tp, sp, layout.recompute, halo)
     seq_split = tp if sp else 1
-    acts += int(4 * cfg.hidden_size * tokens // seq_split * held)   # the live residual stream
+    # The residual stream (fp32): one live without a pipeline; with one, every forward in flight
+    # keeps its chunk's input and output for the backward the schedule runs later.
+    residuals = 1 if layout.pp == 1 else 2 * held * layout.virtual_stages
+    acts += int(4 * cfg.hidden_size * tokens // seq_split * residuals)
     if shape.last:
         acts += loss_bytes(cfg, tokens, tp)
     comm = 0
