@@ -9,7 +9,10 @@ keeps the whole stage's parameters gathered through the step, and gradient accum
 unsharded gradients), the activations autograd saves per layer (counted tensor by tensor from the
 model: two fp32 LayerNorm inputs, one bf16 input copy per projection, the attention kernel's
 q/k/v/o and fp32 log-sum-exp, the MLP's two ffn-wide bf16 tensors) times the micro-batches a
-pipeline stage holds in flight, and the loss's fp32 logits.
+pipeline stage holds in flight (with each in-flight forward's fp32 input and output), and the
+loss's fp32 logits. A step has several peaks and the largest counts: the end of the forward, the
+optimizer step, and under FSDP2 x TP the backward of a vocabulary table; the temporaries of the
+last two around vocabulary-sharded tables are coefficients measured with the tracker (below).
 
 Time is the model FLOPs (training/flops.py) over the GPUs' bf16 peak at an assumed matmul
 efficiency, plus the pipeline bubble and the exposed tensor-parallel and context-parallel traffic
