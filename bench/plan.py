@@ -5,6 +5,7 @@ layout without CP/virtual stages and its best with TP. Prints estimate / traced 
     PYTHONPATH=$PWD python bench/plan.py             # estimate vs fake-tensor tracker
     PYTHONPATH=$PWD python bench/plan.py --measured  # estimate vs tracker vs a real CPU step
     PYTHONPATH=$PWD python bench/plan.py --slope     # per-layer growth: the extrapolation
+    PYTHONPATH=$PWD python bench/plan.py --by-hand   # recomputation, interleaved first rank
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ GIB = 2 ** 30
 RULES = {"best": lambda l: l.cp == 1 and l.virtual_stages == 1,
          "best with TP": lambda l: l.cp == 1 and l.tp > 1 and l.virtual_stages == 1}
 
-if __name__ == "__main__" and not {"--measured", "--slope"} & set(sys.argv):
+if __name__ == "__main__" and not {"--measured", "--slope", "--by-hand"} & set(sys.argv):
     for model in ("starcoder2-3b", "starcoder2-7b", "starcoder2-15b"):
         for seq in (4096, 16384):
             for name, rule in RULES.items():
@@ -150,3 +151,44 @@ def slope_section() -> None:
 
 if __name__ == "__main__" and "--slope" in sys.argv:
     slope_section()
+
+
+# Layouts given by hand: activation recomputation, and the interleaved schedule's first rank.
+BY_HAND = [  # model, tp, pp, virtual, dp, seq, global batch, layers, recompute
+    ("starcoder2-15b", 4, 1, 1, 1, 4096, 1, 2, "full"),
+    ("starcoder2-15b", 4, 1, 1, 1, 16384, 1, 4, "full"),
+    ("starcoder2-7b", 2, 2, 1, 1, 16384, 2, 2, "selective"),
+    ("starcoder2-3b", 1, 1, 1, 4, 4096, 4, 2, "full"),
+    ("starcoder2-7b", 1, 2, 2, 32, 4096, 128, 4, None),
+    ("starcoder2-15b", 2, 2, 2, 16, 4096, 64, 4, None),
+    ("starcoder2-7b", 2, 4, 2, 8, 4096, 64, 8, None),
+    ("starcoder2-3b", 1, 4, 2, 8, 16384, 32, 8, None),
+    ("starcoder2-3b", 1, 4, 2, 4, 16384, 32, 8, None),
+]
+
+
+def by_hand_section() -> None:
+    import dataclasses
+
+    from megatron_sc2.config import preset
+    from megatron_sc2.parallel import planner
+    from megatron_sc2.parallel.memory_trace import trace_in_subprocess
+
+    for model, tp, pp, v, dp, seq, gbs, layers, rc in BY_HAND:
+        cfg = dataclasses.replace(preset(model), num_layers=layers)
+        lay = planner.Layout(tp=tp, pp=pp, dp=dp, cp=1, micro_batch_size=1, global_batch_size=gbs,
+                             virtual_stages=v, recompute=rc)
+        if v > 1:  # the first rank only (the tracer drives the interleaved first rank)
+            traced = trace_in_subprocess(cfg, lay.parallel_layout(), seq, "first").peak
+            est = planner._stage_memory(cfg, lay, seq, 0, planner.stage_shapes(cfg, tp, pp, v)[0]).total
+        else:
+            stages = ("first", "last") if pp > 1 else ("first",)
+            traced = max(trace_in_subprocess(cfg, lay.parallel_layout(), seq, s).peak for s in stages)
+            est = planner.estimate_memory(cfg, lay, seq).total
+        print(f"{model:15} {lay.describe():26} {rc or '-':9} seq {seq} layers {layers}: traced "
+              f"{traced / GIB:.2f} GiB, estimate {est / GIB:.2f} GiB, ratio {est / traced:.3f}",
+              flush=True)
+
+
+if __name__ == "__main__" and "--by-hand" in sys.argv:
+    by_hand_section()
