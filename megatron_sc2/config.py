@@ -179,6 +179,7 @@ class TrainConfig:
     # checkpoints and logs
     save: Optional[str] = None
     load: Optional[str] = None
+    ckpt_step: Optional[int] = None  # with --load: this iteration instead of the latest
     save_interval: int = 0
     log_interval: int = 1
     log_dir: Optional[str] = None

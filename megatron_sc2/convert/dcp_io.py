@@ -20,12 +20,13 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 
 from megatron_sc2.errors import CheckpointError
+from megatron_sc2.training.checkpoint import load_dcp, read_dcp_metadata
 
 MODEL_PREFIX = "model."
 
@@ -46,12 +47,7 @@ class TensorSpec:
 
 def read_model_specs(ckpt: Path) -> dict[str, TensorSpec]:
     """Names, global shapes and dtypes of the model tensors in a DCP checkpoint directory."""
-    try:
-        md = FileSystemReader(str(ckpt)).read_metadata()
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: no DCP metadata (.metadata) — not a finished checkpoint") from None
-    except Exception as e:  # a corrupt pickle, a foreign file
-        raise CheckpointError(f"{ckpt}/.metadata cannot be read ({type(e).__name__}: {e})") from None
+    md = read_dcp_metadata(ckpt)  # never unpickles anything but DCP's own metadata classes
     out: dict[str, TensorSpec] = {}
     for key, item in md.state_dict_metadata.items():
         if key.startswith(MODEL_PREFIX) and isinstance(item, TensorStorageMetadata):
@@ -83,12 +79,11 @@ def iter_model_tensors(ckpt: Path, specs: list[TensorSpec], budget_bytes: int = 
 
     With `dtype`, tensors are loaded straight into buffers of that dtype (DCP's copy into the
     destination does the cast), saving a separate conversion pass and its memory."""
-    reader_path = str(ckpt)
     for group in batched(specs, budget_bytes):
         sd = {"model": {s.name: torch.empty(s.shape, dtype=dtype or s.dtype) for s in group}}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
-            dcp.load(sd, storage_reader=FileSystemReader(reader_path), no_dist=True)
+            load_dcp(sd, Path(ckpt), no_dist=True)
         tensors = sd["model"]
         del sd
         for s in group:
@@ -137,7 +132,7 @@ def iter_own_files_mmap(ckpt: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for a checkpoint written by `save_model_streaming` (one tensor per
     file), each file memory-mapped by `torch.load` — the bytes DCP itself would `torch.load`,
     without a second in-memory copy. Used to verify what was just written at low peak memory."""
-    md = FileSystemReader(str(ckpt)).read_metadata()
+    md = read_dcp_metadata(ckpt)
     for index, info in (md.storage_data or {}).items():
         if not index.fqn.startswith(MODEL_PREFIX):
             continue

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("to-hf", help="our checkpoint (any parallel layout) -> HF directory")
     t.add_argument("--load", required=True, help="checkpoint save directory (or one iter_XXXXXXX directory)")
-    t.add_argument("--iteration", type=int, help="iteration to export (default: the latest finished one)")
+    t.add_argument("--iteration", "--ckpt-step", dest="iteration", type=int,
+                   help="iteration to export (default: the latest finished one)")
     t.add_argument("--save", required=True, help="output HF directory")
     t.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="dtype of the exported weights (default: the dtype the checkpoint stores)")

@@ -10,16 +10,30 @@ Layout of a save directory (see the format notes in the README):
 
 A checkpoint is written under `iter_XXXXXXX.tmp-<nonce>` and renamed once every rank has
 finished, so a kill at any moment leaves the previous checkpoint as the latest loadable one.
+
+A checkpoint is a file people download and share, so reading one never runs its content:
+RNG state is tensors and plain numbers (`torch.load(weights_only=True)`), DCP's `.metadata`
+pickle goes through an unpickler that admits only DCP's own metadata classes, and DCP's byte
+items load with `weights_only=True` (`load_dcp`, `read_dcp_metadata`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from megatron_sc2.errors import CheckpointError
 
@@ -51,6 +65,21 @@ def finished_iterations(save_dir: str | Path) -> list[int]:
     return sorted(out)
 
 
+def earlier_hint(ckpt: Path) -> str:
+    """For a bad checkpoint directory: '; iter_0000004 is an earlier complete checkpoint: load
+    it with --ckpt-step 4' (or that none exists)."""
+    ckpt = Path(ckpt)
+    m = _ITER_RE.match(ckpt.name)
+    if not m:
+        return ""
+    before = int(m.group(1))
+    older = [i for i in finished_iterations(ckpt.parent) if i < before]
+    if not older:
+        return "; no earlier complete checkpoint exists"
+    return (f"; {checkpoint_dir(ckpt.parent, older[-1]).name} is an earlier complete checkpoint: "
+            f"load it with --ckpt-step {older[-1]}")
+
+
 def find_checkpoint(load_dir: str | Path, iteration: Optional[int] = None) -> Path:
     """The finished checkpoint to load: `iteration` if given, else the latest.
 
@@ -68,7 +97,9 @@ def find_checkpoint(load_dir: str | Path, iteration: Optional[int] = None) -> Pa
     if iteration is not None:
         path = checkpoint_dir(root, iteration)
         if not is_complete(path):
-            raise CheckpointError(f"no finished checkpoint for iteration {iteration} in {root}")
+            done = finished_iterations(root)
+            raise CheckpointError(f"no finished checkpoint for iteration {iteration} in {root} "
+                                  f"(finished: {', '.join(map(str, done[-5:])) or 'none'})")
         return path
     tracker = root / LATEST_FILE
     if tracker.is_file():
@@ -93,6 +124,13 @@ def has_checkpoint(load_dir: str | Path) -> bool:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    try:
+        return _read_meta(Path(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{earlier_hint(Path(path))}") from None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
     p = Path(path) / META_FILE
     try:
         meta = json.loads(p.read_text())
@@ -100,9 +138,186 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p} is missing") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: expected a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p}: unsupported checkpoint format version {meta.get('format_version')!r}")
+    for key in ("iteration", "consumed_samples"):
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise CheckpointError(f"{p}: {key!r} must be a non-negative integer, got {v!r}")
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{p}: 'model_config' must be a JSON object")
+    m = _ITER_RE.match(Path(path).name)
+    if m and int(m.group(1)) != meta["iteration"]:
+        raise CheckpointError(f"{p}: says iteration {meta['iteration']} but lies in {Path(path).name}")
     return meta
+
+
+# -- reading without executing: RNG state, DCP metadata and byte items -------------------------
+
+def save_rng_state(path: Path) -> None:
+    """This process's torch and numpy RNG state as tensors and plain numbers (loadable with
+    `weights_only=True`: no pickled objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy_kind": str(kind),
+             "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+             "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss)}
+    torch.save(state, path)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what `save_rng_state` wrote; a file holding anything else is refused unexecuted.
+    Checkpoints of format 1 written before this (numpy state as a pickled tuple) still load:
+    numpy's array reconstruction is admitted, nothing else."""
+    safe = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(safe):
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: refused or unreadable RNG state (nothing in it was run) ({_first_line(e)})"
+                              f"{earlier_hint(path.parent.parent)}") from None
+    try:
+        torch_state = state["torch"]
+        if "numpy_keys" in state:
+            keys = state["numpy_keys"].numpy().astype(np.uint32)
+            np_state = (state["numpy_kind"], keys, int(state["numpy_pos"]), int(state["numpy_has_gauss"]),
+                        float(state["numpy_gauss"]))
+        else:
+            np_state = state["numpy"]
+        if not isinstance(torch_state, torch.Tensor) or torch_state.dtype != torch.uint8:
+            raise TypeError("the torch state is not a uint8 tensor")
+        torch.set_rng_state(torch_state)
+        np.random.set_state(np_state)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a valid RNG state ({_first_line(e)})"
+                              f"{earlier_hint(path.parent.parent)}") from None
+
+
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_ALLOWED_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes, torch dtypes/sizes/layouts and plain containers only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == _DCP_METADATA_MODULE:
+            import torch.distributed.checkpoint.metadata as md
+
+            obj = getattr(md, name, None)
+            if isinstance(obj, type) and obj.__module__ == _DCP_METADATA_MODULE:
+                return obj
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.memory_format):
+            return getattr(torch, name)
+        elif (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def read_dcp_metadata(ckpt: str | Path):
+    """DCP's `.metadata` of a checkpoint directory, unpickled with only its own classes allowed."""
+    path = Path(ckpt) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a finished DCP checkpoint){earlier_hint(path.parent)}") from None
+    except Exception as e:  # a payload, a corrupt pickle, a foreign file
+        raise CheckpointError(f"{path}: refused or corrupt DCP metadata ({_first_line(e)})"
+                              f"{earlier_hint(path.parent)}") from None
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CheckpointError(f"{path}: not DCP metadata (a {type(md).__name__}){earlier_hint(path.parent)}")
+    if getattr(md, "storage_meta", None) is None:
+        md.storage_meta = StorageMeta()
+    return md
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with `.metadata` read by the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        md = read_dcp_metadata(self.path)
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor items load with `weights_only=True`."""
+
+    def __init__(self, ckpt: Path, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._ckpt = Path(ckpt)
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"refused or corrupt item {read_item.dest_index.fqn!r} "
+                                  f"({_first_line(e)}){earlier_hint(self._ckpt)}") from None
+        from torch.distributed.checkpoint._traverse import set_element
+
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def load_dcp(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """`dcp.load` through the safe reader and planner; any failure is one CheckpointError
+    naming the checkpoint and the earlier complete one to fall back to."""
+    import torch.distributed.checkpoint as dcp
+
+    read_dcp_metadata(path)  # a refused or corrupt .metadata is named before any collective
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(path),
+                     no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        inner = _dcp_inner(e)
+        if isinstance(inner, CheckpointError):
+            raise CheckpointError(f"{path}: {inner}") from None
+        raise CheckpointError(f"{path}: corrupt checkpoint ({_dcp_error_line(e)}){earlier_hint(path)}") from None
+
+
+def _dcp_inner(e: BaseException) -> BaseException:
+    """DCP wraps each rank's exception in a CheckpointException; the first rank's one."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(exc, BaseException):
+            return exc
+    return e
+
+
+def _dcp_error_line(e: BaseException) -> str:
+    return _first_line(_dcp_inner(e))
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of an exception's message that says what is wrong (torch's weights_only
+    refusals say it in a middle line: 'Unsupported global: GLOBAL posix.system ...')."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    pick = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0])
+    return f"{type(e).__name__}: {pick[:300]}"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

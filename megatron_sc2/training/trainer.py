@@ -120,7 +120,7 @@ class Trainer:
         self.optimizer = build_optimizer([self.model], cfg)
         self.state = TrainState()
         self.train_ds, self.valid_ds, _ = self._build_datasets()
-        if cfg.load and ckpt.has_checkpoint(cfg.load):
+        if cfg.load and (cfg.ckpt_step is not None or ckpt.has_checkpoint(cfg.load)):
             self.load(cfg.load)
         elif cfg.load and not (cfg.save and Path(cfg.save).resolve() == Path(cfg.load).resolve()):
             # --load naming a directory with nothing finished in it is an error, unless it is
@@ -448,8 +448,7 @@ class Trainer:
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         self._barrier()
         model_sd, optim_sd = self._state_dicts()
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-                   tmp / "rng" / f"rank_{self.rank}.pt")
+        ckpt.save_rng_state(tmp / "rng" / f"rank_{self.rank}.pt")
         meta = {
             "iteration": it, "consumed_samples": self.state.consumed_samples,
             "model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
@@ -535,7 +534,7 @@ class Trainer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        path = ckpt.find_checkpoint(load_dir)
+        path = ckpt.find_checkpoint(load_dir, self.cfg.ckpt_step)
         meta = ckpt.read_meta(path)
         theirs = meta["model_config"]
         for f in _ARCH_FIELDS:
@@ -561,9 +560,7 @@ class Trainer:
         state: dict[str, Any] = {"model": {stored(k): v for k, v in model_sd.items()}}
         if load_optimizer:
             state["optimizer"] = {stored(k): v for k, v in optim_sd.items()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
+        ckpt.load_dcp(state, path)
         back = {stored(k): k for k in model_sd}
         model_state = {back[k]: v for k, v in state["model"].items()}
         options = StateDictOptions(strict=False, **self._SD_OPTIONS)
@@ -580,9 +577,7 @@ class Trainer:
             self.state = TrainState(meta["iteration"], meta["consumed_samples"])
             rng_file = path / "rng" / f"rank_{self.rank}.pt"
             if rng_file.is_file():
-                rng = torch.load(rng_file, weights_only=False)
-                torch.set_rng_state(rng["torch"])
-                np.random.set_state(rng["numpy"])
+                ckpt.load_rng_state(rng_file)
         if self.rank == 0:
             print(f"loaded checkpoint {path} (iteration {meta['iteration']}"
                   f"{'' if load_optimizer else ', model only: fresh optimizer from step 0'})", flush=True)
