@@ -57,12 +57,23 @@ def test_megatron_core_reads_our_output(tmp_path, tok, starcoder2_tokenizer_path
     import tokenizers
 
     ref = tokenizers.Tokenizer.from_file(str(starcoder2_tokenizer_path))
+    plain = tokenizers.Tokenizer.from_file(str(starcoder2_tokenizer_path))
+    plain.encode_special_tokens = True  # tokenizers' own switch: special-token text stays text
     m = _megatron_indexed(tmp_path / "out_text_document")
     assert len(m) == len(TEXTS) and m.index.dtype == np.uint16
     assert list(m.document_indices) == list(range(len(TEXTS) + 1))
     for i, t in enumerate(TEXTS):
-        assert m[i].tolist() == ref.encode(t, add_special_tokens=False).ids + [0]
-    assert 34 in m[1].tolist()  # literal <NAME> in text becomes the special token, as in HF
+        assert m[i].tolist() == plain.encode(t, add_special_tokens=False).ids + [0]
+    assert 34 not in m[1].tolist()  # literal <NAME> in code is text by default
+    # Megatron's behaviour behind its flag: the literal becomes the special token, as in HF.
+    for extra in ([], ["--no-fast-encoder"]):
+        assert cli_main(["preprocess", "--input", str(inp), "--output-prefix", str(tmp_path / "meg"),
+                         "--tokenizer-model", str(starcoder2_tokenizer_path), "--append-eod", "--no-progress",
+                         "--parse-special-tokens", *extra]) == 0
+        m = _megatron_indexed(tmp_path / "meg_text_document")
+        for i, t in enumerate(TEXTS):
+            assert m[i].tolist() == ref.encode(t, add_special_tokens=False).ids + [0]
+        assert 34 in m[1].tolist()
 
 
 def test_we_read_megatron_core_output(tmp_path):

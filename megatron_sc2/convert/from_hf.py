@@ -107,6 +107,9 @@ def from_hf(opts: FromHFOptions) -> FromHFResult:
     cfg = src.model_config
     check_parallel_sizes(cfg, opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size)
     save = Path(opts.save)
+    from megatron_sc2.convert.to_hf import refuse_overlap
+
+    refuse_overlap(Path(opts.load), save)
     done = finished_iterations(save)
     if done:
         raise CheckpointError(

@@ -82,23 +82,39 @@ def _model_config(meta: dict, ckpt: Path) -> ModelConfig:
         raise CheckpointError(f"{ckpt}/meta.json: no usable model_config ({e})") from None
 
 
-_EXPORT_FILES = ("*.safetensors", "*.json", "merges.txt", "vocab.json", "tokenizer.model")
+EXPORT_MARKER = ".megatron-sc2-export"  # written into every export: "we made this directory"
+
+
+_EXPORT_FILES = ("*.safetensors", "*.json", "merges.txt", "vocab.json", "tokenizer.model", EXPORT_MARKER)
 
 
 def _is_previous_export(d: Path) -> bool:
-    """A directory holding only what an export writes (config.json and model/tokenizer files):
+    """A directory we wrote ourselves (it holds our marker file) and nothing added since:
     replacing it is what re-running an export means. Anything else needs --force."""
-    if not (d / "config.json").is_file():
+    marker = d / EXPORT_MARKER
+    if not marker.is_file() or marker.is_symlink():
         return False
-    return all(f.is_file() and any(f.match(p) for p in _EXPORT_FILES) for f in d.iterdir())
+    return all(f.is_file() and not f.is_symlink() and any(f.match(p) for p in _EXPORT_FILES)
+               for f in d.iterdir())
+
+
+def refuse_overlap(load: Path, save: Path, load_flag: str = "--load", save_flag: str = "--save") -> None:
+    """Writing (and replacing) `save` must never touch what `load` reads: the same directory,
+    one inside the other, either way, is refused whatever --force says."""
+    a, b = Path(load).resolve(), Path(save).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise CheckpointError(f"{save_flag} {save} and {load_flag} {load} overlap (the same directory or one "
+                              f"inside the other); the output would replace what is read: pick another {save_flag}")
 
 
 def prepare_out_dir(final: Path, force: bool) -> Path:
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        if not force and not (final.is_dir() and _is_previous_export(final)):
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise CheckpointError(f"--save {final}: exists and is not a directory (a file or a link)")
+    if final.exists() and any(final.iterdir()):
+        if not force and not _is_previous_export(final):
             raise CheckpointError(
-                f"output {final} already exists and holds files other than a Hugging Face export "
-                f"(pass --force to replace it)")
+                f"--save {final}: already exists and was not written by `convert to-hf` (no {EXPORT_MARKER} "
+                f"marker); pass --force to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -142,6 +158,8 @@ def to_hf(opts: ToHFOptions) -> ToHFResult:
     tokenizer = opts.tokenizer or meta.get("tokenizer")
 
     final = Path(opts.save)
+    refuse_overlap(Path(opts.load), final)
+    refuse_overlap(ckpt, final)
     tmp = prepare_out_dir(final, opts.force)
     try:
         # Tokenizer first: a wrong one is refused before the weights are converted.
@@ -173,6 +191,7 @@ def to_hf(opts: ToHFOptions) -> ToHFResult:
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(
             json.dumps(to_hf_config_dict(cfg, HF_DTYPE_NAMES[out_dtype]), indent=2) + "\n")
+        (tmp / EXPORT_MARKER).write_text(f"{ckpt}\n")
         verify_shards(tmp, {hf_key(s.name): s for s in out_specs}, weight_map, sums)
         diff = None
         if opts.verify_logits:

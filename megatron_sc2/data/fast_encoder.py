@@ -102,22 +102,37 @@ class FastEncoder:
     def __post_init__(self) -> None:
         self.all_clean = bool(self.clean.all())  # StarCoder2: every token is clean
         self._specials = set(self.encoding.special_tokens_set)
+        self._hf_plain = None
 
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
+    def _hf_ordinary(self):
+        """A copy of the `tokenizers` object that encodes special-token text as text."""
+        if self._hf_plain is None:
+            from tokenizers import Tokenizer as HFTokenizer
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [a.tolist() for a in self.encode_arrays(texts)]
+            impl = HFTokenizer.from_str(self.hf.to_str())
+            impl.encode_special_tokens = True
+            self._hf_plain = impl
+        return self._hf_plain
 
-    def _tiktoken_array(self, text: str) -> np.ndarray:
+    def encode(self, text: str, parse_special: bool = True) -> list[int]:
+        return self.encode_batch([text], parse_special)[0]
+
+    def encode_batch(self, texts: Sequence[str], parse_special: bool = True) -> list[list[int]]:
+        return [a.tolist() for a in self.encode_arrays(texts, parse_special)]
+
+    def _tiktoken_array(self, text: str, allowed: set[str]) -> np.ndarray:
         core = getattr(self.encoding, "_core_bpe", None)
         if core is not None and hasattr(core, "encode_to_tiktoken_buffer"):
             # uint32 buffer straight from Rust: no Python int list (the GIL stays released longer)
-            return np.frombuffer(core.encode_to_tiktoken_buffer(text, self._specials), dtype=np.uint32)
-        return np.asarray(self.encoding.encode(text, allowed_special="all"), dtype=np.uint32)
+            return np.frombuffer(core.encode_to_tiktoken_buffer(text, allowed), dtype=np.uint32)
+        if allowed:
+            return np.asarray(self.encoding.encode(text, allowed_special="all"), dtype=np.uint32)
+        return np.asarray(self.encoding.encode_ordinary(text), dtype=np.uint32)
 
-    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Ids of each text as a uint32 array (the preprocessing fast path)."""
+    def encode_arrays(self, texts: Sequence[str], parse_special: bool = True) -> list[np.ndarray]:
+        """Ids of each text as a uint32 array (the preprocessing fast path). With
+        `parse_special=False` special-token text is ordinary text, here and in the fallback."""
+        allowed = self._specials if parse_special else set()
         out: list[Optional[np.ndarray]] = []
         redo: list[int] = []
         for i, text in enumerate(texts):
@@ -125,14 +140,15 @@ class FastEncoder:
                 out.append(None)
                 redo.append(i)
                 continue
-            ids = self._tiktoken_array(text)
+            ids = self._tiktoken_array(text, allowed)
             if not self.all_clean and ids.size and not self.clean[ids].all():
                 out.append(None)
                 redo.append(i)
                 continue
             out.append(ids)
         if redo:
-            encs = self.hf.encode_batch_fast([texts[i] for i in redo], add_special_tokens=False)
+            hf = self.hf if parse_special else self._hf_ordinary()
+            encs = hf.encode_batch_fast([texts[i] for i in redo], add_special_tokens=False)
             for i, e in zip(redo, encs):
                 out[i] = np.asarray(e.ids, dtype=np.uint32)
         self.stats["texts"] += len(texts)

@@ -4,9 +4,11 @@
 uint64 version 1, uint8 dtype code, uint64 sequence count S, uint64 document-index count D,
 int32[S] sequence lengths, int64[S] byte offsets, int64[D] document starts (0 first, S last).
 
-The writer streams tokens to temporary files and renames both only when complete; the reader
-validates every header field and size, so a truncated or mismatched pair is a `DataError`
-naming the file instead of garbage samples.
+The writer streams tokens to temporary files and renames both only when complete, the old
+`.idx` removed first: a crash at any moment leaves the old pair, or a `.bin` without its `.idx`
+(no dataset at that prefix), never a new `.bin` beside an old `.idx`. The reader validates
+every header field and size, so a truncated or mismatched pair is a `DataError` naming the
+file instead of garbage samples.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class IndexedWriter:
         suffix = f".tmp-{os.getpid()}"
         self._tmp_bin = Path(str(self._final_bin) + suffix)
         self._tmp_idx = Path(str(self._final_idx) + suffix)
+        for final in (self._final_bin, self._final_idx):
+            if final.is_dir():
+                raise DataError(f"{final}: the output is a directory (pick another --output-prefix)")
         self._final_bin.parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(self._tmp_bin, "wb")
         self._lengths = array("i")
@@ -122,6 +127,15 @@ class IndexedWriter:
         return len(self._doc_starts) - 1
 
     def finalize(self) -> None:
+        try:
+            self._finalize()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finalize(self) -> None:
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
         self._bin.close()
         lengths = np.frombuffer(self._lengths, dtype=np.int32) if len(self._lengths) else np.zeros(0, np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
@@ -137,8 +151,17 @@ class IndexedWriter:
             f.write(lengths.astype("<i4").tobytes())
             f.write(pointers.astype("<i8").tobytes())
             f.write(docs.astype("<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        # The pair is replaced index first: without its .idx an old .bin is no dataset, so no
+        # moment shows a new .bin beside an old .idx under the final names.
+        try:
+            self._final_idx.unlink()
+        except FileNotFoundError:
+            pass
         os.replace(self._tmp_bin, self._final_bin)
         os.replace(self._tmp_idx, self._final_idx)
+        _fsync_dir(self._final_idx.parent)
         self._done = True
 
     def abort(self) -> None:
@@ -156,6 +179,19 @@ class IndexedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._done:
             self.abort()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -29,33 +29,50 @@ class Tokenizer:
     _impl: Any = field(repr=False)
     _fast: Any = field(default=None, repr=False)
     _fast_checked: bool = field(default=False, repr=False)
+    _impl_ordinary: Any = field(default=None, repr=False)
     use_fast: bool = True
 
     # -- encoding --------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, no BOS/EOS added; special-token text maps to its id (as in HF)."""
+    # `parse_special=True` (HF's and Megatron's behaviour): special-token text inside the text
+    # becomes that control token. `parse_special=False`: it is encoded as the ordinary text it
+    # is, so code quoting `<|endoftext|>` is not cut into two documents (preprocessing's default).
+    def encode(self, text: str, parse_special: bool = True) -> list[int]:
+        """Ids of `text`, no BOS/EOS added."""
         if self.backend == "hf":
-            return self._impl.encode(text, add_special_tokens=False).ids
+            return self._hf_for(parse_special).encode(text, add_special_tokens=False).ids
         return list(self._impl.encode(text))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], parse_special: bool = True) -> list[list[int]]:
         """Ids of each text; identical to `encode` on each, faster."""
         texts = list(texts)
         if self.backend != "hf":
             return [list(ids) for ids in self._impl.encode(texts)]
         fast = self.fast_encoder()
         if fast is not None:
-            return fast.encode_batch(texts)
-        return [e.ids for e in self._impl.encode_batch_fast(texts, add_special_tokens=False)]
+            return fast.encode_batch(texts, parse_special)
+        return [e.ids for e in self._hf_for(parse_special).encode_batch_fast(texts, add_special_tokens=False)]
 
-    def encode_batch_np(self, texts: Sequence[str]) -> list["np.ndarray"]:
+    def encode_batch_np(self, texts: Sequence[str], parse_special: bool = True) -> list["np.ndarray"]:
         """Like `encode_batch`, as integer arrays (no Python int lists on the fast path)."""
         import numpy as np
 
         fast = self.fast_encoder()
         if fast is not None:
-            return fast.encode_arrays(list(texts))
-        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+            return fast.encode_arrays(list(texts), parse_special)
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts, parse_special)]
+
+    def _hf_for(self, parse_special: bool):
+        """The `tokenizers` object for this mode: a second copy with `encode_special_tokens`
+        set encodes special-token text as text (a copy, so threads never share a toggled flag)."""
+        if parse_special:
+            return self._impl
+        if self._impl_ordinary is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            impl = HFTokenizer.from_str(self._impl.to_str())
+            impl.encode_special_tokens = True
+            self._impl_ordinary = impl
+        return self._impl_ordinary
 
     def encode_batch_hf(self, texts: Sequence[str]) -> list[list[int]]:
         """Reference path: `tokenizers`' own batch encoder (used to check the fast one)."""

@@ -6,6 +6,12 @@ tokenized as is, so the same input and tokenizer give the same bytes as Megatron
 Documents are read as a stream, encoded in ordered chunks by `--workers` threads (the
 encoders release the GIL) and written by one writer, so the output does not depend on the
 worker count. Outputs appear under their final names only when complete.
+
+Special-token text inside a document (code that quotes `<|endoftext|>` or `<fim_middle>`) is
+encoded as ordinary text, so no document is cut or given FIM markers by its content; only
+the separators we insert (and the appended end-of-document) are control tokens.
+`--parse-special-tokens` restores Megatron's behaviour (such text becomes the control token),
+the same ids as Megatron's tool on any corpus.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.data.prep.corpus import Repository
 from megatron_sc2.data.indexed import IndexedWriter, optimal_dtype
 from megatron_sc2.data.provenance import ProvenanceWriter
-from megatron_sc2.data.prep.sources import (Document, FileFilters, ReadStats, expand_inputs, iter_documents,
-                                      repository_documents)
+from megatron_sc2.data.prep.repo_format import Special
+from megatron_sc2.data.prep.sources import (SOURCE_FORMATS, Document, FileFilters, ReadStats, check_json_keys,
+                                            expand_inputs, iter_documents, repository_documents)
 from megatron_sc2.data.tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20   # about 1 MB of text per encode task
 CHUNK_DOCS = 1024
+NAMED_SKIPS = 20  # skipped paths named in the summary (then a count of the rest)
 
 
 @dataclass
@@ -49,9 +57,13 @@ class PreprocessSummary:
         out = [f"documents: {self.documents:,}   tokens: {self.tokens:,}   input: {mb:.2f} MB in "
                f"{self.seconds:.1f} s ({rate:.2f} MB/s, encoder: {self.encoder})"]
         skipped = {k: v for k, v in asdict(r).items()
-                   if k not in ("input_files", "input_bytes") and v}
+                   if k not in ("input_files", "input_bytes", "skipped") and v}
         out.append("skipped: " + (", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in skipped.items())
                                   if skipped else "none"))
+        for reason, path in r.skipped[:NAMED_SKIPS]:
+            out.append(f"  skipped ({reason.replace('_', ' ')}): {path!r}"[:400])
+        if len(r.skipped) > NAMED_SKIPS:
+            out.append(f"  ... and {len(r.skipped) - NAMED_SKIPS:,} more skipped")
         for key, prefix in self.outputs.items():
             out.append(f"wrote {prefix}.bin / .idx / .prov")
         return out
@@ -74,22 +86,24 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                repositories: Optional[Iterable[Repository]] = None, json_keys: Sequence[str] = ("text",),
                append_eod: bool = False, workers: int = 1, repo_context: bool = False, seed: int = 1234,
                skip_malformed: bool = False, filters: Optional[FileFilters] = None,
-               progress: bool = True, use_fast_encoder: bool = True) -> PreprocessSummary:
+               progress: bool = True, use_fast_encoder: bool = True,
+               parse_special_tokens: bool = False) -> PreprocessSummary:
     """Tokenize `inputs` (paths/globs) or `repositories` into `{prefix}_{key}_document.bin/.idx`.
 
     Repository documents (directories, `repositories`, `repo_context`) always end in the
-    end-of-document token, as StarCoder2's format has it."""
+    end-of-document token, as StarCoder2's format has it. With `parse_special_tokens`
+    (Megatron's behaviour) special-token text in documents becomes control tokens."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     tok.use_fast = use_fast_encoder
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if not inputs and repositories is None:
         raise ConfigError("nothing to preprocess: give --input")
+    check_json_keys(json_keys)
     filters = filters or FileFilters()
     stats = ReadStats()
-    if repositories is None:
-        expand_inputs(inputs)  # a missing input fails here, before any output or progress bar
-    repo_like = repositories is not None or repo_context or any(Path(s).is_dir() for s in inputs)
+    sources = expand_inputs(inputs) if repositories is None else []  # a missing input fails before any output
+    repo_like = repositories is not None or repo_context or any(SOURCE_FORMATS[k].repositories for k, _ in sources)
     if repo_like:
         missing = [n for n in ("repo_name", "file_sep") if n not in tok.special_ids]
         if missing:
@@ -106,16 +120,47 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
     fast = tok.fast_encoder()
     summary.encoder = "tiktoken (exact)" if fast is not None else tok.backend
     repo_tokens_ok = all(n in tok.special_ids for n in ("repo_name", "file_sep"))
+    parse = parse_special_tokens
+
+    def pieces_of(d: Document, key: str) -> list[str]:
+        if d.pieces is not None and not parse:
+            return d.pieces
+        return [d.fields[key]]
+
+    def assemble(pieces: list[str], ids: list[np.ndarray]) -> np.ndarray:
+        """Ordinary pieces' ids with the separators' ids between them."""
+        if len(pieces) == 1 and not isinstance(pieces[0], Special):
+            return ids[0]
+        parts, it = [], iter(ids)
+        for piece in pieces:
+            if isinstance(piece, Special):
+                parts.append(np.asarray([tok.token_to_id(str(piece))], dtype=np.uint32))
+            else:
+                parts.append(next(it))
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+
+    def encode_doc(d: Document, key: str) -> np.ndarray:
+        pieces = pieces_of(d, key)
+        ordinary = [p for p in pieces if not isinstance(p, Special)]
+        return assemble(pieces, [np.asarray(tok.encode(t, parse), dtype=np.int64) for t in ordinary])
 
     def encode_texts(chunk: list[Document], key: str) -> list[list[int]]:
         try:
-            return tok.encode_batch_np([d.fields[key] for d in chunk])
+            per_doc = [pieces_of(d, key) for d in chunk]
+            flat = [p for pieces in per_doc for p in pieces if not isinstance(p, Special)]
+            ids = tok.encode_batch_np(flat, parse)
+            out, at = [], 0
+            for pieces in per_doc:
+                n = sum(1 for p in pieces if not isinstance(p, Special))
+                out.append(assemble(pieces, ids[at:at + n]))
+                at += n
+            return out
         except Exception:
             pass  # find the document at fault (e.g. a lone surrogate from a JSON escape)
         out = []
         for d in chunk:
             try:
-                out.append(np.asarray(tok.encode(d.fields[key]), dtype=np.int64))
+                out.append(encode_doc(d, key))
             except Exception as e:
                 if not skip_malformed:
                     raise DataError(f"{d.where}: cannot be tokenized ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
@@ -131,10 +176,8 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
     from tqdm import tqdm
 
     total = None
-    if repositories is None and inputs:
-        paths = [Path(s) for s in inputs]
-        if all(p.is_file() and p.suffix in (".jsonl", ".json") for p in paths):
-            total = sum(p.stat().st_size for p in paths)
+    if sources and all(SOURCE_FORMATS[k].sized_by_file and p.suffix in (".jsonl", ".json") for k, p in sources):
+        total = sum(p.stat().st_size for _, p in sources)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
                disable=True if not progress else None, mininterval=0.5, leave=False)  # None: off unless a TTY
     t0 = time.perf_counter()
@@ -222,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge-file", default=None, help="(Megatron) use --tokenizer-model instead")
     g.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to each document")
     g.add_argument("--no-fast-encoder", action="store_true", help="always encode with `tokenizers`")
+    g.add_argument("--parse-special-tokens", action="store_true",
+                   help="Megatron's behaviour: special-token text inside documents (e.g. <|endoftext|> quoted "
+                        "in code) becomes that control token; by default it is encoded as ordinary text")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True)
     g = p.add_argument_group("runtime")
@@ -255,7 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = preprocess(args.output_prefix, args.tokenizer_model, inputs=args.input, json_keys=args.json_keys,
                          append_eod=args.append_eod, workers=args.workers, repo_context=args.repo_context,
                          seed=args.seed, skip_malformed=args.skip_malformed, filters=filters,
-                         progress=not args.no_progress, use_fast_encoder=not args.no_fast_encoder)
+                         progress=not args.no_progress, use_fast_encoder=not args.no_fast_encoder,
+                         parse_special_tokens=args.parse_special_tokens)
     for line in summary.lines():
         print(line, file=sys.stderr)
     return 0

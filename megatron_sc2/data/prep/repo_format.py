@@ -5,6 +5,10 @@ With probability 0.5 the metadata form
 `<file_sep>code<file_sep>code...`; files in random order. Both choices are a pure function of
 (seed, repository name), so re-running preprocessing gives the same bytes. The end-of-document
 token is appended by the writer (as an id), not here.
+
+The document is built as pieces: `Special` markers (the two separators) between ordinary texts
+(names, paths, code), so that a file quoting `<file_sep>` stays text and only our separators
+become control tokens. Joined, the pieces are the document's text as the paper shows it.
 """
 
 from __future__ import annotations
@@ -39,16 +43,30 @@ def choose_layout(seed: int, repo_name: str, num_files: int, metadata_prob: floa
     return RepoLayout(with_metadata, tuple(order))
 
 
+class Special(str):
+    """A control token inside a document's pieces (its text is the token's text)."""
+
+    __slots__ = ()
+
+
 def format_repository(repo_name: str, files: Sequence[tuple[str, str]], seed: int,
                       metadata_prob: float = 0.5) -> str:
-    """The document text (special tokens as text; the tokenizer maps them to their ids)."""
-    return format_repository_spans(repo_name, files, seed, metadata_prob)[0]
+    """The document text (the separators as their token text)."""
+    return "".join(repository_pieces(repo_name, files, seed, metadata_prob)[0])
 
 
 def format_repository_spans(repo_name: str, files: Sequence[tuple[str, str]], seed: int,
                             metadata_prob: float = 0.5) -> tuple[str, list[tuple[str, int, int]]]:
     """The document text and, in document order, each file's (path, start, end) character span
     of its code in that text (for the provenance sidecar)."""
+    pieces, spans = repository_pieces(repo_name, files, seed, metadata_prob)
+    return "".join(pieces), spans
+
+
+def repository_pieces(repo_name: str, files: Sequence[tuple[str, str]], seed: int,
+                      metadata_prob: float = 0.5) -> tuple[list[str], list[tuple[str, int, int]]]:
+    """The document as pieces (`Special` separators and ordinary text, no empty piece) and each
+    file's (path, start, end) character span of its code in the joined text."""
     if not files:
         raise ConfigError(f"repository {repo_name!r} has no files")
     # Order first by path so the input order never matters, then shuffle by (seed, name).
@@ -58,12 +76,13 @@ def format_repository_spans(repo_name: str, files: Sequence[tuple[str, str]], se
     spans: list[tuple[str, int, int]] = []
     n = 0
     if layout.with_metadata:
-        parts.append(REPO_NAME + repo_name)
-        n += len(parts[-1])
+        parts += [Special(REPO_NAME), repo_name]
+        n += len(REPO_NAME) + len(repo_name)
     for i in layout.order:
         path, code = files[i]
-        head = FILE_SEP + (path + "\n" if layout.with_metadata else "")
-        parts.append(head + code)
-        spans.append((path, n + len(head), n + len(head) + len(code)))
-        n += len(parts[-1])
-    return "".join(parts), spans
+        head = path + "\n" if layout.with_metadata else ""
+        parts += [Special(FILE_SEP), head + code]
+        start = n + len(FILE_SEP) + len(head)
+        spans.append((path, start, start + len(code)))
+        n = start + len(code)
+    return [p for p in parts if p], spans

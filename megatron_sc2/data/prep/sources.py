@@ -5,6 +5,10 @@ Inputs: JSON lines (plain, `.gz`, `.zst`), parquet (The Stack v2's `repo_name`/`
 repositories; several files or globs at once. Everything streams: memory stays flat in the
 input size. Bad input is a `DataError` naming the file and line, or, with `skip_malformed`,
 is counted in `ReadStats` and skipped.
+
+Each format is one row of `SOURCE_FORMATS` (how to recognise it, how to read documents and
+plain texts from it); every file a filter looks at goes through `ReadContext.keep`, the one
+place that applies the filters and counts what they drop.
 """
 
 from __future__ import annotations
@@ -16,25 +20,38 @@ import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-from megatron_sc2.errors import DataError
-from megatron_sc2.data.prep.corpus import ReadCounts, iter_repository_dir
-from megatron_sc2.data.prep.repo_format import format_repository_spans
+from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.data.prep.corpus import DEFAULT_MAX_READ_BYTES, ReadCounts, iter_repository_dir, unsafe_name
+from megatron_sc2.data.prep.repo_format import repository_pieces
 from megatron_sc2.data.provenance import FileSpan, Origin
+
+MAX_JSON_LINE_BYTES = 256 << 20  # one JSON line (one document) larger than this is malformed
 
 
 @dataclass
 class Document:
-    """One output document: its text per output key, and where it came from (for errors)."""
+    """One output document: its text per output key, and where it came from (for errors).
+
+    A repository document also carries `pieces`: its separators as `Special` markers between
+    ordinary texts, so only those separators become control tokens."""
 
     where: str
     fields: dict[str, str]
     repo: bool = False  # a repository document: always ends with the end-of-document token
+    pieces: Optional[list[str]] = None
     origin: Optional[Origin] = None  # for the provenance sidecar
 
     def texts(self) -> list[str]:
         return list(self.fields.values())
+
+
+def repo_document(where: str, name: str, files: list[tuple[str, str]], seed: int, source: str,
+                  line: Optional[int] = None, row: Optional[int] = None) -> Document:
+    pieces, spans = repository_pieces(name, files, seed)
+    origin = Origin(source, line, row, name, [FileSpan(*sp) for sp in spans])
+    return Document(where, {"text": "".join(pieces)}, repo=True, pieces=pieces, origin=origin)
 
 
 @dataclass
@@ -47,13 +64,22 @@ class FileFilters:
     dedup: bool = False
     _seen: set[bytes] = field(default_factory=set, repr=False)
 
+    def __post_init__(self) -> None:
+        for name in ("max_file_size", "max_line_length"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        f = self.min_alphanum_fraction
+        if f is not None and not 0.0 <= f <= 1.0:  # also refuses nan
+            raise ConfigError(f"--min-alphanum-fraction must lie in [0, 1], got {f}")
+
     def active(self) -> bool:
         return bool(self.max_file_size or self.max_line_length
                     or self.min_alphanum_fraction is not None or self.dedup)
 
     def reject_reason(self, text: str) -> Optional[str]:
         """None to keep the file, else the summary counter that rejected it."""
-        if self.max_file_size is not None and len(text.encode("utf-8")) > self.max_file_size:
+        if self.max_file_size is not None and len(text.encode("utf-8", "surrogatepass")) > self.max_file_size:
             return "filtered_max_file_size"
         if self.max_line_length is not None and text and max(map(len, text.split("\n"))) > self.max_line_length:
             return "filtered_max_line_length"
@@ -82,16 +108,48 @@ class ReadStats:
     binary_files: int = 0
     non_utf8_files: int = 0
     loose_files: int = 0
+    symlinks_outside: int = 0
+    broken_symlinks: int = 0
+    linked_directories: int = 0
+    special_files: int = 0
+    oversized_files: int = 0
+    unsafe_names: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (reason, path) named in the summary
+
+    def add_counts(self, counts: ReadCounts) -> None:
+        for name in ("binary_files", "non_utf8_files", "loose_files", "symlinks_outside", "broken_symlinks",
+                     "linked_directories", "special_files", "oversized_files", "unsafe_names"):
+            setattr(self, name, getattr(self, name) + getattr(counts, name))
+        self.skipped.extend(counts.skipped)
 
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".gz", ".zst")
+@dataclass
+class ReadContext:
+    """Everything a reader needs: the settings of this run, and the counters it fills."""
 
+    json_keys: Sequence[str] = ("text",)
+    repo_context: bool = False
+    seed: int = 1234
+    skip_malformed: bool = False
+    filters: FileFilters = field(default_factory=FileFilters)
+    stats: ReadStats = field(default_factory=ReadStats)
 
-def _repo_document(where: str, name: str, files: list[tuple[str, str]], seed: int, source: str,
-                   line: Optional[int] = None, row: Optional[int] = None) -> Document:
-    text, spans = format_repository_spans(name, files, seed)
-    origin = Origin(source, line, row, name, [FileSpan(*sp) for sp in spans])
-    return Document(where, {"text": text}, repo=True, origin=origin)
+    def keep(self, text: str) -> bool:
+        """The one filter-and-count routine: False (and the reason counted) to drop a file."""
+        if not self.filters.active():
+            return True
+        reason = self.filters.reject_reason(text)
+        if reason:
+            setattr(self.stats, reason, getattr(self.stats, reason) + 1)
+            return False
+        return True
+
+    def malformed(self, message: str) -> None:
+        """Count a malformed record under --skip-malformed, else stop with `message`."""
+        if self.skip_malformed:
+            self.stats.malformed_lines += 1
+            return
+        raise DataError(message)
 
 
 def repository_documents(repos: Iterator[tuple[str, list[tuple[str, str]]]], seed: int,
@@ -99,39 +157,23 @@ def repository_documents(repos: Iterator[tuple[str, list[tuple[str, str]]]], see
                          source: str = "repositories") -> Iterator[Document]:
     """Each repository one document in StarCoder2's format, after the file filters (each
     rejected file counted under its reason); a repository with no file left yields nothing."""
+    ctx = ReadContext(seed=seed, filters=filters, stats=stats)
+    yield from _repository_documents(repos, ctx, where, source)
+
+
+def _repository_documents(repos: Iterator[tuple[str, list[tuple[str, str]]]], ctx: ReadContext,
+                          where: str, source: str) -> Iterator[Document]:
     for name, files in repos:
         kept = []
         for rel, text in files:
-            stats.input_bytes += len(text)
-            reason = filters.reject_reason(text) if filters.active() else None
-            if reason:
-                setattr(stats, reason, getattr(stats, reason) + 1)
-            else:
+            ctx.stats.input_bytes += len(text)
+            if ctx.keep(text):
                 kept.append((rel, text))
         if kept:
-            yield _repo_document(f"{where}{name}", name, kept, seed, source)
+            yield repo_document(f"{where}{name}", name, kept, ctx.seed, source)
 
 
-def expand_inputs(specs: Sequence[str]) -> list[tuple[str, Path]]:
-    """(kind, path) for each input: kind is "jsonl", "parquet" or "repodir"."""
-    out: list[tuple[str, Path]] = []
-    for spec in specs:
-        if any(c in spec for c in "*?["):
-            matches = sorted(glob.glob(spec))
-            if not matches:
-                raise DataError(f"--input {spec}: the pattern matches no file")
-        else:
-            matches = [spec]
-        for m in matches:
-            p = Path(m)
-            if p.is_dir():
-                out.append(("repodir", p))
-            elif p.is_file():
-                out.append(("parquet" if p.name.endswith(".parquet") else "jsonl", p))
-            else:
-                raise DataError(f"input not found: {p}")
-    return out
-
+# -- JSON lines ----------------------------------------------------------------------------------
 
 def _zstd_chunks(path: Path) -> Iterator[bytes]:
     """Decompressed bytes of a .zst file (several frames allowed); a stream that stops inside
@@ -200,7 +242,7 @@ def iter_lines(path: Path, stats: Optional[ReadStats] = None) -> Iterator[tuple[
     except OSError as e:
         if type(e).__name__ == "ZstdError" or "zstd" in str(e).lower():
             raise DataError(f"{path}: zstd stream is corrupt or ends early after line {lineno} ({e})") from None
-        raise DataError(f"{path}: cannot read ({e})") from None
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     except Exception as e:
         if type(e).__name__ == "ZstdError":
             raise DataError(f"{path}: zstd stream is corrupt or ends early after line {lineno} ({e})") from None
@@ -208,38 +250,70 @@ def iter_lines(path: Path, stats: Optional[ReadStats] = None) -> Iterator[tuple[
 
 
 def iter_jsonl_records(path: Path, stats: ReadStats, skip_malformed: bool) -> Iterator[tuple[int, dict[str, Any]]]:
-    for lineno, raw in iter_lines(path, stats):
+    ctx = ReadContext(skip_malformed=skip_malformed, stats=stats)
+    yield from _jsonl_records(path, ctx)
+
+
+def _jsonl_records(path: Path, ctx: ReadContext) -> Iterator[tuple[int, dict[str, Any]]]:
+    hint = "pass --skip-malformed to skip such lines"
+    for lineno, raw in iter_lines(path, ctx.stats):
         if not raw.strip():
+            continue
+        if len(raw) > MAX_JSON_LINE_BYTES:
+            ctx.malformed(f"{path}:{lineno}: line of {len(raw):,} bytes, above the limit of "
+                          f"{MAX_JSON_LINE_BYTES:,}; {hint}")
             continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            if skip_malformed:
-                stats.malformed_lines += 1
-                continue
-            raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line); "
-                            "pass --skip-malformed to skip such lines") from None
+            ctx.malformed(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line); {hint}")
+            continue
         try:
             rec = json.loads(line)
             if not isinstance(rec, dict):
                 raise ValueError("a JSON object per line is expected")
+        except RecursionError:
+            ctx.malformed(f"{path}:{lineno}: malformed JSON line (nested too deeply); {hint}")
+            continue
         except ValueError as e:
-            if skip_malformed:
-                stats.malformed_lines += 1
-                continue
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({e}); "
-                            "pass --skip-malformed to skip such lines") from None
+            ctx.malformed(f"{path}:{lineno}: malformed JSON line ({e}); {hint}")
+            continue
         yield lineno, rec
 
 
-def _record_text(rec: dict[str, Any], key: str, where: str, stats: ReadStats, skip_malformed: bool) -> Optional[str]:
-    if key not in rec or not isinstance(rec[key], (str, list)):
-        if skip_malformed:
-            stats.malformed_lines += 1
-            return None
-        have = ", ".join(sorted(rec)) or "none"
-        raise DataError(f"{where}: no text under key {key!r} (keys: {have}); check --json-keys")
-    return rec[key]
+def _field_text(rec: dict[str, Any], key: str, where: str, ctx: ReadContext) -> Optional[str]:
+    """The text under `key`: a string, or a list of strings joined; None when malformed (counted)."""
+    value = rec.get(key)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        bad = next((i for i, v in enumerate(value) if not isinstance(v, str)), None)
+        if bad is None:
+            return "".join(value)
+        ctx.malformed(f"{where}: item {bad} of the list under key {key!r} is a {type(value[bad]).__name__}, "
+                      "not a string; pass --skip-malformed to skip such lines")
+        return None
+    if key not in rec:
+        have = ", ".join(sorted(map(str, rec))[:10]) or "none"
+        ctx.malformed(f"{where}: no text under key {key!r} (keys: {have}); check --json-keys")
+    else:
+        ctx.malformed(f"{where}: the value under key {key!r} is a {type(value).__name__}, not text; "
+                      "pass --skip-malformed to skip such lines")
+    return None
+
+
+def _checked_names(repo: Any, path: Any, where: str, ctx: ReadContext) -> bool:
+    """Repository and file names go into the document: strings without control characters or
+    special-token text (they would blur the format)."""
+    if not isinstance(repo, str) or not isinstance(path, str):
+        ctx.malformed(f"{where}: --repo-context needs string fields 'repo_name' and 'path'")
+        return False
+    for what, name in (("repo_name", repo), ("path", path)):
+        why = unsafe_name(name)
+        if why:
+            ctx.malformed(f"{where}: {what} {name!r} holds {why}; pass --skip-malformed to skip such rows")
+            return False
+    return True
 
 
 @dataclass
@@ -250,9 +324,7 @@ class RepoGrouper:
     repository that comes back after others is an error (it would silently become two
     documents). Repositories already seen in the file are remembered by an 8-byte hash."""
 
-    seed: int
-    filters: FileFilters
-    stats: ReadStats
+    ctx: ReadContext
     current: Optional[str] = None
     where: str = ""
     files: list[tuple[str, str]] = field(default_factory=list)
@@ -263,47 +335,55 @@ class RepoGrouper:
             src: tuple[str, Optional[int], Optional[int]] = ("", None, None)) -> Optional[Document]:
         out = None
         if repo != self.current:
-            key = int.from_bytes(hashlib.blake2b(repo.encode(), digest_size=8).digest(), "little")
+            key = int.from_bytes(hashlib.blake2b(repo.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                 "little")
             if key in self.seen:
                 raise DataError(f"{where}: repository {repo!r} again, after other repositories; one "
                                 f"repository's rows must be consecutive (sort the input by repo_name)")
             out = self.flush()
             self.current, self.where, self.src = repo, where, src
             self.seen.add(key)
-        reason = self.filters.reject_reason(text) if self.filters.active() else None
-        if reason:
-            setattr(self.stats, reason, getattr(self.stats, reason) + 1)
-        else:
+        if self.ctx.keep(text):
             self.files.append((path, text))
         return out
 
     def flush(self) -> Optional[Document]:
         doc = None
         if self.current is not None and self.files:
-            doc = _repo_document(self.where, self.current, self.files, self.seed, *self.src)
+            doc = repo_document(self.where, self.current, self.files, self.ctx.seed, *self.src)
         self.current, self.files = None, []
         return doc
 
 
-def iter_documents(inputs: Sequence[str], json_keys: Sequence[str] = ("text",), repo_context: bool = False,
-                   seed: int = 1234, skip_malformed: bool = False, filters: Optional[FileFilters] = None,
-                   stats: Optional[ReadStats] = None) -> Iterator[Document]:
-    """Documents of all inputs in order (files in the order given, globs sorted)."""
-    filters = filters or FileFilters()
-    stats = stats if stats is not None else ReadStats()
-    for kind, path in expand_inputs(inputs):
-        stats.input_files += 1
-        if kind == "repodir":
-            counts = ReadCounts()
-            yield from repository_documents(iter_repository_dir(path, counts, skip_non_utf8=skip_malformed),
-                                            seed, filters, stats, where=f"{path}/", source=str(path))
-            stats.binary_files += counts.binary_files
-            stats.non_utf8_files += counts.non_utf8_files
-            stats.loose_files += counts.loose_files
-        elif kind == "parquet":
-            yield from _iter_parquet(path, json_keys, seed, filters, stats, skip_malformed)
+def _read_jsonl(path: Path, ctx: ReadContext) -> Iterator[Document]:
+    grouper = RepoGrouper(ctx) if ctx.repo_context else None
+    for lineno, rec in _jsonl_records(path, ctx):
+        where = f"{path}:{lineno}"
+        if grouper is not None:
+            key = ctx.json_keys[0]
+            if key not in rec and "content" in rec:
+                key = "content"
+            text = _field_text(rec, key, where, ctx)
+            if text is None or not _checked_names(rec.get("repo_name"), rec.get("path"), where, ctx):
+                continue
+            doc = grouper.add(rec["repo_name"], rec["path"], text, where, (str(path), lineno, None))
+            if doc is not None:
+                yield doc
+            continue
+        fields_: dict[str, str] = {}
+        for key in ctx.json_keys:
+            text = _field_text(rec, key, where, ctx)
+            if text is None:
+                break
+            fields_[key] = text
         else:
-            yield from _iter_jsonl(path, json_keys, repo_context, seed, filters, stats, skip_malformed)
+            text0 = fields_[ctx.json_keys[0]]
+            if ctx.keep(text0):
+                yield Document(where, fields_, origin=_record_origin(rec, str(path), lineno, None, text0))
+    if grouper is not None:
+        doc = grouper.flush()
+        if doc is not None:
+            yield doc
 
 
 def _record_origin(rec: dict[str, Any], source: str, line: Optional[int], row: Optional[int],
@@ -314,53 +394,14 @@ def _record_origin(rec: dict[str, Any], source: str, line: Optional[int], row: O
     return Origin(source, line, row, repo if isinstance(repo, str) else None, files)
 
 
-def _iter_jsonl(path: Path, json_keys: Sequence[str], repo_context: bool, seed: int, filters: FileFilters,
-                stats: ReadStats, skip_malformed: bool) -> Iterator[Document]:
-    grouper = RepoGrouper(seed, filters, stats) if repo_context else None
-    for lineno, rec in iter_jsonl_records(path, stats, skip_malformed):
-        where = f"{path}:{lineno}"
-        if grouper is not None:
-            key = json_keys[0]
-            if key not in rec and "content" in rec:
-                key = "content"
-            text = _record_text(rec, key, where, stats, skip_malformed)
-            repo, fpath = rec.get("repo_name"), rec.get("path")
-            if text is None:
-                continue
-            if not isinstance(repo, str) or not isinstance(fpath, str):
-                if skip_malformed:
-                    stats.malformed_lines += 1
-                    continue
-                raise DataError(f"{where}: --repo-context needs string fields 'repo_name' and 'path'")
-            doc = grouper.add(repo, fpath, text if isinstance(text, str) else "".join(text), where,
-                              (str(path), lineno, None))
-            if doc is not None:
-                yield doc
-            continue
-        fields_: dict[str, str] = {}
-        ok = True
-        for key in json_keys:
-            text = _record_text(rec, key, where, stats, skip_malformed)
-            if text is None:
-                ok = False
-                break
-            fields_[key] = text if isinstance(text, str) else "".join(text)
-        if not ok:
-            continue
-        if filters.active():
-            reason = filters.reject_reason(fields_[json_keys[0]])
-            if reason:
-                setattr(stats, reason, getattr(stats, reason) + 1)
-                continue
-        yield Document(where, fields_, origin=_record_origin(rec, str(path), lineno, None, fields_[json_keys[0]]))
-    if grouper is not None:
-        doc = grouper.flush()
-        if doc is not None:
-            yield doc
+def _jsonl_texts(path: Path, ctx: ReadContext) -> Iterator[str]:
+    for doc in _read_jsonl(path, ctx):
+        yield from doc.texts()
 
 
-def _iter_parquet(path: Path, json_keys: Sequence[str], seed: int, filters: FileFilters, stats: ReadStats,
-                  skip_malformed: bool) -> Iterator[Document]:
+# -- parquet -------------------------------------------------------------------------------------
+
+def _read_parquet(path: Path, ctx: ReadContext) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -370,13 +411,14 @@ def _iter_parquet(path: Path, json_keys: Sequence[str], seed: int, filters: File
     except Exception as e:
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     names = set(pf.schema_arrow.names)
-    text_col = json_keys[0] if json_keys[0] in names else "content"
+    key0 = ctx.json_keys[0]
+    text_col = key0 if key0 in names else "content"
     if text_col not in names:
-        raise DataError(f"{path}: no column {json_keys[0]!r} or 'content' (columns: {', '.join(sorted(names))})")
+        raise DataError(f"{path}: no column {key0!r} or 'content' (columns: {', '.join(sorted(names))})")
     grouped = "repo_name" in names and "path" in names
     cols = [text_col] + (["repo_name", "path"] if grouped else [])
-    stats.input_bytes += path.stat().st_size
-    grouper = RepoGrouper(seed, filters, stats) if grouped else None
+    ctx.stats.input_bytes += path.stat().st_size
+    grouper = RepoGrouper(ctx) if grouped else None
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=1024, columns=cols):
@@ -385,26 +427,128 @@ def _iter_parquet(path: Path, json_keys: Sequence[str], seed: int, filters: File
                 row += 1
                 where = f"{path}:row {row}"
                 if not isinstance(text, str):
-                    if skip_malformed:
-                        stats.malformed_lines += 1
-                        continue
-                    raise DataError(f"{where}: column {text_col!r} is not a string")
+                    ctx.malformed(f"{where}: column {text_col!r} is not a string")
+                    continue
                 if grouper is not None:
-                    doc = grouper.add(str(data["repo_name"][i]), str(data["path"][i]), text, where,
-                                      (str(path), None, row))
+                    repo, fpath = data["repo_name"][i], data["path"][i]
+                    if not _checked_names(repo, fpath, where, ctx):
+                        continue
+                    doc = grouper.add(repo, fpath, text, where, (str(path), None, row))
                     if doc is not None:
                         yield doc
-                else:
-                    reason = filters.reject_reason(text) if filters.active() else None
-                    if reason:
-                        setattr(stats, reason, getattr(stats, reason) + 1)
-                        continue
-                    yield Document(where, {json_keys[0]: text}, origin=Origin(str(path), row=row))
+                elif ctx.keep(text):
+                    yield Document(where, {key0: text}, origin=Origin(str(path), row=row))
     except DataError:
         raise
-    except OSError as e:
-        raise DataError(f"{path}: corrupt parquet file ({e})") from None
+    except Exception as e:  # pyarrow's errors: OSError, ArrowInvalid (a ValueError), ...
+        raise DataError(f"{path}: corrupt parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if grouper is not None:
         doc = grouper.flush()
         if doc is not None:
             yield doc
+
+
+def _parquet_texts(path: Path, ctx: ReadContext) -> Iterator[str]:
+    for doc in _read_parquet(path, ctx):
+        yield from doc.texts()
+
+
+# -- directories of repositories -----------------------------------------------------------------
+
+def _repo_dir_reader(path: Path, ctx: ReadContext, counts: ReadCounts):
+    cap = DEFAULT_MAX_READ_BYTES
+    if ctx.filters.max_file_size:
+        cap = min(cap, ctx.filters.max_file_size)  # larger files would be filtered: never read them
+    return iter_repository_dir(path, counts, skip_non_utf8=ctx.skip_malformed, max_bytes=cap)
+
+
+def _read_repodir(path: Path, ctx: ReadContext) -> Iterator[Document]:
+    counts = ReadCounts()
+    try:
+        yield from _repository_documents(_repo_dir_reader(path, ctx, counts), ctx, f"{path}/", str(path))
+    finally:
+        ctx.stats.add_counts(counts)
+
+
+def _repodir_texts(path: Path, ctx: ReadContext) -> Iterator[str]:
+    """The files themselves (tokenizer training), not repository documents."""
+    counts = ReadCounts()
+    for _, files in _repo_dir_reader(path, ctx, counts):
+        for _, text in files:
+            yield text
+    ctx.stats.add_counts(counts)
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".gz", ".zst")
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """One input format: how it is recognised and read."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    documents: Callable[[Path, ReadContext], Iterator[Document]]
+    texts: Callable[[Path, ReadContext], Iterator[str]]  # plain texts, for tokenizer training
+    repositories: bool       # its documents are repository documents (need <repo_name>, <file_sep>)
+    sized_by_file: bool      # its progress is measured in bytes of the file as read
+
+
+SOURCE_FORMATS: dict[str, SourceFormat] = {f.name: f for f in (
+    SourceFormat("repodir", lambda p: p.is_dir(), _read_repodir, _repodir_texts, True, False),
+    SourceFormat("parquet", lambda p: p.is_file() and p.name.endswith(".parquet"), _read_parquet, _parquet_texts,
+                 False, False),
+    SourceFormat("jsonl", lambda p: p.is_file(), _read_jsonl, _jsonl_texts, False, True),
+)}
+
+
+def expand_inputs(specs: Sequence[str]) -> list[tuple[str, Path]]:
+    """(format name, path) for each input: a key of SOURCE_FORMATS ("jsonl", "parquet", "repodir")."""
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        if any(c in spec for c in "*?["):
+            matches = sorted(glob.glob(spec))
+            if not matches:
+                raise DataError(f"--input {spec}: the pattern matches no file")
+        else:
+            matches = [spec]
+        for m in matches:
+            p = Path(m)
+            fmt = next((f for f in SOURCE_FORMATS.values() if f.matches(p)), None)
+            if fmt is None:
+                if p.exists() or p.is_symlink():
+                    raise DataError(f"--input {p}: neither a regular file nor a directory "
+                                    "(a FIFO, device, socket or dangling link)")
+                raise DataError(f"input not found: {p}")
+            out.append((fmt.name, p))
+    return out
+
+
+def check_json_keys(json_keys: Sequence[str]) -> None:
+    dup = sorted({k for k in json_keys if list(json_keys).count(k) > 1})
+    if dup:
+        raise ConfigError(f"--json-keys names {', '.join(dup)} more than once (each key is one output)")
+    if not json_keys:
+        raise ConfigError("--json-keys needs at least one key")
+
+
+def iter_documents(inputs: Sequence[str], json_keys: Sequence[str] = ("text",), repo_context: bool = False,
+                   seed: int = 1234, skip_malformed: bool = False, filters: Optional[FileFilters] = None,
+                   stats: Optional[ReadStats] = None) -> Iterator[Document]:
+    """Documents of all inputs in order (files in the order given, globs sorted)."""
+    check_json_keys(json_keys)
+    ctx = ReadContext(json_keys, repo_context, seed, skip_malformed, filters or FileFilters(),
+                      stats if stats is not None else ReadStats())
+    for kind, path in expand_inputs(inputs):
+        ctx.stats.input_files += 1
+        yield from SOURCE_FORMATS[kind].documents(path, ctx)
+
+
+def iter_texts(inputs: Sequence[str], json_key: str = "text", stats: Optional[ReadStats] = None) -> Iterator[str]:
+    """Plain texts of all inputs: each JSON line's text, each file of a repository directory."""
+    ctx = ReadContext(json_keys=(json_key,), stats=stats if stats is not None else ReadStats())
+    for kind, path in expand_inputs(inputs):
+        ctx.stats.input_files += 1
+        yield from SOURCE_FORMATS[kind].texts(path, ctx)

@@ -86,17 +86,7 @@ def _iter_input_texts(inputs: Sequence[str], json_key: str) -> Iterator[str]:
                 for _, text in files:
                     yield text
             continue
-        for kind, path in sources.expand_inputs([spec]):
-            if kind == "repodir":  # the files themselves, not repository documents
-                from megatron_sc2.data.prep.corpus import iter_repository_dir
-
-                for _, files in iter_repository_dir(path):
-                    for _, text in files:
-                        yield text
-                continue
-            for doc in sources.iter_documents([str(path)], json_keys=[json_key]):
-                for text in doc.texts():
-                    yield text
+        yield from sources.iter_texts([spec], json_key)  # a repository directory: its files' texts
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
