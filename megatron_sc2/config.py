@@ -211,6 +211,9 @@ class TrainConfig:
         if self.untie_embeddings_and_output_weights:
             cfg.tie_word_embeddings = False
         if self.vocab_size is not None:
+            if tokenizer_vocab_size is not None and self.vocab_size < tokenizer_vocab_size:
+                raise ConfigError(f"--vocab-size {self.vocab_size} is below the tokenizer's {tokenizer_vocab_size} "
+                                  "tokens (ids at or above it would index past the embedding)")
             cfg.vocab_size = self.vocab_size
         elif tokenizer_vocab_size is not None:
             m = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
@@ -222,6 +225,17 @@ class TrainConfig:
         return cfg.validate()
 
     def validate(self) -> "TrainConfig":
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{_flag(f.name)} must be a finite number, got {v}")
+        for name, lo, hi, what in _DOMAINS:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            low_ok = lo is None or (v > lo if name in _OPEN_LOW else v >= lo)
+            if not low_ok or (hi is not None and not v < hi):
+                raise ConfigError(f"{_flag(name)} must be {what}, got {v}")
         if self.seq_length <= 0:
             raise ConfigError(f"--seq-length must be positive, got {self.seq_length}")
         if self.micro_batch_size <= 0:
@@ -249,6 +263,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# (field, lower bound, upper bound (exclusive), what the message says); fields in _OPEN_LOW
+# exclude their lower bound.
+_DOMAINS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("lr", 0.0, None, "non-negative"), ("min_lr", 0.0, None, "non-negative"),
+    ("weight_decay", 0.0, None, "non-negative"), ("clip_grad", 0.0, None, "non-negative (0: no clipping)"),
+    ("adam_beta1", 0.0, 1.0, "in [0, 1)"), ("adam_beta2", 0.0, 1.0, "in [0, 1)"),
+    ("adam_eps", 0.0, None, "positive"), ("init_method_std", 0.0, None, "positive"),
+    ("rotary_base", 0.0, None, "positive"), ("distributed_timeout_minutes", 0.0, None, "positive"),
+    ("exit_duration_in_mins", 0.0, None, "positive"),
+    ("lr_warmup_iters", 0, None, "non-negative"), ("lr_decay_iters", 1, None, "positive"),
+    ("save_interval", 0, None, "non-negative"), ("log_interval", 1, None, "positive"),
+    ("eval_interval", 0, None, "non-negative"), ("eval_iters", 0, None, "non-negative"),
+    ("keep_last", 0, None, "non-negative"), ("exit_interval", 0, None, "non-negative"),
+    ("num_workers", 0, None, "non-negative"), ("ckpt_step", 0, None, "non-negative"),
+    ("tensor_model_parallel_size", 1, None, "positive"), ("pipeline_model_parallel_size", 1, None, "positive"),
+    ("make_vocab_size_divisible_by", 1, None, "positive"), ("vocab_size", 1, None, "positive"),
+    ("num_layers", 1, None, "positive"), ("hidden_size", 1, None, "positive"),
+    ("ffn_hidden_size", 1, None, "positive"), ("num_attention_heads", 1, None, "positive"),
+    ("num_query_groups", 1, None, "positive"), ("max_position_embeddings", 1, None, "positive"),
+    ("sliding_window", 0, None, "non-negative (0: none)"),
+    ("num_layers_per_virtual_pipeline_stage", 1, None, "positive"),
+)
+_OPEN_LOW = {"adam_eps", "init_method_std", "rotary_base", "distributed_timeout_minutes", "exit_duration_in_mins"}
 
 
 def parse_signal(name: str, setting: str = "--exit-signal") -> signal.Signals:
@@ -298,24 +337,72 @@ def _caster(kind: str):
     return str
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Coerce a YAML value to the dataclass field's type, naming the key when it cannot."""
-    kind = TrainConfig.__dataclass_fields__[name].type
-    kind = kind if isinstance(kind, str) else str(kind)
+def _coerce(name: str, value: Any, where: str = "config") -> Any:
+    """A YAML value as the command line would read it, or a ConfigError naming the key: an int
+    key takes an integer (or a string of one), never 2.9 or true; a float key takes a number;
+    a bool key takes true/false; null only where the flag has no default value."""
+    f = TrainConfig.__dataclass_fields__[name]
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    flag = _flag(name)
     if value is None:
-        return None
-    try:
-        if kind == "bool":
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if kind.startswith("list"):
-            if isinstance(value, str):
-                return value.split()
+        if "Optional" in kind:
+            return None
+        raise ConfigError(f"{where}: key {name!r} is null (~); give a value or leave the key out "
+                          f"(the default of {flag} applies)")
+    bad = f"{where}: key {name!r} must be {{}}, got {value!r} ({type(value).__name__})"
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(bad.format("true or false"))
+    if kind.startswith("list"):
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                           for v in value):
             return [str(v) for v in value]
-        return _caster(kind)(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config key {name!r}: cannot read {value!r} ({e})") from None
+        raise ConfigError(bad.format("a list of strings or one string"))
+    caster = _caster(kind)
+    if caster is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(bad.format("an integer"))
+    if caster is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(bad.format("a number"))
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)  # `split: 100` or `exit_signal: 10` mean what the same text means on the command line
+    raise ConfigError(bad.format("a string"))
+
+
+def _unique_key_loader():
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping (it keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                norm = str(key).lstrip("-").replace("-", "_")
+                if norm in seen:
+                    raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} is given twice "
+                                      f"(also as {seen[norm]!r} on line {seen[norm + ':line']})")
+                seen[norm] = key
+                seen[norm + ":line"] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_yaml_config(path: str) -> dict[str, Any]:
@@ -325,9 +412,20 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    try:
+        loader = _unique_key_loader()(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values")
     out: dict[str, Any] = {}
@@ -335,7 +433,7 @@ def load_yaml_config(path: str) -> dict[str, Any]:
         name = str(key).lstrip("-").replace("-", "_")
         if name not in TrainConfig.__dataclass_fields__:
             raise ConfigError(f"{path}: unknown key {key!r}")
-        out[name] = _coerce(name, value)
+        out[name] = _coerce(name, value, str(path))
     return out
 
 

@@ -42,6 +42,8 @@ def parse_blend(items: Sequence[str], what: str = "--data-path") -> tuple[list[s
     if len(items) % 2 == 0 and all(is_number(items[i]) for i in range(0, len(items), 2)):
         weights = [float(items[i]) for i in range(0, len(items), 2)]
         prefixes = [strip_suffix(items[i + 1]) for i in range(0, len(items), 2)]
+        if any(not math.isfinite(w) for w in weights):
+            raise ConfigError(f"{what}: weights must be finite numbers (no nan or inf), got {weights}")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"{what}: weights must be non-negative with a positive sum, got {weights}")
         keep = [i for i, w in enumerate(weights) if w > 0]

@@ -8,6 +8,7 @@ each split's data; weighted blends mix in exact proportions; FIM is applied on t
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,6 +29,8 @@ def parse_split(split: str) -> list[float]:
         values = [float(p) for p in parts]
     except ValueError:
         raise ConfigError(f"--split {split!r}: expected up to three numbers like 969,30,1") from None
+    if any(not math.isfinite(v) for v in values):
+        raise ConfigError(f"--split {split!r}: every part must be a finite number (no nan or inf)")
     if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
         raise ConfigError(f"--split {split!r}: expected up to three non-negative numbers with a positive sum")
     values += [0.0] * (3 - len(values))

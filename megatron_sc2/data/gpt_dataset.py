@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -148,20 +149,38 @@ def load_or_build_indices(dataset: IndexedDataset, spec: SampleSpec,
         if not desc_path.is_file() or not all(p.is_file() for p in paths.values()):
             return False
         try:
-            return json.loads(desc_path.read_text()) == json.loads(json.dumps(description))
-        except (OSError, ValueError):
+            stored = json.loads(desc_path.read_text())
+            sums = stored.pop("checksums")
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
             return False
+        return stored == json.loads(json.dumps(description)) and isinstance(sums, dict)
 
-    if rank == 0 and not cached():
+    def load_verified() -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The cached arrays if each still has the checksum written beside it, else None."""
+        try:
+            sums = json.loads(desc_path.read_text())["checksums"]
+            arrays = tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths.values())
+        except (OSError, ValueError, KeyError, TypeError, EOFError):
+            return None
+        if any(sums.get(n) != _checksum(a) for n, a in zip(paths, arrays)):
+            return None
+        return arrays  # type: ignore[return-value]
+
+    if rank == 0 and (not cached() or load_verified() is None):
+        if desc_path.is_file():
+            print(f"warning: cached sample index {base} is stale or corrupt (checksum); rebuilding it",
+                  file=sys.stderr)
         arrays = build_indices(dataset.sequence_lengths, spec)
         try:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            desc_path.unlink(missing_ok=True)  # the entry is incomplete until the description is back
             for (name, p), arr in zip(paths.items(), arrays):
                 tmp = p.with_name(p.name + f".tmp-{os.getpid()}.npy")
                 np.save(tmp, arr)
                 os.replace(tmp, p)
             tmp = desc_path.with_name(desc_path.name + f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(description, sort_keys=True, indent=1))
+            full = dict(description, checksums={n: _checksum(a) for n, a in zip(paths, arrays)})
+            tmp.write_text(json.dumps(full, sort_keys=True, indent=1))
             os.replace(tmp, desc_path)  # written last: marks the entry complete
         except OSError:
             pass  # read-only data directory: every rank builds for itself below
@@ -169,8 +188,18 @@ def load_or_build_indices(dataset: IndexedDataset, spec: SampleSpec,
         return arrays
     barrier()
     if cached():
-        return tuple(np.load(p, mmap_mode="r") for p in paths.values())  # type: ignore[return-value]
+        arrays = load_verified()
+        if arrays is not None:
+            return arrays
     return build_indices(dataset.sequence_lengths, spec)
+
+
+def _checksum(arr: np.ndarray) -> str:
+    """sha256 of an index array's dtype, shape and bytes: a cached index overwritten with other
+    values is rebuilt, never trusted."""
+    h = hashlib.sha256(f"{np.dtype(arr.dtype).str}{tuple(arr.shape)}".encode())
+    h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    return h.hexdigest()
 
 
 class GPTSampleDataset:

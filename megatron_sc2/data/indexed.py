@@ -291,18 +291,37 @@ class IndexedDataset:
         n = int(self.sequence_lengths[a:b].sum(dtype=np.int64))
         return np.asarray(self._bin_map[start:start + n])
 
+    def token_range(self, chunk: int = 1 << 24) -> tuple[int, int]:
+        """Smallest and largest token id in the file ((0, -1) when empty); streamed, memory flat."""
+        lo, hi = None, -1
+        for a in range(0, self.num_tokens, chunk):
+            part = self._bin_map[a:a + chunk]
+            pmin, pmax = part.min(), part.max()
+            if not np.issubdtype(self.dtype, np.integer) and not (np.isfinite(pmin) and np.isfinite(pmax)):
+                raise DataError(f"{self.bin_path}: holds non-finite values, not token ids")
+            lo = pmin if lo is None else min(lo, pmin)
+            hi = max(hi, pmax)
+        return (0, -1) if lo is None else (int(lo), int(hi))
+
     def max_token(self, chunk: int = 1 << 24) -> int:
         """Largest token id in the file (-1 when empty); streamed, memory flat."""
-        m = -1
-        for a in range(0, self.num_tokens, chunk):
-            m = max(m, int(self._bin_map[a:a + chunk].max()))
-        return m
+        return self.token_range(chunk)[1]
+
+    def check_token_ids(self, vocab_size: Optional[int] = None) -> None:
+        """Token ids must be integers in [0, vocab_size): a float dataset would be truncated to
+        ids and a negative id would index from the end of the embedding."""
+        if not np.issubdtype(self.dtype, np.integer):
+            raise DataError(f"{self.idx_path}: token dtype {np.dtype(self.dtype).name} cannot hold token ids "
+                            "(expected an integer dtype such as uint16 or int32)")
+        lo, hi = self.token_range()
+        if lo < 0:
+            raise DataError(f"{self.bin_path}: negative token id {lo} (a signed dtype holding garbage?)")
+        if vocab_size is not None and hi >= vocab_size:
+            raise DataError(f"{self.bin_path}: token id {hi} is beyond the vocabulary ({vocab_size} ids); "
+                            "was it made with another tokenizer?")
 
     def check_vocab(self, vocab_size: int) -> None:
-        m = self.max_token()
-        if m >= vocab_size:
-            raise DataError(f"{self.bin_path}: token id {m} is beyond the vocabulary ({vocab_size} ids); "
-                            "was it made with another tokenizer?")
+        self.check_token_ids(vocab_size)
 
 
 def write_documents(prefix: str | os.PathLike, docs: Iterable[Sequence[int]], dtype: type = np.int32) -> Path:

@@ -77,7 +77,17 @@ def masked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
 
 def pick_device(cfg: TrainConfig) -> torch.device:
     if cfg.device:
-        return torch.device(cfg.device)
+        try:
+            dev = torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {cfg.device!r} is not a device name (cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0 or (dev.index is not None and dev.index >= n):
+                raise ConfigError(f"--device {cfg.device}: this machine has {n} CUDA device(s)")
+        elif dev.type != "cpu":
+            raise ConfigError(f"--device {cfg.device}: only cpu and cuda devices are supported")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -24,7 +24,8 @@ def describe(ds: IndexedDataset, bins: int = 10) -> list[str]:
     if ds.num_documents:
         lines.append(f"doc length: min {doc_lengths.min():,}  median {int(np.median(doc_lengths)):,}  "
                      f"mean {doc_lengths.mean():,.1f}  max {doc_lengths.max():,}")
-        lines.append(f"token ids: max {ds.max_token():,}")
+        lo, hi = ds.token_range()
+        lines.append(f"token ids: min {lo:,}  max {hi:,}")
         edges = np.unique(np.geomspace(1, max(2, doc_lengths.max() + 1), bins + 1).astype(np.int64))
         counts, edges = np.histogram(doc_lengths, bins=edges)
         width = max(counts.max(), 1)
@@ -50,8 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_sc2.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer_model)
-        if ds.num_tokens and ds.max_token() >= tok.vocab_size:
-            print(f"warning: token ids reach {ds.max_token()}, beyond this tokenizer's {tok.vocab_size}")
+        ds.check_token_ids(tok.vocab_size)  # a float, negative or too large id cannot be decoded
     for n in args.decode:
         if not 0 <= n < ds.num_documents:
             raise ConfigError(f"--decode {n}: the dataset has documents 0..{ds.num_documents - 1}")

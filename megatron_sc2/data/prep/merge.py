@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.data.indexed import IndexedDataset, IndexedWriter, strip_suffix
 from megatron_sc2.data.provenance import merge_provenance, provenance_path
@@ -19,6 +21,9 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDatase
         raise ConfigError("nothing to merge: give at least one input dataset")
     datasets = [IndexedDataset(p) for p in prefixes]
     dtype = datasets[0].dtype
+    for d in datasets:
+        if not np.issubdtype(d.dtype, np.integer):
+            raise DataError(f"{d.idx_path}: token dtype {np.dtype(d.dtype).name} cannot hold token ids")
     for d in datasets[1:]:
         if d.dtype != dtype:
             raise DataError(f"{d.idx_path}: token dtype {d.dtype.__name__} differs from "
