@@ -292,7 +292,7 @@ def load_dcp(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
         inner = _dcp_inner(e)
         if isinstance(inner, CheckpointError):
             raise CheckpointError(f"{path}: {inner}") from None
-        raise CheckpointError(f"{path}: corrupt checkpoint ({_dcp_error_line(e)}){earlier_hint(path)}") from None
+        raise CheckpointError(f"{path}: corrupt checkpoint ({dcp_error_line(e)}){earlier_hint(path)}") from None
 
 
 def _dcp_inner(e: BaseException) -> BaseException:
@@ -306,7 +306,7 @@ def _dcp_inner(e: BaseException) -> BaseException:
     return e
 
 
-def _dcp_error_line(e: BaseException) -> str:
+def dcp_error_line(e: BaseException) -> str:
     return _first_line(_dcp_inner(e))
 
 

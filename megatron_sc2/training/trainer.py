@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sc2.config import ModelConfig, TrainConfig
 from megatron_sc2.errors import CheckpointError, ConfigError, UserError
@@ -449,12 +451,23 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current iteration; with --async-save the files are written in a
         background thread and the checkpoint is finished (marked complete, renamed, pointed to by
-        the tracker) once every rank's writes are done: see `finish_pending_save`."""
+        the tracker) once every rank's writes are done: see `finish_pending_save`. A full or
+        read-only disk ends in one CheckpointError, the temporary directory removed."""
+        self._save_tmp: Optional[Path] = None
+        try:
+            return self._save()
+        except (OSError, CheckpointException) as e:
+            if self._save_tmp is not None:
+                shutil.rmtree(self._save_tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {self._save_tmp or self.cfg.save} "
+                                  f"({ckpt.dcp_error_line(e)}); its temporary files were removed") from None
+
+    def _save(self) -> Path:
         import torch.distributed.checkpoint as dcp
 
         self.finish_pending_save(wait=True)  # one save in flight at a time
         it = self.state.iteration
-        tmp = ckpt.temporary_dir(self.cfg.save, it, self._nonce())
+        tmp = self._save_tmp = ckpt.temporary_dir(self.cfg.save, it, self._nonce())
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         self._barrier()
         model_sd, optim_sd = self._state_dicts()
@@ -518,7 +531,8 @@ class Trainer:
         self._pending_save = None
         try:
             pending.future.result()
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:
+            shutil.rmtree(pending.tmp, ignore_errors=True)
             raise CheckpointError(f"background save of iteration {pending.iteration} to "
                                   f"{pending.tmp} failed: {type(exc).__name__}: {exc}") from exc
         final = self._complete_save(pending.tmp, pending.iteration, pending.meta)
