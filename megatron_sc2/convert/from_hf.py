@@ -102,14 +102,14 @@ def from_hf(opts: FromHFOptions) -> FromHFResult:
     from megatron_sc2.training.checkpoint import (checkpoint_dir, finalize, finished_iterations,
                                                   temporary_dir, write_meta)
 
+    from megatron_sc2.convert.to_hf import refuse_overlap
+
     t0 = time.perf_counter()
+    refuse_overlap(Path(opts.load), Path(opts.save))
     src = open_hf_dir(opts.load)
     cfg = src.model_config
     check_parallel_sizes(cfg, opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size)
     save = Path(opts.save)
-    from megatron_sc2.convert.to_hf import refuse_overlap
-
-    refuse_overlap(Path(opts.load), save)
     done = finished_iterations(save)
     if done:
         raise CheckpointError(
