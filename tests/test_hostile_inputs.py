@@ -647,3 +647,67 @@ def test_old_rng_files_still_load_without_pickle_execution(tmp_path):
     with pytest.raises(CheckpointError, match="rank_0.pt"):
         ckpt.load_rng_state(f)
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (disk full) and a read-only one: root only; skips with the reason."""
+    if os.geteuid() != 0:
+        pytest.skip("disk-full and read-only cases mount a small tmpfs, which needs root")
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    mounted = []
+    for path, opts in ((full, "size=256k"), (ro, "size=64k,ro")):
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if r.returncode:
+            for m in mounted:
+                subprocess.run(["umount", "-l", str(m)])
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+        mounted.append(path)
+    yield full, ro
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)])
+
+
+def test_disk_full_and_read_only_end_in_one_line(world, tmp_path, small_disk, capsys, monkeypatch):
+    """Preprocess, a checkpoint save and both converters on a full disk and on a read-only one:
+    exit status 2, one line, and no file left behind (temporaries removed; the disk is free)."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    full, ro = small_disk
+    big = _jsonl(tmp_path / "big.jsonl", [{"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20}
+                                          for i in range(600)])
+    assert cli_main(["convert", "to-hf", "--load", str(world.ckpt), "--save", str(tmp_path / "hf"),
+                     "--no-progress"]) == 0
+    cases = {
+        "preprocess": _pre(world, big, full / "out"),
+        "train save": _train("--mock-data", "--train-iters", "1", "--save-interval", "1", "--save", str(full / "ck"),
+                             "--log-dir", str(tmp_path / "logs")),
+        "to-hf": ["convert", "to-hf", "--load", str(world.ckpt), "--save", str(full / "hf"), "--no-progress"],
+        "from-hf": ["convert", "from-hf", "--load", str(tmp_path / "hf"), "--save", str(full / "ck2"),
+                    "--no-progress"],
+        "preprocess read-only": _pre(world, big, ro / "out"),
+        "train save read-only": _train("--mock-data", "--train-iters", "1", "--save-interval", "1",
+                                       "--save", str(ro / "ck"), "--log-dir", str(tmp_path / "logs2")),
+        "to-hf read-only": ["convert", "to-hf", "--load", str(world.ckpt), "--save", str(ro / "hf"),
+                            "--no-progress"],
+    }
+    failures = []
+    for name, argv in cases.items():
+        capsys.readouterr()
+        try:
+            rc = cli_main(argv)
+        except BaseException as e:  # noqa: BLE001
+            rc = f"raised {type(e).__name__}: {e}"
+        err = capsys.readouterr().err.strip()
+        left = [str(p.relative_to(tmp_path)) for root in (full, ro) for p in root.rglob("*") if p.is_file()]
+        if rc != 2 or len(err.splitlines()) != 1 or "Traceback" in err or left:
+            failures.append(f"{name}: exit {rc}, left {left[:3]} | {err[:300]}")
+        if "read-only" in name and "Read-only file system" not in err:
+            failures.append(f"{name}: does not say the disk is read-only | {err[:200]}")
+        if "read-only" not in name and "No space left" not in err:
+            failures.append(f"{name}: does not say the disk is full | {err[:200]}")
+        for p in sorted(full.rglob("*"), reverse=True):  # empty directories may stay; clear them
+            p.rmdir() if p.is_dir() else p.unlink()
+    assert not failures, "\n".join(failures)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sc2.config import ModelConfig
 from megatron_sc2.convert.dcp_io import TensorSpec, iter_own_files_mmap, save_model_streaming
@@ -148,12 +149,38 @@ def from_hf(opts: FromHFOptions) -> FromHFResult:
             round_to = narrow.pop() if len(narrow) == 1 else None
             diff = verify_logits(tmp, src.root, cfg, round_to=round_to)
         final = finalize(tmp, save, ITERATION)
+    except CheckpointException as e:  # DCP's wrapper of a failed write (a BaseException)
+        reader.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write the checkpoint in {save} ({write_failure(e, save, total)}); "
+                              "its temporary files were removed") from None
     except BaseException:
         reader.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return FromHFResult(final, len(specs), total, time.perf_counter() - t0,
                         meta["tokenizer"], diff, sorted({str(s.dtype) for s in specs}))
+
+
+def write_failure(e: BaseException, where: Path, needed: int) -> str:
+    """Why a DCP write failed, in words: torch reports a full disk as a zip-writer position
+    mismatch, so look at the free space when no OSError says it."""
+    from megatron_sc2.training.checkpoint import dcp_error_line
+
+    inner = e
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < needed:
+        return f"No space left on device: {free:,} bytes free, about {needed:,} needed"
+    return dcp_error_line(e)
 
 
 def verify_checkpoint(ckpt: Path, specs: list[TensorSpec], sums: dict[str, int]) -> None:

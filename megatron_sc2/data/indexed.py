@@ -166,7 +166,10 @@ class IndexedWriter:
 
     def abort(self) -> None:
         if not self._bin.closed:
-            self._bin.close()
+            try:
+                self._bin.close()  # flushing may fail again (a full disk): the file goes anyway
+            except OSError:
+                pass
         for p in (self._tmp_bin, self._tmp_idx):
             try:
                 p.unlink()
