@@ -8,6 +8,15 @@ included), wall clock. The outputs must be byte-identical; the ratio is printed.
 
     MEGATRON_LM_DIR=/path/to/Megatron-LM python bench/preprocess.py --workers 2
 
+The stdlib holds special-token text (`<NAME>` in gettext.py). Megatron's tool turns it into the
+control token; ours keeps it as text unless `--parse-special-tokens` is given, so our runs
+compared byte for byte with Megatron's pass that flag, and a default run is timed beside them.
+
+    python bench/preprocess.py --baseline-tree /path/to/older/checkout --repeat 3
+
+instead times this tree's tool against another checkout's, interleaved (no Megatron needed):
+the check that a change did not slow the fast path down.
+
 Megatron-LM (tag core_v0.16.1) is not a dependency: it is run from its own source tree for
 this bench only. Its training package imports `six` and `triton` at start-up; if they are
 not in this environment, point `--extra-pythonpath` at a directory that has them.
@@ -105,9 +114,13 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "preprocess"))
     p.add_argument("--repeat", type=int, default=1, help="runs of each tool; the best time is kept")
+    p.add_argument("--baseline-tree", default=None,
+                   help="instead: time this tree's tool against the one in this checkout, interleaved")
     args = p.parse_args()
     if args.indices:
         return bench_indices(int(args.indices), args.seq_length, args.epochs)
+    if args.baseline_tree:
+        return bench_against_tree(args)
     if not args.megatron_lm_dir or not (Path(args.megatron_lm_dir) / "tools" / "preprocess_data.py").is_file():
         raise SystemExit("set MEGATRON_LM_DIR (or --megatron-lm-dir) to a Megatron-LM source tree (tag core_v0.16.1)")
     out = Path(args.out)
@@ -129,12 +142,15 @@ def main() -> int:
                "--output-prefix", str(out / "megatron"), "--tokenizer-type", "HuggingFaceTokenizer",
                "--tokenizer-model", str(tok_dir)]
     our_cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
-               "--output-prefix", str(out / "ours"), "--tokenizer-model", str(tok_dir), "--no-progress"]
+               "--output-prefix", str(out / "ours"), "--tokenizer-model", str(tok_dir), "--no-progress",
+               "--parse-special-tokens"]
     hf_cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
               "--output-prefix", str(out / "ours_hf"), "--tokenizer-model", str(tok_dir), "--no-progress",
-              "--no-fast-encoder"]
+              "--no-fast-encoder", "--parse-special-tokens"]
+    default_cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
+                   "--output-prefix", str(out / "ours_default"), "--tokenizer-model", str(tok_dir), "--no-progress"]
     times: dict[str, float] = {}
-    for name, cmd in (("megatron", meg_cmd), ("ours", our_cmd), ("ours_hf", hf_cmd)):
+    for name, cmd in (("megatron", meg_cmd), ("ours", our_cmd), ("ours_hf", hf_cmd), ("ours_default", default_cmd)):
         times[name] = min(timed(cmd, meg_env if name == "megatron" else env) for _ in range(args.repeat))
     identical = all(
         (out / f"megatron_text_document{e}").read_bytes() == (out / f"{n}_text_document{e}").read_bytes()
@@ -144,10 +160,64 @@ def main() -> int:
     print(f"{'Megatron-LM tools/preprocess_data.py':<40} {times['megatron']:8.2f} {mb / times['megatron']:7.2f}")
     print(f"{'ours (tiktoken exact encoder)':<40} {times['ours']:8.2f} {mb / times['ours']:7.2f}")
     print(f"{'ours --no-fast-encoder (tokenizers)':<40} {times['ours_hf']:8.2f} {mb / times['ours_hf']:7.2f}")
+    print(f"{'ours, default (special text as text)':<40} {times['ours_default']:8.2f} "
+          f"{mb / times['ours_default']:7.2f}")
     print(f"speed-up over Megatron-LM: {times['megatron'] / times['ours']:.2f}x "
           f"(tokenizers path: {times['megatron'] / times['ours_hf']:.2f}x)")
     print(f"outputs byte-identical to Megatron-LM's: {'yes' if identical else 'NO'}")
     return 0 if identical else 1
+
+
+def bench_against_tree(args) -> int:
+    """This tree's tool against another checkout's on the stdlib corpus, runs interleaved
+    (A B A B ...) so that the shared machine's load falls on both alike."""
+    import statistics
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "stdlib.jsonl"
+    docs, size = write_corpus(corpus)
+    from megatron_sc2.data.tokenizer import load_tokenizer
+
+    tok_dir = out / "tokenizer"
+    load_tokenizer(args.tokenizer).save_hf(tok_dir)
+    base = Path(args.baseline_tree).resolve()
+    common = ["--input", str(corpus), "--json-keys", "text", "--append-eod", "--workers", str(args.workers),
+              "--tokenizer-model", str(tok_dir), "--no-progress"]
+    runs = {
+        "baseline tree": ([sys.executable, str(base / "tools" / "preprocess_data.py"), *common,
+                           "--output-prefix", str(out / "base")], base),
+        "this tree, default": ([sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
+                                "--output-prefix", str(out / "new")], REPO),
+        "this tree, --parse-special-tokens": ([sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
+                                               "--output-prefix", str(out / "newparse"), "--parse-special-tokens"],
+                                              REPO),
+    }
+    print(f"corpus: {docs} files, {size / 1e6:.2f} MB of JSON lines; workers {args.workers}; "
+          f"baseline {base}; load average {os.getloadavg()[0]:.1f}")
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeat):
+        for name, (cmd, tree) in runs.items():
+            times[name].append(timed(cmd, dict(os.environ, PYTHONPATH=str(tree), TOKENIZERS_PARALLELISM="true")))
+    print(f"{'run':<36} {'best s':>7} {'median s':>9} {'MB/s (best)':>12}")
+    for name, ts in times.items():
+        print(f"{name:<36} {min(ts):7.2f} {statistics.median(ts):9.2f} {size / 1e6 / min(ts):12.2f}")
+    b = min(times["baseline tree"])
+    print(f"ratio baseline/this (best): default {b / min(times['this tree, default']):.3f}, "
+          f"--parse-special-tokens {b / min(times['this tree, --parse-special-tokens']):.3f}; "
+          f"load average after {os.getloadavg()[0]:.1f}")
+    same = all((out / f"base_text_document{e}").read_bytes() == (out / f"newparse_text_document{e}").read_bytes()
+               for e in (".bin", ".idx"))
+    print(f"--parse-special-tokens output byte-identical to the baseline tree's: {'yes' if same else 'NO'}")
+    import numpy as np
+
+    from megatron_sc2.data.indexed import IndexedDataset
+
+    a, n = IndexedDataset(out / "base_text_document"), IndexedDataset(out / "new_text_document")
+    differ = sum(not np.array_equal(a.document(i), n.document(i)) for i in range(a.num_documents))
+    print(f"default output: {differ} of {a.num_documents} documents differ from the baseline "
+          f"(documents quoting special-token text)")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":
