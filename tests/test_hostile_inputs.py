@@ -238,6 +238,27 @@ def c_output_parent_is_file(w, d):
     return Case(_pre(w, _jsonl(d / "in.jsonl", [{"text": "x = 1"}]), d / "afile" / "out"), "afile")
 
 
+def c_output_idx_is_directory(w, d):
+    (d / "out_text_document.idx").mkdir()
+    return Case(_pre(w, _jsonl(d / "in.jsonl", [{"text": "x = 1"}]), d / "out"), "out_text_document.idx")
+
+
+def c_train_save_is_a_file(w, d):
+    (d / "ck").write_text("a file, not a directory\n")
+    return Case(_train("--mock-data", "--train-iters", "1", "--save-interval", "1", "--save", str(d / "ck"),
+                       "--log-dir", str(d / "logs")), "ck", allow_new=("logs", "logs/metrics.jsonl"))
+
+
+def c_to_hf_save_is_a_file(w, d):
+    (d / "hf").write_text("a file\n")
+    return Case(["convert", "to-hf", "--load", str(w.ckpt), "--save", str(d / "hf"), "--no-progress"], "hf")
+
+
+def c_merge_into_directory(w, d):
+    (d / "m.bin").mkdir()
+    return Case(["merge", "--inputs", str(w.data), "--output-prefix", str(d / "m")], "m.bin")
+
+
 def c_negative_token_ids(w, d):
     _write_idx(d / "neg", 3, np.asarray([5, -3, 7, 9], dtype=np.int16))
     return Case(_train("--data-path", str(d / "neg"), "--split", "1,0,0", "--tokenizer-model", str(w.tokenizer)), "negative token id")
@@ -468,7 +489,7 @@ def test_exit_status_and_no_traceback_in_a_real_process(world, tmp_path):
     assert proc.stdout.strip() in ("status 0", "status 141"), proc.stdout
 
 
-def test_directory_inputs_stay_inside_their_root(world, tmp_path, capsys):
+def test_directory_inputs_stay_inside_their_root(world, tmp_path, capsys, monkeypatch):
     """Symlinks out of the input, FIFOs, devices, loops, dangling links, oversized files and
     unsafe names are skipped, counted and named; nothing outside the input reaches the data;
     the FIFO does not hang the run."""
@@ -495,7 +516,10 @@ def test_directory_inputs_stay_inside_their_root(world, tmp_path, capsys):
     old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("hang")))
     signal.alarm(60)
     try:
-        rc = cli_main(_pre(world, repos, tmp_path / "out", "--max-file-size", "4000"))
+        import megatron_sc2.data.prep.corpus as corpus
+
+        monkeypatch.setattr(corpus, "DEFAULT_MAX_READ_BYTES", 4000)  # the 64 MiB cap, scaled down
+        rc = cli_main(_pre(world, repos, tmp_path / "out"))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

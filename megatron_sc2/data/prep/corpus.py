@@ -42,6 +42,7 @@ class ReadCounts:
     linked_directories: int = 0    # a directory symlink inside the input (never followed)
     special_files: int = 0         # FIFOs, sockets, devices
     oversized_files: int = 0       # above the read cap: skipped before reading
+    filtered_max_file_size: int = 0  # above --max-file-size: also skipped before reading
     unsafe_names: int = 0          # control characters or special-token text in a name
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (reason, path) in order
 
@@ -74,6 +75,7 @@ class _Reader:
     counts: ReadCounts
     skip_non_utf8: bool
     max_bytes: int
+    over_reason: str = "oversized_files"
 
     def read(self, path: Path) -> Optional[str]:
         """Text of a regular file inside the root, or None (counted) when it is skipped."""
@@ -99,7 +101,10 @@ class _Reader:
             self.counts.skip("special_files", path)
             return None
         if st.st_size > self.max_bytes:
-            self.counts.skip("oversized_files", path, f" ({st.st_size:,} bytes)")
+            if self.over_reason == "oversized_files":
+                self.counts.skip("oversized_files", path, f" ({st.st_size:,} bytes)")
+            else:
+                self.counts.filtered_max_file_size += 1  # a filter, counted like the filter
             return None
         # O_NONBLOCK: were the file swapped for a FIFO after the check, opening must not block.
         try:
@@ -161,14 +166,19 @@ class _Reader:
 
 def iter_repository_dir(root: str | os.PathLike, counts: Optional[ReadCounts] = None,
                         skip_non_utf8: bool = False, suffixes: Optional[tuple[str, ...]] = None,
-                        max_bytes: int = DEFAULT_MAX_READ_BYTES) -> Iterator[Repository]:
+                        max_file_size: Optional[int] = None) -> Iterator[Repository]:
     """Each subdirectory of `root` is one repository; files at the top level are counted as
-    loose and skipped. Binary files (a NUL byte in the first 8 KiB) are skipped and counted."""
+    loose and skipped. Binary files (a NUL byte in the first 8 KiB) are skipped and counted.
+    Files above `max_file_size` (or the read cap) are skipped without being read."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"input directory not found: {root}")
     counts = counts if counts is not None else ReadCounts()
-    reader = _Reader(os.path.realpath(root), counts, skip_non_utf8, max_bytes)
+    cap = DEFAULT_MAX_READ_BYTES  # read at call time (tests lower it)
+    if max_file_size is not None and max_file_size < cap:
+        reader = _Reader(os.path.realpath(root), counts, skip_non_utf8, max_file_size, "filtered_max_file_size")
+    else:
+        reader = _Reader(os.path.realpath(root), counts, skip_non_utf8, cap)
     entries = sorted(root.iterdir(), key=lambda p: p.name)
     shards = [e.name for e in entries if e.name.endswith(SHARD_SUFFIXES) and e.is_file()]
     if shards:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from megatron_sc2.errors import ConfigError, DataError
-from megatron_sc2.data.prep.corpus import DEFAULT_MAX_READ_BYTES, ReadCounts, iter_repository_dir, unsafe_name
+from megatron_sc2.data.prep.corpus import ReadCounts, iter_repository_dir, unsafe_name
 from megatron_sc2.data.prep.repo_format import repository_pieces
 from megatron_sc2.data.provenance import FileSpan, Origin
 
@@ -118,7 +118,8 @@ class ReadStats:
 
     def add_counts(self, counts: ReadCounts) -> None:
         for name in ("binary_files", "non_utf8_files", "loose_files", "symlinks_outside", "broken_symlinks",
-                     "linked_directories", "special_files", "oversized_files", "unsafe_names"):
+                     "linked_directories", "special_files", "oversized_files", "unsafe_names",
+                     "filtered_max_file_size"):
             setattr(self, name, getattr(self, name) + getattr(counts, name))
         self.skipped.extend(counts.skipped)
 
@@ -456,10 +457,9 @@ def _parquet_texts(path: Path, ctx: ReadContext) -> Iterator[str]:
 # -- directories of repositories -----------------------------------------------------------------
 
 def _repo_dir_reader(path: Path, ctx: ReadContext, counts: ReadCounts):
-    cap = DEFAULT_MAX_READ_BYTES
-    if ctx.filters.max_file_size:
-        cap = min(cap, ctx.filters.max_file_size)  # larger files would be filtered: never read them
-    return iter_repository_dir(path, counts, skip_non_utf8=ctx.skip_malformed, max_bytes=cap)
+    # Files the size filter would drop are never read (UTF-8 text has as many bytes as its file).
+    return iter_repository_dir(path, counts, skip_non_utf8=ctx.skip_malformed,
+                               max_file_size=ctx.filters.max_file_size)
 
 
 def _read_repodir(path: Path, ctx: ReadContext) -> Iterator[Document]:
