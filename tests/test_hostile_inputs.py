@@ -553,7 +553,9 @@ def test_special_token_text_is_text(world, tmp_path, capsys):
     texts = ["s = '<|endoftext|>'\nt = '<fim_middle>'\n", "# <file_sep>x.py\n<repo_name>", "ok = 1\n"]
     inp = _jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
     for extra in ([], ["--no-fast-encoder"]):
+        capsys.readouterr()
         assert cli_main(_pre(world, inp, tmp_path / "a", "--append-eod", *extra)) == 0
+        assert ("encoder: tiktoken" in capsys.readouterr().err) == (not extra)  # both paths really ran
         ds = IndexedDataset(tmp_path / "a_text_document")
         for i, t in enumerate(texts):
             assert ds.document(i).tolist() == plain.encode(t, add_special_tokens=False).ids + [0]
@@ -735,3 +737,25 @@ def test_disk_full_and_read_only_end_in_one_line(world, tmp_path, small_disk, ca
         for p in sorted(full.rglob("*"), reverse=True):  # empty directories may stay; clear them
             p.rmdir() if p.is_dir() else p.unlink()
     assert not failures, "\n".join(failures)
+
+
+def test_fast_encoder_keeps_special_text_as_text_id_for_id(starcoder2_tokenizer_path):
+    """The exact fast encoder with special-token text as text equals `tokenizers` with its own
+    `encode_special_tokens` switch, on stdlib files and on texts full of special-token text."""
+    from tokenizers import Tokenizer as HF
+
+    from megatron_sc2.data.prep.corpus import iter_stdlib_repositories
+    from megatron_sc2.data.special_tokens import STARCODER2_SPECIAL_TOKENS
+    from megatron_sc2.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(starcoder2_tokenizer_path)
+    fast = tok.fast_encoder()
+    assert fast is not None
+    plain = HF.from_file(str(starcoder2_tokenizer_path))
+    plain.encode_special_tokens = True
+    texts = [t for _, files in list(iter_stdlib_repositories())[:40] for _, t in files][:300]
+    texts += [f"x{tok_}y {tok_}\n{tok_}{tok_} 12{tok_}" for tok_ in STARCODER2_SPECIAL_TOKENS]
+    texts += ["".join(STARCODER2_SPECIAL_TOKENS), "<|endoftext|>", "<fim_middle", "é\u00ff<NAME>\U0001F600"]
+    want = [e.ids for e in plain.encode_batch_fast(texts, add_special_tokens=False)]
+    assert fast.encode_batch(texts, parse_special=False) == want
+    assert not any(set(ids) & set(range(38)) for ids in want[300:])
