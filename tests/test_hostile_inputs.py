@@ -172,6 +172,33 @@ def c_byte_item_payload(w, d):
     return Case(_train("--mock-data", "--load", str(ck)), "--ckpt-step 1", d / "PWNED")
 
 
+def c_tensor_item_payload(w, d):
+    """A tensor item pointing at a pickled payload instead of a tensor (DCP loads tensors with
+    weights_only=True itself: the payload is refused there, and named as one line here)."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ck = _copy_ckpt(w, d)
+    it = ck / "iter_0000002"
+    md = FileSystemReader(str(it)).read_metadata()
+    buf = io.BytesIO()
+    torch.save(Payload(d / "PWNED"), buf)
+    (it / "evil.distcp").write_bytes(buf.getvalue())
+    for idx, info in md.storage_data.items():
+        if idx.fqn.startswith("model.") and isinstance(md.state_dict_metadata.get(idx.fqn), TensorStorageMetadata):
+            info.relative_path, info.offset, info.length = "evil.distcp", 0, len(buf.getvalue())
+    with open(it / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    return Case(_train("--mock-data", "--load", str(ck)), "--ckpt-step 1", d / "PWNED")
+
+
+def c_tensor_item_payload_to_hf(w, d):
+    case = c_tensor_item_payload(w, d)
+    return Case(["convert", "to-hf", "--load", str(d / "ckpt"), "--save", str(d / "hf"), "--no-progress"],
+                "iter_0000002", case.marker)
+
+
 def c_convert_save_is_load(w, d):
     ck = _copy_ckpt(w, d)
     return Case(["convert", "to-hf", "--load", str(ck), "--save", str(ck), "--force", "--no-progress"], "overlap")
@@ -397,6 +424,12 @@ def c_newline_in_repo_path(w, d):
 def c_special_token_in_repo_name(w, d):
     recs = [{"repo_name": "x<file_sep>y", "path": "a.py", "content": "x = 1\n"}]
     return Case(_pre(w, _jsonl(d / "in.jsonl", recs), d / "out", "--repo-context"), "in.jsonl:1")
+
+
+def c_skip_malformed_keeps_nothing_silent(w, d):
+    """--skip-malformed skips and counts bad lines; when nothing is left it still says so."""
+    return Case(_pre(w, _jsonl(d / "in.jsonl", [{"text": ["a", 3]}, {"text": None}, '{"text": ' + "[" * 9999]),
+                     d / "out", "--skip-malformed"), "no documents")
 
 
 def c_previous_output_intact(w, d):
@@ -759,3 +792,10 @@ def test_fast_encoder_keeps_special_text_as_text_id_for_id(starcoder2_tokenizer_
     want = [e.ids for e in plain.encode_batch_fast(texts, add_special_tokens=False)]
     assert fast.encode_batch(texts, parse_special=False) == want
     assert not any(set(ids) & set(range(38)) for ids in want[300:])
+
+
+def test_skip_malformed_counts_what_it_skips(world, tmp_path, capsys):
+    recs = [{"text": "ok = 1\n"}, {"text": ["a", 3]}, {"text": {"x": 1}}, '{"text": ' + "[" * 9999, {"t": "x"}]
+    assert cli_main(_pre(world, _jsonl(tmp_path / "in.jsonl", recs), tmp_path / "out", "--skip-malformed")) == 0
+    assert "malformed lines 4" in capsys.readouterr().err
+    assert IndexedDataset(tmp_path / "out_text_document").num_documents == 1
