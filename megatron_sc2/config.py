@@ -273,7 +273,7 @@ _DOMAINS: tuple[tuple[str, Any, Any, str], ...] = (
     ("adam_beta1", 0.0, 1.0, "in [0, 1)"), ("adam_beta2", 0.0, 1.0, "in [0, 1)"),
     ("adam_eps", 0.0, None, "positive"), ("init_method_std", 0.0, None, "positive"),
     ("rotary_base", 0.0, None, "positive"), ("distributed_timeout_minutes", 0.0, None, "positive"),
-    ("exit_duration_in_mins", 0.0, None, "positive"),
+    ("exit_duration_in_mins", 0.0, None, "non-negative"),
     ("lr_warmup_iters", 0, None, "non-negative"), ("lr_decay_iters", 1, None, "positive"),
     ("save_interval", 0, None, "non-negative"), ("log_interval", 1, None, "positive"),
     ("eval_interval", 0, None, "non-negative"), ("eval_iters", 0, None, "non-negative"),
@@ -287,7 +287,7 @@ _DOMAINS: tuple[tuple[str, Any, Any, str], ...] = (
     ("sliding_window", 0, None, "non-negative (0: none)"),
     ("num_layers_per_virtual_pipeline_stage", 1, None, "positive"),
 )
-_OPEN_LOW = {"adam_eps", "init_method_std", "rotary_base", "distributed_timeout_minutes", "exit_duration_in_mins"}
+_OPEN_LOW = {"adam_eps", "init_method_std", "rotary_base", "distributed_timeout_minutes"}
 
 
 def parse_signal(name: str, setting: str = "--exit-signal") -> signal.Signals:
