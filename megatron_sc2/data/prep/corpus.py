@@ -27,6 +27,7 @@ Repository = tuple[str, list[tuple[str, str]]]
 
 _SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", "site-packages"}
 DEFAULT_MAX_READ_BYTES = 64 << 20  # no source file is this large; a larger one is skipped unread
+MAX_NAMED_SKIPS = 1000
 SHARD_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet")
 
 
@@ -48,7 +49,8 @@ class ReadCounts:
 
     def skip(self, reason: str, path: Path | str, detail: str = "") -> None:
         setattr(self, reason, getattr(self, reason) + 1)
-        self.skipped.append((reason, f"{path}{detail}"))
+        if len(self.skipped) < MAX_NAMED_SKIPS:  # the counters stay exact; memory stays flat
+            self.skipped.append((reason, f"{path}{detail}"))
 
     @property
     def skipped_paths(self) -> list[str]:
@@ -121,7 +123,7 @@ class _Reader:
             self.counts.skip("oversized_files", path, " (grew while read)")
             return None
         if b"\x00" in data[:8192]:
-            self.counts.binary_files += 1
+            self.counts.skip("binary_files", path)
             return None
         try:
             return data.decode("utf-8")
@@ -197,10 +199,10 @@ def iter_repository_dir(root: str | os.PathLike, counts: Optional[ReadCounts] = 
             elif os.path.isdir(target):
                 counts.skip("linked_directories", entry)
             else:
-                counts.loose_files += 1
+                counts.skip("loose_files", entry)
             continue
         if entry.is_file():
-            counts.loose_files += 1
+            counts.skip("loose_files", entry)
             continue
         if not entry.is_dir():
             counts.skip("special_files", entry)

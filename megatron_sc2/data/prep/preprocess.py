@@ -62,8 +62,9 @@ class PreprocessSummary:
                                   if skipped else "none"))
         for reason, path in r.skipped[:NAMED_SKIPS]:
             out.append(f"  skipped ({reason.replace('_', ' ')}): {path!r}"[:400])
-        if len(r.skipped) > NAMED_SKIPS:
-            out.append(f"  ... and {len(r.skipped) - NAMED_SKIPS:,} more skipped")
+        more = r.named_skips() - min(len(r.skipped), NAMED_SKIPS)
+        if more > 0:
+            out.append(f"  ... and {more:,} more skipped")
         for key, prefix in self.outputs.items():
             out.append(f"wrote {prefix}.bin / .idx / .prov")
         return out

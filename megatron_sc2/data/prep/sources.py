@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from megatron_sc2.errors import ConfigError, DataError
-from megatron_sc2.data.prep.corpus import ReadCounts, iter_repository_dir, unsafe_name
+from megatron_sc2.data.prep.corpus import MAX_NAMED_SKIPS, ReadCounts, iter_repository_dir, unsafe_name
 from megatron_sc2.data.prep.repo_format import repository_pieces
 from megatron_sc2.data.provenance import FileSpan, Origin
 
@@ -95,6 +95,10 @@ class FileFilters:
         return None
 
 
+NAMED_REASONS = ("binary_files", "non_utf8_files", "loose_files", "symlinks_outside", "broken_symlinks",
+                 "linked_directories", "special_files", "oversized_files", "unsafe_names")
+
+
 @dataclass
 class ReadStats:
     input_files: int = 0
@@ -117,11 +121,13 @@ class ReadStats:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (reason, path) named in the summary
 
     def add_counts(self, counts: ReadCounts) -> None:
-        for name in ("binary_files", "non_utf8_files", "loose_files", "symlinks_outside", "broken_symlinks",
-                     "linked_directories", "special_files", "oversized_files", "unsafe_names",
-                     "filtered_max_file_size"):
+        for name in NAMED_REASONS + ("filtered_max_file_size",):
             setattr(self, name, getattr(self, name) + getattr(counts, name))
-        self.skipped.extend(counts.skipped)
+        self.skipped.extend(counts.skipped[:max(0, MAX_NAMED_SKIPS - len(self.skipped))])
+
+    def named_skips(self) -> int:
+        """How many skipped things have a name (the list keeps only the first ones)."""
+        return sum(getattr(self, n) for n in NAMED_REASONS)
 
 
 @dataclass
