@@ -73,7 +73,7 @@ def run_user_main(fn, argv: Sequence[str], prog: str) -> int:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
         where = f": {e.filename}" if e.filename else ""
-        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
