@@ -223,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_sc2.convert import main as convert_main
 
     hf_dir = out / "hf"
-    rc = convert_main.main(["to-hf", "--load", str(ckpt_dir), "--save", str(hf_dir)])
+    rc = convert_main.main(["to-hf", "--load", str(ckpt_dir), "--save", str(hf_dir), "--force"])  # ours: build/demo/hf
     if rc:
         return rc
     timings["export_s"] = time.perf_counter() - t
