@@ -743,6 +743,8 @@ def test_disk_full_and_read_only_end_in_one_line(world, tmp_path, small_disk, ca
         "preprocess": _pre(world, big, full / "out"),
         "train save": _train("--mock-data", "--train-iters", "1", "--save-interval", "1", "--save", str(full / "ck"),
                              "--log-dir", str(tmp_path / "logs")),
+        "train async save": _train("--mock-data", "--train-iters", "1", "--save-interval", "1", "--async-save",
+                                   "--save", str(full / "cka"), "--log-dir", str(tmp_path / "logs3")),
         "to-hf": ["convert", "to-hf", "--load", str(world.ckpt), "--save", str(full / "hf"), "--no-progress"],
         "from-hf": ["convert", "from-hf", "--load", str(tmp_path / "hf"), "--save", str(full / "ck2"),
                     "--no-progress"],

@@ -104,6 +104,7 @@ def from_hf(opts: FromHFOptions) -> FromHFResult:
                                                   temporary_dir, write_meta)
 
     from megatron_sc2.convert.to_hf import refuse_overlap
+    from megatron_sc2.training.checkpoint import write_failure
 
     t0 = time.perf_counter()
     refuse_overlap(Path(opts.load), Path(opts.save))
@@ -160,27 +161,6 @@ def from_hf(opts: FromHFOptions) -> FromHFResult:
         raise
     return FromHFResult(final, len(specs), total, time.perf_counter() - t0,
                         meta["tokenizer"], diff, sorted({str(s.dtype) for s in specs}))
-
-
-def write_failure(e: BaseException, where: Path, needed: int) -> str:
-    """Why a DCP write failed, in words: torch reports a full disk as a zip-writer position
-    mismatch, so look at the free space when no OSError says it."""
-    from megatron_sc2.training.checkpoint import dcp_error_line
-
-    inner = e
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        inner = first[0] if isinstance(first, tuple) else first
-    if isinstance(inner, OSError) and inner.strerror:
-        return inner.strerror
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        free = None
-    if free is not None and free < needed:
-        return f"No space left on device: {free:,} bytes free, about {needed:,} needed"
-    return dcp_error_line(e)
 
 
 def verify_checkpoint(ckpt: Path, specs: list[TensorSpec], sums: dict[str, int]) -> None:

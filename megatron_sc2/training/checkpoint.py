@@ -310,6 +310,21 @@ def dcp_error_line(e: BaseException) -> str:
     return _first_line(_dcp_inner(e))
 
 
+def write_failure(e: BaseException, where: str | Path, needed: int = 1 << 20) -> str:
+    """Why a (DCP) write failed, in words: torch reports a full disk as a zip-writer position
+    mismatch, so look at the free space when no OSError says it."""
+    inner = _dcp_inner(e)
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < needed:
+        return f"No space left on device: {free:,} bytes free, about {needed:,} needed"
+    return dcp_error_line(e)
+
+
 def _first_line(e: BaseException) -> str:
     """The line of an exception's message that says what is wrong (torch's weights_only
     refusals say it in a middle line: 'Unsupported global: GLOBAL posix.system ...')."""

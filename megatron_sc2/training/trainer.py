@@ -460,7 +460,7 @@ class Trainer:
             if self._save_tmp is not None:
                 shutil.rmtree(self._save_tmp, ignore_errors=True)
             raise CheckpointError(f"cannot write checkpoint {self._save_tmp or self.cfg.save} "
-                                  f"({ckpt.dcp_error_line(e)}); its temporary files were removed") from None
+                                  f"({ckpt.write_failure(e, self.cfg.save)}); its temporary files were removed") from None
 
     def _save(self) -> Path:
         import torch.distributed.checkpoint as dcp
@@ -534,7 +534,8 @@ class Trainer:
         except (Exception, CheckpointException) as exc:
             shutil.rmtree(pending.tmp, ignore_errors=True)
             raise CheckpointError(f"background save of iteration {pending.iteration} to "
-                                  f"{pending.tmp} failed: {type(exc).__name__}: {exc}") from exc
+                                  f"{pending.tmp} failed ({ckpt.write_failure(exc, self.cfg.save)}); "
+                                  "its temporary files were removed") from exc
         final = self._complete_save(pending.tmp, pending.iteration, pending.meta)
         if self.rank == 0:
             print(f"background save of iteration {pending.iteration} took "
