@@ -346,6 +346,13 @@ def c_corrupt_shard(w, d):
     return Case(_train("--mock-data", "--load", str(ck)), "--ckpt-step 1")
 
 
+def c_corrupt_shard_to_hf(w, d):
+    ck = _copy_ckpt(w, d)
+    shard = ck / "iter_0000002" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    return Case(["convert", "to-hf", "--load", str(ck), "--save", str(d / "hf"), "--no-progress"], "--ckpt-step 1")
+
+
 def c_corrupt_metadata(w, d):
     ck = _copy_ckpt(w, d)
     (ck / "iter_0000002" / ".metadata").write_bytes(b"\x80\x04garbage")
