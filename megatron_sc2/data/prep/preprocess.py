@@ -57,7 +57,7 @@ class PreprocessSummary:
         out = [f"documents: {self.documents:,}   tokens: {self.tokens:,}   input: {mb:.2f} MB in "
                f"{self.seconds:.1f} s ({rate:.2f} MB/s, encoder: {self.encoder})"]
         skipped = {k: v for k, v in asdict(r).items()
-                   if k not in ("input_files", "input_bytes", "skipped") and v}
+                   if k not in ("input_files", "input_bytes") and v}
         out.append("skipped: " + (", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in skipped.items())
                                   if skipped else "none"))
         for reason, path in r.skipped[:NAMED_SKIPS]:

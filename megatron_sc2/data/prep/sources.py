@@ -118,12 +118,20 @@ class ReadStats:
     special_files: int = 0
     oversized_files: int = 0
     unsafe_names: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (reason, path) named in the summary
+
+    def __post_init__(self) -> None:
+        # (reason, path) of skipped things, named in the summary: not a field, so that
+        # `asdict(stats)` stays a dict of counters (shards add them up)
+        self._skipped: list[tuple[str, str]] = []
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return self._skipped
 
     def add_counts(self, counts: ReadCounts) -> None:
         for name in NAMED_REASONS + ("filtered_max_file_size",):
             setattr(self, name, getattr(self, name) + getattr(counts, name))
-        self.skipped.extend(counts.skipped[:max(0, MAX_NAMED_SKIPS - len(self.skipped))])
+        self._skipped.extend(counts.skipped[:max(0, MAX_NAMED_SKIPS - len(self._skipped))])
 
     def named_skips(self) -> int:
         """How many skipped things have a name (the list keeps only the first ones)."""
