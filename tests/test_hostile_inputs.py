@@ -656,6 +656,57 @@ def test_a_crash_between_the_renames_never_leaves_a_mixed_pair(tmp_path, monkeyp
     assert outcomes == {"old", "none", "new"}
 
 
+def test_a_crash_never_leaves_a_sidecar_beside_another_pair(tmp_path, monkeypatch):
+    """The provenance sidecar is replaced in the pair's own window: killed at any step, a
+    readable dataset has its own sidecar (same document count on purpose: only the records
+    tell the two apart)."""
+    import megatron_sc2.data.indexed as indexed
+    from megatron_sc2.data.provenance import ProvenanceWriter, open_provenance
+    from megatron_sc2.errors import DataError
+
+    def write(prefix, docs, tag, crash_at=None):
+        pw = ProvenanceWriter(prefix)
+        w = IndexedWriter(prefix, np.uint16, companions=[pw])
+        for doc in docs:
+            w.add_document(doc)
+            pw.add({"source": tag})
+        w._finalize()  # no clean-up: a killed process runs none
+
+    old_docs, new_docs = [[1, 2, 3]] * 4, [[7, 8]] * 4
+    real_replace, real_unlink = os.replace, Path.unlink
+    outcomes = set()
+    for crash_at in range(5):
+        prefix = tmp_path / f"p{crash_at}"
+        write(prefix, old_docs, "old")
+        calls = {"n": 0}
+
+        def step(real):
+            def wrapped(*args, **kwargs):
+                if calls["n"] == crash_at:
+                    raise SystemExit("killed")
+                calls["n"] += 1
+                return real(*args, **kwargs)
+            return wrapped
+
+        monkeypatch.setattr(indexed.os, "replace", step(real_replace))
+        monkeypatch.setattr(indexed.Path, "unlink", step(real_unlink))
+        try:
+            write(prefix, new_docs, "new")
+        except SystemExit:
+            pass
+        monkeypatch.undo()
+        try:
+            ds = IndexedDataset(prefix)
+        except DataError:
+            outcomes.add("none")
+            continue
+        got = [ds.document(i).tolist() for i in range(ds.num_documents)]
+        tags = {open_provenance(prefix, ds.num_documents).record(d)["source"] for d in range(ds.num_documents)}
+        assert (got, tags) in ((old_docs, {"old"}), (new_docs, {"new"}))
+        outcomes.add("old" if got == old_docs else "new")
+    assert outcomes == {"old", "none", "new"}
+
+
 def test_corrupt_cached_sample_index_is_rebuilt(tmp_path, capsys):
     """A cached shuffle index overwritten with other values (same shape, same dtype) is caught
     by its checksum and rebuilt; the samples equal those built without any cache."""

@@ -18,7 +18,7 @@ import struct
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -58,13 +58,27 @@ def strip_suffix(path: str) -> str:
     return path
 
 
+class Companion(Protocol):
+    """A file written beside a `.bin/.idx` pair and replaced together with it."""
+
+    def stage(self) -> tuple[Optional[Path], Path]:
+        """Complete the temporary file; (temporary path or None for "no such file", final path)."""
+
+    def abort(self) -> None:
+        """Remove the temporary file."""
+
+
 class IndexedWriter:
     """Append documents, then `finalize()`; until then only `*.tmp-<pid>` files exist.
 
     Used as a context manager, an exception removes the temporary files."""
 
-    def __init__(self, prefix: str | os.PathLike, dtype: type = np.int32):
+    def __init__(self, prefix: str | os.PathLike, dtype: type = np.int32,
+                 companions: Sequence["Companion"] = ()):
         self.prefix = str(prefix)
+        # Files that describe this pair (the provenance sidecar): replaced in the pair's own
+        # window, so none is ever seen beside another pair under the final names.
+        self.companions: list[Companion] = list(companions)
         self.dtype = np.dtype(dtype).type
         if self.dtype not in CODE_OF_DTYPE:
             raise ValueError(f"unsupported token dtype {dtype}")
@@ -153,18 +167,26 @@ class IndexedWriter:
             f.write(docs.astype("<i8").tobytes())
             f.flush()
             os.fsync(f.fileno())
+        staged = [c.stage() for c in self.companions]
         # The pair is replaced index first: without its .idx an old .bin is no dataset, so no
-        # moment shows a new .bin beside an old .idx under the final names.
+        # moment shows a new .bin (or a new companion) beside an old .idx under the final names.
         try:
             self._final_idx.unlink()
         except FileNotFoundError:
             pass
+        for tmp, final in staged:
+            if tmp is None:
+                final.unlink(missing_ok=True)  # this pair has none: an old one would lie
+            else:
+                os.replace(tmp, final)
         os.replace(self._tmp_bin, self._final_bin)
         os.replace(self._tmp_idx, self._final_idx)
         _fsync_dir(self._final_idx.parent)
         self._done = True
 
     def abort(self) -> None:
+        for c in self.companions:
+            c.abort()
         if not self._bin.closed:
             try:
                 self._bin.close()  # flushing may fail again (a full disk): the file goes anyway

@@ -159,14 +159,17 @@ class ProvenanceWriter:
     def num_documents(self) -> int:
         return len(self._offsets) - 1
 
-    def finalize(self) -> None:
+    def stage(self) -> tuple[Path, Path]:
+        """Complete the temporary file (the `.bin/.idx` writer renames it with its pair)."""
         d = self.num_documents
         self._f.write(json.dumps({"format": FORMAT, "version": VERSION, "documents": d}).encode() + b"\n")
         self._f.write(np.asarray(self._offsets, dtype="<i8").tobytes())
         self._f.write(struct.pack("<Q", d) + TAIL)
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self.path)
         self._done = True
+        return self._tmp, self.path
 
     def abort(self) -> None:
         if not self._f.closed:
@@ -243,9 +246,23 @@ def require_provenance(prefix: str | os.PathLike, num_documents: Optional[int] =
     return prov
 
 
+class NoProvenance:
+    """A pair written without a sidecar: a stale one at the output goes with the old pair."""
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.path = provenance_path(prefix)
+        self._done = True
+
+    def stage(self) -> tuple[None, Path]:
+        return None, self.path
+
+    def abort(self) -> None:
+        pass
+
+
 def merge_provenance(prefixes: Sequence[str], doc_counts: Sequence[int], output_prefix: str) -> Optional[ProvenanceWriter]:
-    """The sidecar of a merged dataset, written but not yet finalized (the caller finalizes it
-    right after the data, or aborts it): records in input order; documents of an input without
+    """The sidecar of a merged dataset, written but not yet staged (pass it to the pair's
+    writer as a companion): records in input order; documents of an input without
     a sidecar get a record naming that dataset and the document's number in it. None when no
     input has a sidecar."""
     sidecars = [open_provenance(p, n) for p, n in zip(prefixes, doc_counts)]

@@ -64,23 +64,23 @@ def remove_repositories(prefix: str, repos: Sequence[str], output_prefix: str) -
     removed: Counter[str] = Counter()
     tokens_removed = 0
     seq_starts = ds.document_indices
-    with IndexedWriter(out, ds.dtype) as w:
-        pw = ProvenanceWriter(out)
-        try:
-            for d in range(ds.num_documents):
-                repo = prov.record(d).get("repository")
-                if repo in wanted:
-                    removed[repo] += 1
-                    tokens_removed += int(ds.sequence_lengths[seq_starts[d]:seq_starts[d + 1]].sum(dtype=np.int64))
-                    continue
-                lengths = ds.sequence_lengths[seq_starts[d]:seq_starts[d + 1]]
-                w.add_document(ds.document(d), sequence_lengths=lengths.tolist())
-                pw.add_raw(prov.raw(d))
-            w.finalize()
-            pw.finalize()
-        finally:
-            if not pw._done:
-                pw.abort()
+    pw = ProvenanceWriter(out)
+    try:
+        w = IndexedWriter(out, ds.dtype, companions=[pw])
+    except BaseException:
+        pw.abort()
+        raise
+    with w:
+        for d in range(ds.num_documents):
+            repo = prov.record(d).get("repository")
+            if repo in wanted:
+                removed[repo] += 1
+                tokens_removed += int(ds.sequence_lengths[seq_starts[d]:seq_starts[d + 1]].sum(dtype=np.int64))
+                continue
+            lengths = ds.sequence_lengths[seq_starts[d]:seq_starts[d + 1]]
+            w.add_document(ds.document(d), sequence_lengths=lengths.tolist())
+            pw.add_raw(prov.raw(d))
+        w.finalize()  # the sidecar is replaced with the pair
     kept = ds.num_documents - sum(removed.values())
     return RemovalReport(out, ds.num_documents, kept, tokens_removed, dict(removed),
                          [r for r in repos if r not in removed])

@@ -13,7 +13,7 @@ import numpy as np
 
 from megatron_sc2.errors import ConfigError, DataError
 from megatron_sc2.data.indexed import IndexedDataset, IndexedWriter, strip_suffix
-from megatron_sc2.data.provenance import merge_provenance, provenance_path
+from megatron_sc2.data.provenance import NoProvenance, merge_provenance
 
 
 def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDataset:
@@ -34,7 +34,7 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDatase
     # the provenance sidecars travel along (a stale one at the output goes)
     prov = merge_provenance([d.prefix for d in datasets], [d.num_documents for d in datasets], out)
     try:
-        with IndexedWriter(out, dtype) as w:
+        with IndexedWriter(out, dtype, companions=[prov if prov is not None else NoProvenance(out)]) as w:
             for d in datasets:
                 w.add_index(d)
             w.finalize()
@@ -42,10 +42,6 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDatase
         if prov is not None:
             prov.abort()
         raise
-    if prov is not None:
-        prov.finalize()
-    else:
-        provenance_path(out).unlink(missing_ok=True)
     return IndexedDataset(out)
 
 

@@ -187,8 +187,8 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
     file_sep, specials = tok.special_ids.get("file_sep"), sorted(set(tok.special_ids.values()))
     try:
         for k in keys:
-            writers[k] = IndexedWriter(outputs[k], dtype)
             sidecars[k] = ProvenanceWriter(outputs[k])
+            writers[k] = IndexedWriter(outputs[k], dtype, companions=[sidecars[k]])
     except OSError as e:
         for w in [*writers.values(), *sidecars.values()]:
             w.abort()
@@ -235,9 +235,8 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
         if summary.documents == 0:
             raise DataError(f"no documents to write from {', '.join(map(str, inputs)) or 'the repositories'} "
                             "(all inputs empty, malformed or filtered)")
-        for k, w in writers.items():
-            sidecars[k].finalize()
-            w.finalize()
+        for w in writers.values():
+            w.finalize()  # its sidecar is replaced in the same window as the pair
     finally:
         bar.close()
         for w in [*writers.values(), *sidecars.values()]:
