@@ -258,19 +258,19 @@ def test_model_uses_kernel_and_trains():
     model = StarCoder2(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 40))
     calls = []
-    orig = attn._CpuAttention.apply
+    orig = attn.swa_forward
 
     def spy(*args):
         calls.append(args[0].dtype)
         return orig(*args)
 
-    attn._CpuAttention.apply = spy
+    attn.swa_forward = spy
     try:
         model(tokens).float().logsumexp(-1).mean().backward()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(tokens)
     finally:
-        attn._CpuAttention.apply = orig
+        attn.swa_forward = orig
     assert calls == [torch.float32] * cfg.num_layers + [torch.bfloat16] * cfg.num_layers
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
