@@ -175,6 +175,7 @@ class TrainConfig:
     sequence_parallel: bool = False
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     recompute_granularity: Optional[str] = None
+    compile: bool = False         # torch.compile each transformer block (as torchtitan does)
     distributed_timeout_minutes: float = 10.0
     # checkpoints and logs
     save: Optional[str] = None
@@ -183,6 +184,10 @@ class TrainConfig:
     save_interval: int = 0
     log_interval: int = 1
     log_dir: Optional[str] = None
+    tensorboard_dir: Optional[str] = None  # TensorBoard event files (rank 0), Megatron's flag
+    wandb_project: Optional[str] = None    # Weights & Biases (optional package; WANDB_MODE honoured)
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
     keep_last: int = 0
     async_save: bool = False      # write checkpoints in a background thread; training goes on
     finetune: bool = False

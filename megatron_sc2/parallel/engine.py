@@ -47,11 +47,14 @@ class ParallelModel:
     def build(cls, cfg: ModelConfig, layout: ParallelLayout, mesh: DeviceMesh,
               model: Optional[StarCoder2] = None, device: Optional[torch.device] = None,
               param_dtype: Optional[torch.dtype] = None,
-              init_seed: Optional[int] = None) -> "ParallelModel":
+              init_seed: Optional[int] = None, bf16: bool = False,
+              compile: bool = False) -> "ParallelModel":
         """`model`: a full StarCoder2 (the same weights on every rank, e.g. built from one
         seed), or one on the meta device: then, with `init_seed`, each rank allocates and
         initializes only its shards (parallel/init.py); without it the shards stay on meta
-        (for counting). Built here from `cfg` if not given."""
+        (for counting). Built here from `cfg` if not given. `bf16`: FSDP all-gathers the
+        parameters in bf16 and reduces gradients in fp32 (`fsdp_mixed_precision`); `compile`:
+        torch.compile each transformer block (`compile_blocks`)."""
         device = device or torch.device(mesh.device_type)
         if model is None:
             model = StarCoder2(cfg)
@@ -98,13 +101,21 @@ class ParallelModel:
             # Moving or materializing a module can replace Parameter objects: tie again.
             if tied and chunk.embed_tokens is not None and chunk.lm_head is not None:
                 chunk.lm_head.weight = chunk.embed_tokens.weight
+        if compile:
+            from megatron_sc2.parallel.wrappers import compile_blocks
+
+            for chunk in chunks:
+                compile_blocks(chunk.layers.values())
         if layout.dp > 1:
             from torch.distributed.fsdp import fully_shard
 
+            from megatron_sc2.parallel.wrappers import fsdp_mixed_precision
+
+            mp = fsdp_mixed_precision(bf16)
             for chunk in chunks:
                 for layer in chunk.layers.values():
-                    fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=False)
-                fully_shard(chunk, mesh=mesh["dp"], reshard_after_forward=False)
+                    fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=False, mp_policy=mp)
+                fully_shard(chunk, mesh=mesh["dp"], reshard_after_forward=False, mp_policy=mp)
         embedding_group = _embedding_group(mesh) if (tied and layout.pp > 1) else None
         pm = cls(cfg=cfg, layout=layout, mesh=mesh, chunks=chunks, chunk_ids=chunk_ids,
                  rank_model=RankModel(chunks), device=device, embedding_group=embedding_group)

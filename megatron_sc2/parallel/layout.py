@@ -123,6 +123,11 @@ def layout_from_args(cfg: "TrainConfigLike", world_size: int, model: ModelConfig
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
             f"--pipeline-model-parallel-size {pp}")
     dp = world_size // (tp * pp)
+    if getattr(cfg, "compile", False) and tp > 1:
+        # torch 2.13 on CPU: the compiled backward of a DTensor-sharded block hands a plain
+        # tensor to DTensor's redistribute (AttributeError '_local_tensor'); refused until fixed.
+        raise ConfigError("--compile is not supported with --tensor-model-parallel-size > 1 yet "
+                          "(compiled tensor-parallel blocks fail in backward); drop one of them")
     mbs = cfg.micro_batch_size
     gbs = cfg.global_batch_size if cfg.global_batch_size is not None else mbs * dp
     virtual = 1

@@ -31,7 +31,7 @@ from megatron_sc2.config import ModelConfig, TrainConfig
 from megatron_sc2.errors import CheckpointError, ConfigError, UserError
 from megatron_sc2.model import StarCoder2
 from megatron_sc2.training import checkpoint as ckpt
-from megatron_sc2.training.metrics import MetricsLog
+from megatron_sc2.training.sinks import build_sinks
 from megatron_sc2.training.optimizer import build_optimizer, learning_rate
 from megatron_sc2.training.signals import StopRequests
 from megatron_sc2.training import flops as flops_mod
@@ -129,6 +129,10 @@ class Trainer:
             self._build_parallel_model()
         else:
             self.model = StarCoder2(self.model_cfg).to(self.device)
+            if cfg.compile:
+                from megatron_sc2.parallel.wrappers import compile_blocks
+
+                compile_blocks(self.model.layers.values())
         self.optimizer = build_optimizer([self.model], cfg)
         self.state = TrainState()
         self.train_ds, self.valid_ds, _ = self._build_datasets()
@@ -138,8 +142,8 @@ class Trainer:
             # --load naming a directory with nothing finished in it is an error, unless it is
             # also the --save directory (a first run that will auto-resume after a requeue).
             ckpt.find_checkpoint(cfg.load)
-        self.metrics = MetricsLog(self.log_dir, resume_from_step=self.state.iteration,
-                                  enabled=self.rank == 0)
+        # metrics.jsonl, TensorBoard, W&B (rank 0 only; megatron_sc2/training/sinks.py)
+        self.metrics = build_sinks(cfg, self.log_dir, self.rank, self.state.iteration)
         self.flops_per_step = flops_mod.train_flops_per_step(self.model_cfg, cfg.seq_length,
                                                              self.global_batch_size)
         self.peak_flops, self.peak_source = flops_mod.device_peak_flops(self.device)
@@ -185,7 +189,8 @@ class Trainer:
                 full = StarCoder2(self.model_cfg)
             seed = self.cfg.seed
         self.pm = ParallelModel.build(self.model_cfg, self.layout, self.mesh, model=full,
-                                      device=self.device, init_seed=seed)
+                                      device=self.device, init_seed=seed,
+                                      bf16=self.cfg.bf16, compile=self.cfg.compile)
         self.model = self.pm.rank_model
         if self.rank == 0:
             print(f"parallel layout {self.layout.describe()} on {self.world_size} ranks, "
@@ -614,9 +619,13 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> list[dict[str, Any]]:
+    trainer = None
     try:
-        return Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        return trainer.train()
     finally:
+        if trainer is not None:
+            trainer.metrics.close()
         from megatron_sc2.parallel.env import shutdown_distributed
 
         shutdown_distributed()

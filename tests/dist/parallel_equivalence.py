@@ -89,11 +89,11 @@ def full_grad(p: torch.Tensor) -> torch.Tensor:
     return g.full_tensor() if isinstance(g, DTensor) else g
 
 
-def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches):
+def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches, compile: bool = False):
     mesh = build_mesh(layout)
     torch.manual_seed(0)
     model = StarCoder2(cfg)
-    pm = ParallelModel.build(cfg, layout, mesh, model=model)
+    pm = ParallelModel.build(cfg, layout, mesh, model=model, compile=compile)
     opt = make_optimizer(pm.parameters())
     dp_rank = mesh["dp"].get_local_rank()
     losses, first_grads, norms = [], None, []
@@ -155,6 +155,42 @@ def meta_init_check(cfg: ModelConfig, layout: ParallelLayout) -> dict:
             "losses": []}
 
 
+def mixed_precision_check(cfg: ModelConfig, layout: ParallelLayout, batches) -> dict:
+    """--bf16 under data parallelism: inside forward the all-gathered block parameters are
+    bf16, the sharded parameters and their gradients stay fp32, gradients are reduced in fp32."""
+    mesh = build_mesh(layout)
+    torch.manual_seed(0)
+    pm = ParallelModel.build(cfg, layout, mesh, model=StarCoder2(cfg), bf16=True)
+    seen: list[torch.dtype] = []
+    layer = next(iter(pm.rank_model.layers.values()))
+    hook = layer.self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.weight.dtype))
+    n, dp_rank = layout.local_batch_size, mesh["dp"].get_local_rank()
+    b = batches[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pm.forward_backward(b["tokens"][dp_rank * n:(dp_rank + 1) * n],
+                                   b["labels"][dp_rank * n:(dp_rank + 1) * n])
+    hook.remove()
+    problems = []
+    if not seen or any(d != torch.bfloat16 for d in seen):
+        problems.append(f"all-gathered q_proj weight dtypes in forward: {seen}")
+    params = dict(pm.named_parameters())
+    for name, p in params.items():
+        if p.dtype != torch.float32 or (p.grad is not None and p.grad.dtype != torch.float32):
+            problems.append(f"{name}: param {p.dtype}, grad {None if p.grad is None else p.grad.dtype}")
+    reduce = {fp.reduce_dtype for chunk in pm.chunks for mod in [chunk, *chunk.layers.values()]
+              for fp in mod._get_fsdp_state()._fsdp_param_group.fsdp_params}
+    if reduce != {torch.float32}:
+        problems.append(f"gradient reduce dtypes {reduce}")
+    grads = sum(p.grad is not None for p in params.values())
+    if not torch.isfinite(loss) or grads == 0:
+        problems.append(f"loss {float(loss)}, {grads} gradients")
+    del pm, mesh, layer
+    gc.collect()
+    return {"ok": not problems, "problems": problems[:5], "grads_checked": grads, "losses": [],
+            "gathered_dtypes": sorted({str(d) for d in seen})}
+
+
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
@@ -169,7 +205,7 @@ def parse_layout(spec: str) -> tuple[ParallelLayout, ModelConfig]:
             sp = True
         elif part == "untied":
             tied = False
-        elif part in ("meta", "docs"):
+        elif part in ("meta", "docs", "bf16", "compile"):
             continue
         elif part in ("full", "selective"):
             recompute = part
@@ -195,9 +231,12 @@ def main() -> int:
     for spec in args.layouts:
         layout, cfg = parse_layout(spec)
         layout.validate(cfg, SEQ)
-        if spec.startswith("meta."):
+        if spec.startswith("meta.") or "bf16" in spec.split("."):
             try:
-                result = dict(meta_init_check(cfg, layout), layout=spec)
+                if spec.startswith("meta."):
+                    result = dict(meta_init_check(cfg, layout), layout=spec)
+                else:
+                    result = dict(mixed_precision_check(cfg, layout, make_batches(cfg)), layout=spec)
             except Exception as e:
                 result = {"layout": spec, "ok": False, "error": f"{type(e).__name__}: {e}",
                           "trace": traceback.format_exc()[-3000:]}
@@ -215,7 +254,8 @@ def main() -> int:
             refs[key] = reference_run(cfg, batches)
         ref_losses, ref_grads, ref_norms = refs[key]
         try:
-            losses, grads, norms = parallel_run(cfg, layout, batches)
+            losses, grads, norms = parallel_run(cfg, layout, batches,
+                                                compile="compile" in spec.split("."))
             loss_err = max(rel(a, b) for a, b in zip(losses, ref_losses))
             norm_err = max(rel(a, b) for a, b in zip(norms, ref_norms))
             grad_err = 0.0
