@@ -320,12 +320,126 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
   const MaskInfo mi(s, doc);
   const int D = static_cast<int>(s.D), DP = static_cast<int>(s.DP);
   const int64_t group = s.H / s.KV, nqb = (s.S + BQ - 1) / BQ;
-  const int64_t ntasks = s.H * nqb;  // per batch element
   const float scale2 = s.scale * 1.4426950408889634f;
-  const int64_t kv_elems = s.S * s.KV * s.DP;  // one thread's dK (or dV) accumulator
   const int nt = threads_for(s, nthreads);
-  // dK and dV gather contributions from many query tiles: each thread owns an fp32 copy for one
+
+  // One query tile (batch b, head h, query block qb): dQ of its rows is written out; dK/dV of
+  // the keys it sees are added into fp32 accumulators at dk_base/dv_base, key row j at
+  // j * ldc + col (floats).
+  auto tile = [&](Scratch& w, int64_t b, int64_t h, int64_t qb, float* dk_base, float* dv_base,
+                  int64_t ldc, int64_t col) {
+    const int64_t g = h / group, i0 = qb * BQ;
+    const int nq = static_cast<int>(std::min<int64_t>(BQ, s.S - i0));
+    for (int r = 0; r < BQ; ++r) {
+      float* qr = &w.qraw[r * DP];
+      float* dor = &w.dO[r * DP];
+      if (r < nq) {
+        const int64_t off = ((b * s.S + i0 + r) * s.H + h) * s.D;
+        load_row(q + off, qr, D, DP, 1.0f);
+        load_row(dout + off, dor, D, DP, 1.0f);
+        load_row(o + off, &w.o[r * DP], D, DP, 1.0f);
+        float dd = 0.0f;
+        for (int c = 0; c < D; ++c) dd += dor[c] * w.o[r * DP + c];
+        w.dd[r] = dd;
+        w.lse[r] = lse[(b * s.H + h) * s.S + i0 + r];
+      } else {
+        std::fill(qr, qr + DP, 0.0f);
+        std::fill(dor, dor + DP, 0.0f);
+        w.dd[r] = 0.0f;
+        w.lse[r] = 0.0f;
+      }
+      for (int c = 0; c < DP; ++c) w.q[r * DP + c] = qr[c] * scale2;
+    }
+    std::fill(w.o.begin(), w.o.end(), 0.0f);  // reused as the dQ accumulator
+    const int64_t klo = mi.lo[b * s.S + i0], khi = i0 + nq;
+    for (int64_t j0 = klo; j0 < khi; j0 += BK) {
+      const int nk = static_cast<int>(std::min<int64_t>(BK, khi - j0));
+      pack_keys(k, s, b, g, j0, nk, w.kt.data(), w.kp.data());
+      pack_keys(v, s, b, g, j0, nk, w.vt.data(), nullptr);
+      gemm_set(w.q.data(), w.kt.data(), w.s.data(), BQ, BK, DP);    // scores (base 2)
+      gemm_set(w.dO.data(), w.vt.data(), w.p.data(), BQ, BK, DP);   // dP = dO V^T
+      const bool full = tile_full(mi, s, b, i0, nq, j0, nk);
+      for (int r = 0; r < BQ; ++r) {
+        float* srow = &w.s[r * BK];
+        float* dprow = &w.p[r * BK];
+        if (r >= nq) {
+          std::fill(srow, srow + BK, 0.0f);
+          std::fill(dprow, dprow + BK, 0.0f);
+          continue;
+        }
+        if (!full)
+          for (int jj = 0; jj < BK; ++jj)
+            if (jj >= nk || !allowed(mi, s, b, i0 + r, j0 + jj)) srow[jj] = -INFINITY;
+        const v8 lv = vsplat(w.lse[r]), dv8 = vsplat(w.dd[r]);
+        for (int jj = 0; jj < BK; jj += 8) {
+          v8 p = vexp2(vload(srow + jj) - lv);
+          vstore(srow + jj, p);                                   // P
+          vstore(dprow + jj, p * (vload(dprow + jj) - dv8));      // dS (w.r.t. scaled scores)
+        }
+      }
+      // dV[j] += P^T dO ; dK[j] += dS^T Q ; dQ += dS K  (softmax scale applied at the end).
+      // A full tile adds straight into the accumulators; the last, partial tile of a row goes
+      // through a scratch tile so that nothing lands beyond its nk keys.
+      float* dv_dst = dv_base + j0 * ldc + col;
+      float* dk_dst = dk_base + j0 * ldc + col;
+      if (nk == BK) {
+        gemm_tn_acc(w.s.data(), w.dO.data(), dv_dst, BK, DP, BQ, ldc);
+        gemm_tn_acc(w.p.data(), w.qraw.data(), dk_dst, BK, DP, BQ, ldc);
+      } else {
+        for (int pass = 0; pass < 2; ++pass) {
+          std::fill(w.tmp.begin(), w.tmp.end(), 0.0f);
+          gemm_tn_acc(pass ? w.p.data() : w.s.data(), pass ? w.qraw.data() : w.dO.data(),
+                      w.tmp.data(), BK, DP, BQ, DP);
+          float* dst = pass ? dk_dst : dv_dst;
+          for (int jj = 0; jj < nk; ++jj)
+            for (int c = 0; c < DP; ++c) dst[jj * ldc + c] += w.tmp[jj * DP + c];
+        }
+      }
+      gemm_acc(w.p.data(), w.kp.data(), w.o.data(), BQ, DP, BK);
+    }
+    for (int r = 0; r < nq; ++r) {
+      T* dst = dq + ((b * s.S + i0 + r) * s.H + h) * s.D;
+      for (int c = 0; c < D; ++c) from_f32(w.o[r * DP + c] * s.scale, dst + c);
+    }
+  };
+
+  const int64_t groups = s.B * s.KV;
+  if (nt == 1 || groups % nt == 0 || groups >= 4 * nt) {
+    // Enough (batch, kv head) pairs to share out evenly: each task owns the dK/dV of one pair
+    // (every query head of its group, every query tile), so one parallel region and no sums
+    // across threads; a task's order of additions is fixed, so the result does not depend on
+    // the thread count either.
+    const int64_t kv_elems = s.S * s.DP;
+    std::vector<float> acc(static_cast<size_t>(nt) * 2 * kv_elems);
+#pragma omp parallel num_threads(nt)
+    {
+      float* dk_acc = acc.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * kv_elems;
+      float* dv_acc = dk_acc + kv_elems;
+      Scratch w(DP);
+#pragma omp for schedule(static, 1)
+      for (int64_t t = 0; t < groups; ++t) {
+        const int64_t b = t / s.KV, g = t % s.KV;
+        std::fill(dk_acc, dk_acc + 2 * kv_elems, 0.0f);
+        for (int64_t hh = 0; hh < group; ++hh)
+          for (int64_t qb = nqb - 1; qb >= 0; --qb)
+            tile(w, b, g * group + hh, qb, dk_acc, dv_acc, s.DP, 0);
+        for (int64_t j = 0; j < s.S; ++j) {
+          const int64_t out = ((b * s.S + j) * s.KV + g) * s.D;
+          for (int c = 0; c < D; ++c) {
+            from_f32(dk_acc[j * s.DP + c] * s.scale, dk + out + c);
+            from_f32(dv_acc[j * s.DP + c], dv + out + c);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // Few pairs (one long sequence): query tiles are shared out instead, per batch element. dK
+  // and dV gather contributions from many query tiles: each thread owns an fp32 copy for one
   // batch element at a time (batch elements never share keys), zeroed before each.
+  const int64_t ntasks = s.H * nqb;  // per batch element
+  const int64_t kv_elems = s.S * s.KV * s.DP;  // one thread's dK (or dV) accumulator
   std::vector<float> acc(static_cast<size_t>(nt) * 2 * kv_elems);
   for (int64_t b = 0; b < s.B; ++b)
 #pragma omp parallel num_threads(nt)
@@ -340,80 +454,7 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
 #pragma omp for schedule(static, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
       const int64_t qb = nqb - 1 - t % nqb, h = t / nqb;
-      const int64_t g = h / group, i0 = qb * BQ;
-      const int nq = static_cast<int>(std::min<int64_t>(BQ, s.S - i0));
-      for (int r = 0; r < BQ; ++r) {
-        float* qr = &w.qraw[r * DP];
-        float* dor = &w.dO[r * DP];
-        if (r < nq) {
-          const int64_t off = ((b * s.S + i0 + r) * s.H + h) * s.D;
-          load_row(q + off, qr, D, DP, 1.0f);
-          load_row(dout + off, dor, D, DP, 1.0f);
-          load_row(o + off, &w.o[r * DP], D, DP, 1.0f);
-          float dd = 0.0f;
-          for (int c = 0; c < D; ++c) dd += dor[c] * w.o[r * DP + c];
-          w.dd[r] = dd;
-          w.lse[r] = lse[(b * s.H + h) * s.S + i0 + r];
-        } else {
-          std::fill(qr, qr + DP, 0.0f);
-          std::fill(dor, dor + DP, 0.0f);
-          w.dd[r] = 0.0f;
-          w.lse[r] = 0.0f;
-        }
-        for (int c = 0; c < DP; ++c) w.q[r * DP + c] = qr[c] * scale2;
-      }
-      std::fill(w.o.begin(), w.o.end(), 0.0f);  // reused as the dQ accumulator
-      const int64_t klo = mi.lo[b * s.S + i0], khi = i0 + nq;
-      for (int64_t j0 = klo; j0 < khi; j0 += BK) {
-        const int nk = static_cast<int>(std::min<int64_t>(BK, khi - j0));
-        pack_keys(k, s, b, g, j0, nk, w.kt.data(), w.kp.data());
-        pack_keys(v, s, b, g, j0, nk, w.vt.data(), nullptr);
-        gemm_set(w.q.data(), w.kt.data(), w.s.data(), BQ, BK, DP);    // scores (base 2)
-        gemm_set(w.dO.data(), w.vt.data(), w.p.data(), BQ, BK, DP);   // dP = dO V^T
-        const bool full = tile_full(mi, s, b, i0, nq, j0, nk);
-        for (int r = 0; r < BQ; ++r) {
-          float* srow = &w.s[r * BK];
-          float* dprow = &w.p[r * BK];
-          if (r >= nq) {
-            std::fill(srow, srow + BK, 0.0f);
-            std::fill(dprow, dprow + BK, 0.0f);
-            continue;
-          }
-          if (!full)
-            for (int jj = 0; jj < BK; ++jj)
-              if (jj >= nk || !allowed(mi, s, b, i0 + r, j0 + jj)) srow[jj] = -INFINITY;
-          const v8 lv = vsplat(w.lse[r]), dv8 = vsplat(w.dd[r]);
-          for (int jj = 0; jj < BK; jj += 8) {
-            v8 p = vexp2(vload(srow + jj) - lv);
-            vstore(srow + jj, p);                                   // P
-            vstore(dprow + jj, p * (vload(dprow + jj) - dv8));      // dS (w.r.t. scaled scores)
-          }
-        }
-        // dV[j] += P^T dO ; dK[j] += dS^T Q ; dQ += dS K  (softmax scale applied at the end).
-        // A full tile adds straight into this thread's accumulators; the last, partial tile of
-        // a row goes through a scratch tile so that nothing lands beyond its nk keys.
-        const int64_t ldc = s.KV * s.DP;
-        float* dv_dst = dv_acc + (j0 * s.KV + g) * s.DP;
-        float* dk_dst = dk_acc + (j0 * s.KV + g) * s.DP;
-        if (nk == BK) {
-          gemm_tn_acc(w.s.data(), w.dO.data(), dv_dst, BK, DP, BQ, ldc);
-          gemm_tn_acc(w.p.data(), w.qraw.data(), dk_dst, BK, DP, BQ, ldc);
-        } else {
-          for (int pass = 0; pass < 2; ++pass) {
-            std::fill(w.tmp.begin(), w.tmp.end(), 0.0f);
-            gemm_tn_acc(pass ? w.p.data() : w.s.data(), pass ? w.qraw.data() : w.dO.data(),
-                        w.tmp.data(), BK, DP, BQ, DP);
-            float* dst = pass ? dk_dst : dv_dst;
-            for (int jj = 0; jj < nk; ++jj)
-              for (int c = 0; c < DP; ++c) dst[jj * ldc + c] += w.tmp[jj * DP + c];
-          }
-        }
-        gemm_acc(w.p.data(), w.kp.data(), w.o.data(), BQ, DP, BK);
-      }
-      for (int r = 0; r < nq; ++r) {
-        T* dst = dq + ((b * s.S + i0 + r) * s.H + h) * s.D;
-        for (int c = 0; c < D; ++c) from_f32(w.o[r * DP + c] * s.scale, dst + c);
-      }
+      tile(w, b, h, qb, dk_acc, dv_acc, s.KV * s.DP, (h / group) * s.DP);
     }
     // Sum the per-thread accumulators into this batch element's dk/dv, row by row.
     const int64_t rows = s.S * s.KV;
