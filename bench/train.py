@@ -17,7 +17,6 @@ transformers / ours (>1: we are faster); `--json` writes the rows.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
