@@ -87,9 +87,11 @@ def sync(device: str) -> None:
 
 
 def interleaved(methods: dict[str, Callable], repeats: int, warmup: int,
-                device: str) -> dict[str, list[float]]:
-    """Warm each method up, then time them in turns, `repeats` rounds."""
+                device: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm each method up, then time them in turns, `repeats` rounds: (wall seconds, process
+    CPU seconds) per method and round. On a shared machine the CPU time is the steadier one."""
     times: dict[str, list[float]] = {n: [] for n in methods}
+    cpu: dict[str, list[float]] = {n: [] for n in methods}
     for name, fn in methods.items():
         t = time.perf_counter()
         for _ in range(warmup):
@@ -99,11 +101,17 @@ def interleaved(methods: dict[str, Callable], repeats: int, warmup: int,
     for _ in range(repeats):
         for name, fn in methods.items():
             sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t)
-    return times
+            cpu[name].append(time.process_time() - c)
+    return times, cpu
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num/den: methods timed in the same round saw the same load."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def compare_models(args, device: str) -> list[dict]:
@@ -131,15 +139,19 @@ def compare_models(args, device: str) -> list[dict]:
             methods["ours_compiled"] = make_step(ours_c, ours_c, tokens, labels, device, args.bf16)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = interleaved(methods, args.repeats, args.warmup, device)
+        times, cpu = interleaved(methods, args.repeats, args.warmup, device)
         med = {n: statistics.median(t) for n, t in times.items()}
         row = {"seq": seq, "batch": batch, "window": window, "layers": cfg.num_layers,
                "hidden": cfg.hidden_size, "device": device, "bf16": args.bf16,
                "threads": torch.get_num_threads(), "median_s": med,
-               "min_s": {n: min(t) for n, t in times.items()}}
+               "min_s": {n: min(t) for n, t in times.items()},
+               "median_cpu_s": {n: statistics.median(t) for n, t in cpu.items()},
+               "wall_s": times, "cpu_s": cpu}
         if "transformers" in med:
-            row["speedup_vs_transformers"] = {n: med["transformers"] / t for n, t in med.items()
-                                              if n != "transformers"}
+            row["speedup_vs_transformers"] = {n: paired_ratio(times["transformers"], t)
+                                              for n, t in times.items() if n != "transformers"}
+            row["cpu_speedup_vs_transformers"] = {n: paired_ratio(cpu["transformers"], t)
+                                                  for n, t in cpu.items() if n != "transformers"}
         flops = flops_mod.train_flops_per_step(cfg, seq, batch)
         peak, source = flops_mod.device_peak_flops(torch.device(device))
         row["tflops"] = {n: flops / t / 1e12 for n, t in med.items()}
@@ -149,7 +161,7 @@ def compare_models(args, device: str) -> list[dict]:
         if device == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         text = " ".join(f"{n}={t * 1e3:.0f}ms" for n, t in med.items())
-        ratio = " ".join(f"transformers/{n}={r:.2f}x"
+        ratio = " ".join(f"transformers/{n}={r:.2f}x (cpu time {row['cpu_speedup_vs_transformers'][n]:.2f}x)"
                          for n, r in row.get("speedup_vs_transformers", {}).items())
         mfu = " ".join(f"{n}={m:.1%}" for n, m in row.get("mfu", {}).items())
         print(f"seq={seq:5d} batch={batch} window={window:5d}  {text}  | {ratio}"
@@ -197,14 +209,17 @@ def trainer_overhead(args, device: str) -> list[dict]:
         data = torch.randint(1, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
         bare = make_step(trainer.model, trainer.model, data[:, :-1].contiguous(),
                          data[:, 1:].contiguous(), device, args.bf16)
-        times = interleaved({"bare_step": bare, "trainer_step": trainer.train_step},
-                            args.repeats, args.warmup, device)
+        times, cpu = interleaved({"bare_step": bare, "trainer_step": trainer.train_step},
+                                 args.repeats, args.warmup, device)
     med = {n: statistics.median(t) for n, t in times.items()}
-    overhead = med["trainer_step"] / med["bare_step"] - 1
+    overhead = paired_ratio(times["trainer_step"], times["bare_step"]) - 1
+    cpu_overhead = paired_ratio(cpu["trainer_step"], cpu["bare_step"]) - 1
     print(f"seq={seq} batch={batch} window={window}  bare={med['bare_step'] * 1e3:.0f}ms "
-          f"trainer={med['trainer_step'] * 1e3:.0f}ms  | overhead {overhead:+.1%}", flush=True)
+          f"trainer={med['trainer_step'] * 1e3:.0f}ms  | overhead {overhead:+.1%} "
+          f"(cpu time {cpu_overhead:+.1%})", flush=True)
     rows.append({"seq": seq, "batch": batch, "window": window, "median_s": med,
                  "min_s": {n: min(t) for n, t in times.items()}, "trainer_overhead": overhead,
+                 "trainer_cpu_overhead": cpu_overhead, "wall_s": times, "cpu_s": cpu,
                  "threads": torch.get_num_threads(), "device": device})
     return rows
 
