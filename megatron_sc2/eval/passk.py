@@ -29,7 +29,7 @@ def mean_pass_at_k(totals: Sequence[int], corrects: Sequence[int], k: int) -> fl
     """pass@k averaged over problems (each problem with its own sample count)."""
     if len(totals) != len(corrects):
         raise ValueError("mean_pass_at_k: totals and corrects differ in length")
-    if not totals:
+    if len(totals) == 0:
         return float("nan")
     return float(np.mean([pass_at_k(int(n), int(c), k) for n, c in zip(totals, corrects)]))
 
