@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("megatron_sc2.governance.search", "corpus search over the tokens: build|merge|count|find"),
     "remove": ("megatron_sc2.governance.remove", "opt-out: a dataset without the listed repositories"),
     "plan": ("megatron_sc2.parallel.plan_main", "list the parallel layouts that fit a cluster's GPUs, best first"),
+    "eval": ("megatron_sc2.eval.main", "HumanEval pass@k and infilling from a checkpoint or HF directory, sandboxed"),
     "demo": ("megatron_sc2.demo", "the end-to-end CPU demo behind `make demo`"),
 }
 
