@@ -5,7 +5,8 @@ torchrun at TP2 x PP2) that starts from a `convert from-hf` checkpoint and saves
   its first update) equals transformers' loss on the same samples with the source weights;
 - the checkpoint written at TP2 x PP2 after step 1 exports (to-hf) to a directory whose
   transformers model gives step 2's loss, i.e. what the training model computed with those
-  weights.
+  weights;
+- `megatron-sc2 eval` on that checkpoint and on its export produces the same samples.
 """
 
 from __future__ import annotations
@@ -77,3 +78,17 @@ def test_from_hf_trains_at_tp2_pp2_and_exports_the_training_models_outputs(tmp_p
     assert abs(records[1]["loss"] - expect2) <= 1e-5 * expect2, (records[1]["loss"], expect2)
     # The weights did move: the step-1 export is not the source model.
     assert abs(_hf_loss(src, 2) - expect2) > 1e-3
+
+    # `megatron-sc2 eval` from the TP2 x PP2 checkpoint equals the same eval from its HF export.
+    from test_eval_cli import eval_tokenizer
+
+    tok = eval_tokenizer(tmp_path / "tok")
+    samples = []
+    for load, o in ((run / "iter_0000001", "eval_ck"), (out, "eval_hf")):
+        assert cli.main(["eval", "--load", str(load), "--tokenizer", str(tok), "--tasks", "humaneval",
+                         "--limit", "1", "--n-samples", "3", "--temperature", "1.0", "--max-new-tokens",
+                         "24", "--no-progress", "--workers", "2", "--output", str(tmp_path / o)]) == 0
+        recs = [json.loads(l) for l in (tmp_path / o / "samples.jsonl").read_text().splitlines()]
+        samples.append([{k: v for k, v in r.items() if k != "seconds"} for r in recs])
+    assert samples[0] == samples[1] and len(samples[0]) == 3
+    assert len({r["completion"] for r in samples[0]}) == 3  # three different samples
