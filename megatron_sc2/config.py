@@ -156,6 +156,12 @@ class TrainConfig:
     train_iters: int = 100
     eval_interval: int = 0
     eval_iters: int = 0
+    # code evaluation during training (megatron_sc2/eval/during_training.py)
+    eval_code_interval: int = 0       # every N steps: greedy pass@1 on --eval-code-tasks
+    eval_code_tasks: str = "humaneval"
+    eval_code_limit: int = 20         # first K tasks of each set (0: all)
+    eval_code_max_new_tokens: int = 256
+    eval_code_workers: int = 2        # sandboxed programs at a time
     # optimizer
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -264,7 +270,24 @@ class TrainConfig:
                               f"layouts as planned only); use 1")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        self._validate_code_eval()
         return self
+
+    def _validate_code_eval(self) -> None:
+        if self.eval_code_interval < 0:
+            raise ConfigError(f"--eval-code-interval must be >= 0, got {self.eval_code_interval}")
+        if self.eval_code_interval == 0:
+            return
+        if self.eval_code_limit < 0:
+            raise ConfigError(f"--eval-code-limit must be >= 0 (0: all tasks), got {self.eval_code_limit}")
+        if self.eval_code_max_new_tokens < 1 or self.eval_code_workers < 1:
+            raise ConfigError("--eval-code-max-new-tokens and --eval-code-workers must be >= 1")
+        from megatron_sc2.eval.tasks import parse_task_list  # standard library only
+
+        try:
+            parse_task_list(self.eval_code_tasks)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("--tasks", "--eval-code-tasks")) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

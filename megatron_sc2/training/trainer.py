@@ -380,6 +380,11 @@ class Trainer:
             record.update(self._step_metrics(dt))
             if cfg.eval_interval > 0 and it % cfg.eval_interval == 0:
                 record["valid_loss"] = self.evaluate()
+            # --eval-code-interval: HumanEval pass@1 on the full model; leaves RNG and model as found
+            if cfg.eval_code_interval > 0 and it % cfg.eval_code_interval == 0:
+                from megatron_sc2.eval.during_training import code_eval_during_training
+
+                record.update(code_eval_during_training(self.model, self.tokenizer, cfg, self.world_size))
             if it % cfg.log_interval == 0 or it == cfg.train_iters:
                 self.metrics.write(record)
                 if self.rank == 0:

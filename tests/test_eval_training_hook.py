@@ -1,0 +1,64 @@
+"""`--eval-code-interval`: pass@1 lands in metrics.jsonl and training is exactly what it is
+without the evaluation (and across a resume)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sc2.config import parse_train_args
+from megatron_sc2.errors import ConfigError
+from megatron_sc2.training.metrics import read_metrics
+from megatron_sc2.training.trainer import Trainer
+
+from test_eval_cli import eval_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_process")
+KEY = "code_pass@1/humaneval"
+
+
+def _args(tok: Path, save: Path, *extra: str) -> list[str]:
+    return ["--model", "starcoder2-tiny", "--mock-data", "--tokenizer-model", str(tok),
+            "--max-position-embeddings", "512", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--train-iters", "4",
+            "--seed", "5", "--save", str(save), "--save-interval", "2", *extra]
+
+
+def test_code_eval_logs_pass_at_1_and_leaves_training_unchanged(tmp_path):
+    tok = eval_tokenizer(tmp_path / "tok")
+    hook = ["--eval-code-interval", "2", "--eval-code-limit", "2", "--eval-code-max-new-tokens", "8"]
+    Trainer(parse_train_args(_args(tok, tmp_path / "a", *hook))).train()
+    Trainer(parse_train_args(_args(tok, tmp_path / "b"))).train()
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in a if KEY in r] == [2, 4]
+    assert all(0.0 <= r[KEY] <= 1.0 for r in a if KEY in r)
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    # resumed from step 2 with the evaluation on: steps 3 and 4 as in the uninterrupted run
+    Trainer(parse_train_args(_args(tok, tmp_path / "c", *hook, "--load", str(tmp_path / "a" / "iter_0000002")))).train()
+    c = read_metrics(tmp_path / "c")
+    assert [(r["step"], r["loss"]) for r in c if r["step"] > 2] == [(r["step"], r["loss"]) for r in a if r["step"] > 2]
+
+
+def test_code_eval_keeps_rng_and_mode(tmp_path):
+    from megatron_sc2.data.tokenizer import load_tokenizer
+    from megatron_sc2.eval.during_training import code_eval_during_training
+
+    tok = eval_tokenizer(tmp_path / "tok")
+    cfg = parse_train_args(_args(tok, tmp_path / "x", "--eval-code-interval", "1", "--eval-code-limit", "1",
+                                 "--eval-code-max-new-tokens", "4"))
+    from megatron_sc2.model import StarCoder2
+
+    model = StarCoder2(cfg.model_config(512)).train()
+    torch.manual_seed(1)
+    random.seed(1)
+    state, py = torch.get_rng_state(), random.getstate()
+    out = code_eval_during_training(model, load_tokenizer(tok), cfg, world_size=1)
+    assert set(out) == {KEY} and model.training
+    assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py
+    with pytest.raises(ConfigError, match="single-process"):
+        code_eval_during_training(model, load_tokenizer(tok), cfg, world_size=4)
+    with pytest.raises(ConfigError, match="--eval-code-tasks: unknown task 'mbpp'"):
+        parse_train_args(_args(tok, tmp_path / "y", "--eval-code-interval", "1", "--eval-code-tasks", "mbpp"))
