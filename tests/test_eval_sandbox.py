@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from megatron_sc2.errors import ConfigError
-from megatron_sc2.eval.sandbox import PASSED, TIMEOUT, UID_BASE, Limits, Sandbox, processes_of
+from megatron_sc2.eval.sandbox import PASSED, TIMEOUT, Limits, Sandbox, processes_of
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_hostile_programs_fail_inside_the_limits_and_nothing_survives(box, tmp_p
         listener.accept()  # nothing ever connected
     assert results["daemon"].status == PASSED and results["fine"].status == PASSED
     for slot in range(box.workers):  # the fork bomb's and the daemon's children are gone
-        assert processes_of(UID_BASE + slot) == []
+        assert processes_of(box.uid(slot)) == []
     # every program ended within its limit: two at a time, at most ~timeout each
     assert all(r.seconds < box.limits.timeout_s + 3 for r in results.values())
     assert wall < 60

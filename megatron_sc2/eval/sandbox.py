@@ -32,7 +32,9 @@ from megatron_sc2.errors import ConfigError
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 ISOLATION_FAILED = 97
-UID_BASE = 61000  # worker slot i runs as uid/gid UID_BASE + i
+UID_BASE = 200_000   # slot uids: UID_BASE + (pid % UID_BLOCKS) * MAX_WORKERS + slot
+UID_BLOCKS = 40_000  # so that two evaluators on one machine do not share (or kill) a uid
+MAX_WORKERS = 256
 PASSED, FAILED, ERROR, TIMEOUT = "passed", "failed", "error", "timeout"
 
 
@@ -87,8 +89,8 @@ class Sandbox:
     that isolation works (or that the caller accepted running unisolated)."""
 
     def __init__(self, limits: Limits = Limits(), workers: int = 1, allow_unisolated: bool = False):
-        if workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {workers}")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers must be in 1..{MAX_WORKERS}, got {workers}")
         self.limits = limits.validate()
         self.workers = workers
         self.root = os.geteuid() == 0
@@ -101,6 +103,7 @@ class Sandbox:
                 f"the sandbox cannot isolate programs on this machine ({why}); pass "
                 f"--allow-unisolated-execution to run untrusted code without isolation")
         self._slots: list[int] = list(range(workers))
+        self._uid_base = UID_BASE + (os.getpid() % UID_BLOCKS) * MAX_WORKERS
         self._lock = threading.Lock()
 
     def _probe(self) -> bool:
@@ -127,8 +130,12 @@ class Sandbox:
             with self._lock:
                 self._slots.append(slot)
 
+    def uid(self, slot: int) -> Optional[int]:
+        """The unprivileged uid (and gid) programs of worker slot `slot` run as (None: not root)."""
+        return self._uid_base + slot if self.root else None
+
     def _run_in_slot(self, source: str, slot: int) -> RunResult:
-        uid = UID_BASE + slot if self.root else None
+        uid = self.uid(slot)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="msc2-sandbox-") as d:
             top = Path(d)
