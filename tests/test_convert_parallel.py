@@ -6,7 +6,9 @@ torchrun at TP2 x PP2) that starts from a `convert from-hf` checkpoint and saves
 - the checkpoint written at TP2 x PP2 after step 1 exports (to-hf) to a directory whose
   transformers model gives step 2's loss, i.e. what the training model computed with those
   weights;
-- `megatron-sc2 eval` on that checkpoint and on its export produces the same samples.
+- `megatron-sc2 eval` on that checkpoint and on its export produces the same samples, and
+  `--eval-code-interval` during the TP2 x PP2 run (the model gathered to rank 0) logs pass@1
+  without changing the losses.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def test_from_hf_trains_at_tp2_pp2_and_exports_the_training_models_outputs(tmp_p
     assert cli.main(["convert", "from-hf", "--load", str(src), "--save", str(ck),
                      "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
 
+    from test_eval_cli import eval_tokenizer
+
+    tok = eval_tokenizer(tmp_path / "tok")  # for --eval-code-interval, and the evals below
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -62,11 +67,17 @@ def test_from_hf_trains_at_tp2_pp2_and_exports_the_training_models_outputs(tmp_p
            "--seq-length", str(SEQ), "--micro-batch-size", "1", "--global-batch-size", str(GBS),
            "--seed", str(SEED), "--lr", "3e-3", "--min-lr", "3e-4", "--log-interval", "1",
            "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-           "--train-iters", "2", "--save-interval", "1", "--load", str(ck), "--save", str(run)]
+           "--train-iters", "2", "--save-interval", "1", "--load", str(ck), "--save", str(run),
+           "--tokenizer-model", str(tok), "--eval-code-interval", "1", "--eval-code-limit", "1",
+           "--eval-code-max-new-tokens", "8", "--eval-code-workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
     assert [r["step"] for r in records] == [1, 2]
+    # the code eval ran on the gathered model at each step and left training as it was (the
+    # losses below), and its temporary checkpoint is gone
+    assert all(0.0 <= r["code_pass@1/humaneval"] <= 1.0 for r in records)
+    assert not (run / "code_eval.tmp").exists()
 
     expect1 = _hf_loss(src, 1)
     assert abs(records[0]["loss"] - expect1) <= 1e-5 * expect1, (records[0]["loss"], expect1)
@@ -80,9 +91,6 @@ def test_from_hf_trains_at_tp2_pp2_and_exports_the_training_models_outputs(tmp_p
     assert abs(_hf_loss(src, 2) - expect2) > 1e-3
 
     # `megatron-sc2 eval` from the TP2 x PP2 checkpoint equals the same eval from its HF export.
-    from test_eval_cli import eval_tokenizer
-
-    tok = eval_tokenizer(tmp_path / "tok")
     samples = []
     for load, o in ((run / "iter_0000001", "eval_ck"), (out, "eval_hf")):
         assert cli.main(["eval", "--load", str(load), "--tokenizer", str(tok), "--tasks", "humaneval",

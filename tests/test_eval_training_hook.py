@@ -55,10 +55,10 @@ def test_code_eval_keeps_rng_and_mode(tmp_path):
     torch.manual_seed(1)
     random.seed(1)
     state, py = torch.get_rng_state(), random.getstate()
-    out = code_eval_during_training(model, load_tokenizer(tok), cfg, world_size=1)
+    out = code_eval_during_training(model, load_tokenizer(tok), cfg, model.cfg, world_size=1, rank=0)
     assert set(out) == {KEY} and model.training
     assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py
-    with pytest.raises(ConfigError, match="single-process"):
-        code_eval_during_training(model, load_tokenizer(tok), cfg, world_size=4)
+    with pytest.raises(ConfigError, match="needs --tokenizer-model"):
+        code_eval_during_training(model, None, cfg, model.cfg, world_size=1, rank=0)
     with pytest.raises(ConfigError, match="--eval-code-tasks: unknown task 'mbpp'"):
         parse_train_args(_args(tok, tmp_path / "y", "--eval-code-interval", "1", "--eval-code-tasks", "mbpp"))

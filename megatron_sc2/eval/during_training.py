@@ -2,7 +2,7 @@
 
 The trainer calls `code_eval_during_training` at one place in its loop and adds the returned
 numbers to the step's metrics record (metrics.jsonl). Evaluation runs greedily, under no_grad,
-on the process's own full model; every random number generator is saved before and restored
+on a full copy of the model (gathered through a temporary checkpoint under TP/PP/DP); every random number generator is saved before and restored
 after, and the model's train/eval mode is put back, so training continues exactly as it would
 have without the evaluation (a resumed run stays bit-exact).
 """
@@ -40,18 +40,17 @@ class _RNGState:
         np.random.set_state(self.numpy)
 
 
-def code_eval_during_training(model: torch.nn.Module, tokenizer, cfg, world_size: int) -> dict[str, float]:
-    """pass@1 per task set (keys `code_pass@1/<task>`), on this process's full model.
+def code_eval_during_training(model: torch.nn.Module, tokenizer, cfg, model_cfg, world_size: int,
+                              rank: int) -> dict[str, float]:
+    """pass@1 per task set (keys `code_pass@1/<task>`), on a full copy of the model.
 
-    `cfg` is the TrainConfig (eval_code_* fields). Needs the training tokenizer (its FIM
-    tokens for infilling tasks) and, for now, a single process: under TP/PP no rank holds the
-    whole model."""
+    `cfg` is the TrainConfig (eval_code_* fields), `model_cfg` the model's. In one process the
+    training model itself is evaluated. Under several processes (TP/PP/DP) no rank holds the
+    whole model, so every rank writes its part with torch.distributed.checkpoint into a
+    temporary directory under --save (shared by all nodes, as checkpoints are), rank 0 loads the
+    whole model from it by global names, evaluates, deletes it, and broadcasts the numbers."""
     from megatron_sc2.eval.run import EvalOptions, evaluate
 
-    if world_size > 1:
-        raise ConfigError("--eval-code-interval runs in single-process training only for now "
-                          "(under TP/PP/DP no rank holds a full model copy); evaluate the saved "
-                          "checkpoints with `megatron-sc2 eval --load` instead")
     if tokenizer is None:
         raise ConfigError("--eval-code-interval needs --tokenizer-model (prompts must be encoded)")
     opts = EvalOptions(tasks=parse_task_list(cfg.eval_code_tasks), n_samples=1, temperature=0.0,
@@ -63,8 +62,47 @@ def code_eval_during_training(model: torch.nn.Module, tokenizer, cfg, world_size
     model.eval()
     try:
         with torch.no_grad():
-            results, _ = evaluate(model, tokenizer, opts)
+            if world_size == 1:
+                results, _ = evaluate(model, tokenizer, opts)
+            else:
+                results = _gathered_eval(model, tokenizer, cfg, model_cfg, rank, opts)
     finally:
         model.train(was_training)
         rng.restore()
     return {f"code_pass@1/{name}": r["pass@k"]["pass@1"] for name, r in results.items()}
+
+
+def _gathered_eval(stage: torch.nn.Module, tokenizer, cfg, model_cfg, rank: int, opts) -> dict:
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from megatron_sc2.convert.verify import load_our_model
+    from megatron_sc2.eval.run import evaluate
+
+    if not cfg.save:
+        raise ConfigError("--eval-code-interval under several processes needs --save (the model is "
+                          "gathered through a temporary checkpoint there)")
+    tmp = Path(cfg.save) / "code_eval.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sd = get_model_state_dict(stage)
+    if model_cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # the last stage's copy of the embedding
+    dcp.save({"model": sd}, checkpoint_id=str(tmp))
+    del sd
+    box: list = [None]
+    if rank == 0:
+        try:
+            full = load_our_model(tmp, model_cfg).to(next(stage.parameters()).device)
+            box[0], _ = evaluate(full, tokenizer, opts)
+            del full
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

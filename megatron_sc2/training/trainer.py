@@ -384,7 +384,8 @@ class Trainer:
             if cfg.eval_code_interval > 0 and it % cfg.eval_code_interval == 0:
                 from megatron_sc2.eval.during_training import code_eval_during_training
 
-                record.update(code_eval_during_training(self.model, self.tokenizer, cfg, self.world_size))
+                record.update(code_eval_during_training(self.model, self.tokenizer, cfg, self.model_cfg,
+                                                        self.world_size, self.rank))
             if it % cfg.log_interval == 0 or it == cfg.train_iters:
                 self.metrics.write(record)
                 if self.rank == 0:
