@@ -131,14 +131,16 @@ def decode_step(model: StarCoder2, token: torch.Tensor, position: torch.Tensor, 
     """One new token per row (batch,) at `column`; returns logits (batch, vocab)."""
     h = model.embed_tokens(token[:, None])
     cos, sin = rotary_cos_sin(position[:, None], model.cfg.head_dim, model.cfg.rope_theta, dtype=h.dtype)
+    # Until the ring wraps, slots 0..column hold columns 0..column: attend to those only.
+    used = min(column + 1, cache.size)
     mask = None
     for i, block in enumerate(model.layers.values()):
         q, k, v = _layer_qkv(block, h, cos, sin)
         cache.store_token(i, k, v, column)
         if mask is None:
-            mask = cache.mask(pad)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[i], cache.v[i],
-                                             attn_mask=mask, enable_gqa=True)
+            mask = cache.mask(pad)[..., :used]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[i][:, :, :used],
+                                             cache.v[i][:, :, :used], attn_mask=mask, enable_gqa=True)
         h = _finish_layer(block, h, out.transpose(1, 2))
     return _head(model, h)[:, 0]
 
