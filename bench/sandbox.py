@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from megatron_sc2.eval.sandbox import Sandbox, program_python  # noqa: E402
+from megatron_sc2.eval.sandbox import Sandbox  # noqa: E402
 from megatron_sc2.eval.scoring import score, summarize  # noqa: E402
 from megatron_sc2.eval.tasks import TASK_SETS, build_tasks, load_problems  # noqa: E402
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import Starcoder2Config, Starcoder2ForCausalLM
 
-from megatron_sc2.convert.hf_dir import open_hf_dir
 from megatron_sc2.errors import ConfigError
 from megatron_sc2.eval.generate import SamplingParams, generate
 from megatron_sc2.eval.loading import load_for_eval

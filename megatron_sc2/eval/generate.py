@@ -14,7 +14,7 @@ new token then attends to its layer's ring with SDPA.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
