@@ -62,6 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_sc2.eval.run import EvalOptions, evaluate, options_json, table, write_outputs
 
     tasks = parse_task_list(args.tasks)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} exists and is not a directory")
     opts = EvalOptions(
         tasks=tasks, n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
