@@ -9,16 +9,16 @@ what it would alone.
 The model file has no inference path; this module runs the model's own submodules (embedding,
 each block's norms, projections and MLP, the model's rotary helper) layer by layer. The
 prompt goes through once with our attention kernel (padding expressed as document ids); each
-new token then attends to its layer's ring with SDPA.
+new token then attends to its layer's ring (two batched matmuls, grouped by kv head).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from megatron_sc2.errors import ConfigError
 from megatron_sc2.model.starcoder2 import StarCoder2, apply_rotary, rotary_cos_sin
@@ -125,6 +125,19 @@ def prefill(model: StarCoder2, tokens: torch.Tensor, pad: torch.Tensor,
     return _head(model, h[:, -1:])[:, 0]
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row against its layer's cache, grouped-query: q (b, 1, H, d), k/v (b, KV, S, d),
+    mask (b, 1, 1, S) -> (b, 1, H, d). Query heads g*H/KV ... (g+1)*H/KV-1 share kv head g; two
+    small batched matmuls (SDPA's CPU path costs several times more for a single query)."""
+    b, _, heads, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, heads // kv, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (b, KV, G, S)
+    scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)  # (b, KV, G, d)
+    return out.reshape(b, 1, heads, d)
+
+
 @torch.no_grad()
 def decode_step(model: StarCoder2, token: torch.Tensor, position: torch.Tensor, column: int,
                 pad: torch.Tensor, cache: WindowKVCache) -> torch.Tensor:
@@ -139,9 +152,8 @@ def decode_step(model: StarCoder2, token: torch.Tensor, position: torch.Tensor, 
         cache.store_token(i, k, v, column)
         if mask is None:
             mask = cache.mask(pad)[..., :used]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[i][:, :, :used],
-                                             cache.v[i][:, :, :used], attn_mask=mask, enable_gqa=True)
-        h = _finish_layer(block, h, out.transpose(1, 2))
+        out = _decode_attention(q, cache.k[i][:, :, :used], cache.v[i][:, :, :used], mask)
+        h = _finish_layer(block, h, out)
     return _head(model, h)[:, 0]
 
 
