@@ -133,3 +133,31 @@ def test_bad_input_is_one_line(dirs, capsys, tmp_path, case):
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and want in err, err
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_contamination_report_names_the_problems_in_the_training_data(dirs, capsys, tmp_path):
+    """A corpus holding HumanEval/0's prompt and solution and HumanEval/1's solution only:
+    the portrait report says exactly that for the first three problems."""
+    from megatron_sc2.governance import portrait
+
+    he = build_tasks("humaneval")[:3]
+    filler = (Path(json.__file__)).read_text()
+    docs = [he[0].prefix + he[0].middle, "x = 1\n" + he[1].middle, filler]
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    assert cli.main(["preprocess", "--input", str(jsonl), "--output-prefix", str(tmp_path / "c"),
+                     "--tokenizer-model", str(dirs / "tok"), "--append-eod", "--workers", "1"]) == 0
+    portrait.build([str(tmp_path / "c_text_document")], str(dirs / "tok"), tmp_path / "portrait")
+    f = tmp_path / "s.jsonl"
+    f.write_text("".join(json.dumps({"task_id": t.task_id, "completion": t.middle}) + "\n" for t in he))
+    rc, out, err = run_eval(["--samples", str(f), "--portrait", str(tmp_path / "portrait"),
+                             "--output", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    c = json.loads((tmp_path / "o" / "summary.json").read_text())["contamination"]
+    assert c["problems"] == 3
+    assert c["prompts_in_training_data"] == ["HumanEval/0"]
+    assert c["solutions_in_training_data"] == ["HumanEval/0", "HumanEval/1"]
+    assert c["scores"]["HumanEval/2"]["prompt"] < 0.5
+    rc, _, err = run_eval(["--samples", str(f), "--portrait", str(tmp_path / "nope"),
+                           "--output", str(tmp_path / "o2")], capsys)
+    assert rc == 2 and "--portrait" in err and len(err.strip().splitlines()) == 1

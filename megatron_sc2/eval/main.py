@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="programs executed in parallel (default: the CPU count)")
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program")
+    p.add_argument("--portrait", help="membership portrait of the training data (`megatron-sc2 portrait "
+                   "build`): the summary then says which problems' prompts or solutions it contains")
+    p.add_argument("--contamination-threshold", type=float, default=0.5,
+                   help="portrait score from which a text counts as in the training data (default 0.5)")
     p.add_argument("--allow-unisolated-execution", action="store_true",
                    help="run untrusted completions even where the sandbox cannot isolate them")
     g = p.add_mutually_exclusive_group()
@@ -72,6 +76,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       memory_bytes=args.memory_mb << 20),
         workers=args.workers, allow_unisolated=args.allow_unisolated_execution,
         progress=args.progress).validate()
+    if args.portrait:
+        from megatron_sc2.eval.contamination import check_portrait
+
+        check_portrait(args.portrait)
+        if not 0 < args.contamination_threshold <= 1:
+            raise ConfigError(f"--contamination-threshold must be in (0, 1], got {args.contamination_threshold}")
     t0 = time.perf_counter()
     model = tok = None
     meta: dict = {"options": options_json(opts)}
@@ -85,7 +95,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         meta.update(samples=str(Path(args.samples).resolve()))
     results, records = evaluate(model, tok, opts, samples=Path(args.samples) if args.samples else None)
-    summary = {**meta, "results": results, "seconds": round(time.perf_counter() - t0, 2)}
+    summary = {**meta, "results": results}
+    if args.portrait:
+        from megatron_sc2.eval.contamination import contamination_report
+
+        pids = sorted({r.task_id.split("/")[0] + "/" + r.task_id.split("/")[1] for r in records},
+                      key=lambda t: int(t.split("/")[1]))
+        summary["contamination"] = c = contamination_report(args.portrait, pids, args.contamination_threshold)
+        print(f"contamination ({c['problems']} problems, portrait {args.portrait}): prompts seen in the "
+              f"training data: {len(c['prompts_in_training_data'])}, canonical solutions: "
+              f"{len(c['solutions_in_training_data'])}")
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_outputs(Path(args.output), summary, records)
     print(table(results))
     print(f"wrote {Path(args.output) / 'summary.json'} and samples.jsonl ({len(records)} samples) "
