@@ -125,16 +125,16 @@ def prefill(model: StarCoder2, tokens: torch.Tensor, pad: torch.Tensor,
     return _head(model, h[:, -1:])[:, 0]
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """One query per row against its layer's cache, grouped-query: q (b, 1, H, d), k/v (b, KV, S, d),
-    mask (b, 1, 1, S) -> (b, 1, H, d). Query heads g*H/KV ... (g+1)*H/KV-1 share kv head g; two
-    small batched matmuls (SDPA's CPU path costs several times more for a single query)."""
+    bias (b * KV, 1, S) additive mask (0 or -inf) -> (b, 1, H, d). Query heads g*H/KV ...
+    (g+1)*H/KV-1 share kv head g. Three batched ops (scaled scores with the mask added, softmax,
+    weighted sum): SDPA's CPU path costs several times more for a single query."""
     b, _, heads, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(b, kv, heads // kv, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (b, KV, G, S)
-    scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
-    out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)  # (b, KV, G, d)
+    kv, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b * kv, heads // kv, d)
+    scores = torch.baddbmm(bias, qg, k.reshape(b * kv, s, d).transpose(1, 2), alpha=1.0 / math.sqrt(d))
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * kv, s, d))  # (b*KV, G, d)
     return out.reshape(b, 1, heads, d)
 
 
@@ -146,13 +146,15 @@ def decode_step(model: StarCoder2, token: torch.Tensor, position: torch.Tensor, 
     cos, sin = rotary_cos_sin(position[:, None], model.cfg.head_dim, model.cfg.rope_theta, dtype=h.dtype)
     # Until the ring wraps, slots 0..column hold columns 0..column: attend to those only.
     used = min(column + 1, cache.size)
-    mask = None
+    bias = None
     for i, block in enumerate(model.layers.values()):
         q, k, v = _layer_qkv(block, h, cos, sin)
         cache.store_token(i, k, v, column)
-        if mask is None:
-            mask = cache.mask(pad)[..., :used]
-        out = _decode_attention(q, cache.k[i][:, :, :used], cache.v[i][:, :, :used], mask)
+        if bias is None:  # after layer 0 has written this column's slot
+            ok = cache.mask(pad)[:, 0, :, :used]  # (b, 1, used)
+            bias = torch.zeros(ok.shape, dtype=h.dtype, device=h.device).masked_fill_(~ok, float("-inf"))
+            bias = bias.repeat_interleave(cache.k[i].shape[1], dim=0)  # (b * KV, 1, used)
+        out = _decode_attention(q, cache.k[i][:, :, :used], cache.v[i][:, :, :used], bias)
         h = _finish_layer(block, h, out)
     return _head(model, h)[:, 0]
 
