@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from megatron_sc2.errors import ConfigError
+from megatron_sc2.errors import ConfigError, UserError
 from megatron_sc2.eval.tasks import parse_task_list
 
 
@@ -100,9 +100,14 @@ def _gathered_eval(stage: torch.nn.Module, tokenizer, cfg, model_cfg, rank: int,
     if rank == 0:
         try:
             full = load_our_model(tmp, model_cfg).to(next(stage.parameters()).device)
-            box[0], _ = evaluate(full, tokenizer, opts)
+            box[0] = ("ok", evaluate(full, tokenizer, opts)[0])
             del full
+        except UserError as e:  # every rank stops with it, rather than waiting on rank 0
+            box[0] = ("error", str(e))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    status, value = box[0]
+    if status == "error":
+        raise ConfigError(value)
+    return value
