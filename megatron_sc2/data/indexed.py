@@ -186,7 +186,10 @@ class IndexedWriter:
 
     def abort(self) -> None:
         for c in self.companions:
-            c.abort()
+            try:
+                c.abort()
+            except OSError:
+                pass
         if not self._bin.closed:
             try:
                 self._bin.close()  # flushing may fail again (a full disk): the file goes anyway

@@ -173,7 +173,10 @@ class ProvenanceWriter:
 
     def abort(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()  # flushing may fail again (a full disk): the file goes anyway
+            except OSError:
+                pass
         try:
             self._tmp.unlink()
         except FileNotFoundError:

@@ -189,11 +189,13 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
         for k in keys:
             sidecars[k] = ProvenanceWriter(outputs[k])
             writers[k] = IndexedWriter(outputs[k], dtype, companions=[sidecars[k]])
-    except OSError as e:
+    except BaseException as e:
         for w in [*writers.values(), *sidecars.values()]:
             w.abort()
         bar.close()
-        raise DataError(f"cannot write {outputs[k]}.bin: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise DataError(f"cannot write {outputs[k]}.bin: {e.strerror or e}") from None
+        raise
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             pending: deque = deque()
