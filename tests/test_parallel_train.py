@@ -1,6 +1,9 @@
 """`megatron-sc2 train` under torchrun: a checkpoint written at TP2 x PP2 resumes at TP1 x PP1
 (one process) and at DP2 with the same next-step loss as resuming at TP2 x PP2; metrics.jsonl
-is written once, with throughput, TFLOP/s, MFU and per-rank peak memory."""
+is written once, with throughput, TFLOP/s, MFU and per-rank peak memory. All runs use
+--reset-position-ids --reset-attention-mask, so the validation losses compared across layouts
+(one process, DP2, PP2, TP2 x PP2) also check that every layout validates with the position and
+document ids."""
 
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 BASE = ["--model", "starcoder2-tiny", "--mock-data", "--seq-length", "32",  # window 16 < 32
         "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "3e-3", "--min-lr", "3e-4",
         "--lr-warmup-iters", "1", "--clip-grad", "1.0", "--log-interval", "1", "--seed", "5",
-        "--eval-interval", "4", "--eval-iters", "1"]
+        "--eval-interval", "4", "--eval-iters", "1",
+        # Packed documents (mock data has end-of-document tokens): training and validation
+        # must both restart positions and keep attention inside documents under every layout.
+        "--reset-position-ids", "--reset-attention-mask"]
 
 
 def _free_port() -> int:

@@ -336,9 +336,12 @@ class Trainer:
             batches = [self._micro_batch(self.valid_ds, first, m) for m in range(self.num_micro_batches)]
             n = self._dp_sum(sum(float(b["loss_mask"].sum()) for b in batches))
             cat = {k: torch.cat([b[k] for b in batches]) for k in ("tokens", "labels", "loss_mask")}
+            pos = torch.cat([b["position_ids"] for b in batches]) if self.cfg.reset_position_ids else None
+            docs = (torch.cat([b["document_ids"] for b in batches])
+                    if self.cfg.reset_attention_mask and batches[0].get("document_ids") is not None else None)
             with self._autocast():
                 loss = self.pm.forward_backward(cat["tokens"], cat["labels"], cat["loss_mask"],
-                                                max(n, 1.0), backward=False)
+                                                max(n, 1.0), pos, docs, backward=False)
             total += float(loss) * n
             tokens += n
         return total / max(tokens, 1.0)
