@@ -148,7 +148,7 @@ class TrainConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
-    num_workers: int = 0
+    num_workers: int = 1          # threads building the next step's batch while this one runs (0: none)
     mock_data: bool = False
     # batch
     micro_batch_size: int = 1
@@ -259,6 +259,8 @@ class TrainConfig:
             raise ConfigError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
         if not 0.0 <= self.fim_rate <= 1.0 or not 0.0 <= self.fim_spm_rate <= 1.0:
             raise ConfigError("--fim-rate and --fim-spm-rate must lie in [0, 1]")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ConfigError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         if self.nan_policy not in ("skip", "stop"):

@@ -136,7 +136,7 @@ def move_into_place(tmp: Path, final: Path) -> None:
 
 
 def to_hf(opts: ToHFOptions) -> ToHFResult:
-    from megatron_sc2.training.checkpoint import find_checkpoint, read_meta
+    from megatron_sc2.training.checkpoint import find_checkpoint, read_meta, tokenizer_path
 
     t0 = time.perf_counter()
     ckpt = find_checkpoint(opts.load, opts.iteration)
@@ -155,7 +155,7 @@ def to_hf(opts: ToHFOptions) -> ToHFResult:
     out_specs = [TensorSpec(n, stored[n].shape, out_dtype) for n in order]
     shards = plan_shards(out_specs, opts.max_shard_size)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
-    tokenizer = opts.tokenizer or meta.get("tokenizer")
+    tokenizer = opts.tokenizer or tokenizer_path(ckpt, meta)
 
     final = Path(opts.save)
     refuse_overlap(Path(opts.load), final)

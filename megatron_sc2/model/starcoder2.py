@@ -7,9 +7,10 @@ Attention is grouped-query with rotary embeddings on the full head dim and a sli
 bias except lm_head; LayerNorms have a bias. The submodule names equal the Hugging Face ones
 (without the `model.` prefix) so that state dicts map one to one.
 
-Parallelism is applied from outside (megatron_sc2.parallel): `layers` is a ModuleDict keyed by
-the global layer index, so a pipeline stage is this model with some layers deleted and
-`embed_tokens`/`norm`/`lm_head` set to None where the stage does not own them.
+Parallelism and activation recomputation are applied from outside (megatron_sc2.parallel):
+`layers` is a ModuleDict keyed by the global layer index, so a pipeline stage is this model
+with some layers deleted and `embed_tokens`/`norm`/`lm_head` set to None where the stage does
+not own them.
 """
 
 from __future__ import annotations
@@ -98,6 +99,23 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@torch.no_grad()
+def init_parameter(name: str, t: torch.Tensor, cfg: ModelConfig,
+                   generator: Optional[torch.Generator] = None) -> None:
+    """The one initialization rule, by parameter name (the model and shard-by-shard init in
+    megatron_sc2.parallel use it): unit LayerNorm weights, zero biases, Normal(0, std) weights,
+    the output projection of each residual branch scaled by 1/sqrt(2 * layers) (Megatron, GPT-2)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if "layernorm" in name or name.startswith("norm."):
+        t.fill_(1.0 if leaf == "weight" else 0.0)
+    elif leaf == "bias":
+        t.zero_()
+    else:
+        out = ".o_proj." in name or ".c_proj." in name
+        std = cfg.init_method_std / (math.sqrt(2.0 * cfg.num_layers) if out else 1.0)
+        t.normal_(0.0, std, generator=generator)
+
+
 class StarCoder2(nn.Module):
     """The causal language model. `forward` returns logits (batch, seq, vocab); the loss is
     computed by the caller (so a tensor-parallel caller can use a vocabulary-parallel loss)."""
@@ -115,22 +133,9 @@ class StarCoder2(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, std) weights, zero biases, unit LayerNorms; output projections of each
-        residual branch scaled by 1/sqrt(2 * layers) as in Megatron/GPT-2."""
-        std = self.cfg.init_method_std
-        out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                s = out_std if name.endswith(("o_proj", "c_proj")) else std
-                if module.weight.device.type != "meta":
-                    nn.init.normal_(module.weight, mean=0.0, std=s)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding) and module.weight.device.type != "meta":
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.LayerNorm) and module.weight.device.type != "meta":
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if p.device.type != "meta":
+                init_parameter(name, p, self.cfg)
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,18 +1,19 @@
-"""The seam between the trainer and the parallel engine.
+"""The engine: one step path for every layout, the single process included.
 
-`ParallelModel.build(cfg, layout, mesh)` turns a StarCoder2 configuration into this rank's
-share of the model (pipeline chunks, tensor/sequence-parallel shards, FSDP2 data-parallel
-shards with sharded optimizer state), and `forward_backward(tokens, labels)` runs one step's
-micro-batches through the pipeline schedule, leaving gradients equal to those of one process
-on the whole global batch (mean token loss). The trainer then calls `clip_grad_norm_` and its
-optimizer on `parameters()`.
+`Engine.build(cfg, layout, mesh)` turns a StarCoder2 into this rank's share of the model
+(pipeline stages = the model with layers deleted, tensor/sequence-parallel shards, FSDP2
+data-parallel shards with sharded optimizer state, activation recomputation); with tp = pp =
+dp = 1 and no mesh it is the plain model in one process. The engine owns what a step computes:
+`train_step(batch)` runs this rank's micro-batches forward and backward (loss = masked token
+loss over the loss tokens of the whole global batch), then the global grad norm and clipping;
+`evaluate(batch)` is the same call without backward. Position and document ids go wherever the
+tokens go. Results stay on the device (no host synchronisation inside a step).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -24,51 +25,56 @@ from megatron_sc2.config import ModelConfig
 from megatron_sc2.model.starcoder2 import StarCoder2
 from megatron_sc2.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_sc2.parallel.layout import ParallelLayout, split_layers
-from megatron_sc2.parallel.stage import RankModel, StageModule
+from megatron_sc2.parallel.recompute import apply_recompute
+from megatron_sc2.parallel.stage import RankModel, keep_layers
 from megatron_sc2.parallel.tensor_parallel import apply_tensor_parallel, vocab_range
+
+Batch = dict[str, Optional[torch.Tensor]]
 
 
 @dataclass
-class ParallelModel:
+class Engine:
     cfg: ModelConfig
     layout: ParallelLayout
-    mesh: DeviceMesh
-    chunks: list[StageModule]
+    mesh: Optional[DeviceMesh]  # None in one process
+    chunks: list[StarCoder2]
     chunk_ids: list[int]
-    rank_model: RankModel
+    rank_model: nn.Module
     device: torch.device
     embedding_group: Optional[dist.ProcessGroup] = None
+    bf16: bool = False
     _schedule: object = None
     _stages: list = field(default_factory=list)
     _loss_holder: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def build(cls, cfg: ModelConfig, layout: ParallelLayout, mesh: DeviceMesh,
+    def build(cls, cfg: ModelConfig, layout: ParallelLayout, mesh: Optional[DeviceMesh],
               model: Optional[StarCoder2] = None, device: Optional[torch.device] = None,
               param_dtype: Optional[torch.dtype] = None,
               init_seed: Optional[int] = None, bf16: bool = False,
-              compile: bool = False) -> "ParallelModel":
+              compile: bool = False) -> "Engine":
         """`model`: a full StarCoder2 (the same weights on every rank, e.g. built from one
         seed), or one on the meta device: then, with `init_seed`, each rank allocates and
         initializes only its shards (parallel/init.py); without it the shards stay on meta
-        (for counting). Built here from `cfg` if not given. `bf16`: FSDP all-gathers the
+        (for counting). Built here from `cfg` if not given. `mesh`: the (pp, dp, tp) mesh, or
+        None for one process. `bf16`: forward under bf16 autocast, and FSDP all-gathers the
         parameters in bf16 and reduces gradients in fp32 (`fsdp_mixed_precision`); `compile`:
         torch.compile each transformer block (`compile_blocks`)."""
-        device = device or torch.device(mesh.device_type)
+        if mesh is None and layout.world_size != 1:
+            raise ValueError(f"layout {layout.describe()} needs a device mesh")
+        device = device or torch.device(mesh.device_type if mesh is not None else "cpu")
         if model is None:
             model = StarCoder2(cfg)
-        pp_rank = mesh["pp"].get_local_rank()
+        pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
         ranges = split_layers(cfg.num_layers, layout.num_model_chunks)
         chunk_ids = [pp_rank + i * layout.pp for i in range(layout.virtual_stages)]
         last = layout.num_model_chunks - 1
         tied = cfg.tie_word_embeddings
-        chunks: list[StageModule] = []
+        chunks: list[StarCoder2] = []
         for c in chunk_ids:
-            embed = model.embed_tokens if c == 0 else None
-            norm = model.norm if c == last else None
-            head = model.lm_head if c == last else None
-            if head is not None and tied and embed is None:
+            chunk = keep_layers(model, ranges[c], first=c == 0, last=c == last)
+            if chunk.lm_head is not None and tied and chunk.embed_tokens is None:
                 # The last stage keeps its own copy of the tied embedding; their gradients are
                 # summed over the embedding group so the two copies stay equal.
                 head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
@@ -77,14 +83,12 @@ class ParallelModel:
                 with torch.no_grad():
                     if head.weight.device.type != "meta":
                         head.weight.copy_(model.lm_head.weight)
-            layers = {str(i): model.layers[str(i)] for i in ranges[c]}
-            chunk = StageModule(cfg, embed, layers, norm, head,
-                                seq_shards=layout.tp if layout.sequence_parallel else 1,
-                                recompute=layout.recompute_granularity)
+                chunk.lm_head = head
             chunks.append(chunk)
         del model
-        for chunk in chunks:
-            apply_tensor_parallel(chunk, cfg, mesh["tp"], layout.sequence_parallel)
+        if layout.tp > 1:
+            for chunk in chunks:
+                apply_tensor_parallel(chunk, cfg, mesh["tp"], layout.sequence_parallel)
         on_meta = any(p.device.type == "meta" for c in chunks for p in c.parameters())
         if on_meta and init_seed is not None:
             from megatron_sc2.parallel.init import materialize
@@ -101,6 +105,8 @@ class ParallelModel:
             # Moving or materializing a module can replace Parameter objects: tie again.
             if tied and chunk.embed_tokens is not None and chunk.lm_head is not None:
                 chunk.lm_head.weight = chunk.embed_tokens.weight
+        for chunk in chunks:
+            apply_recompute(chunk, layout.recompute_granularity)
         if compile:
             from megatron_sc2.parallel.wrappers import compile_blocks
 
@@ -117,9 +123,10 @@ class ParallelModel:
                     fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=False, mp_policy=mp)
                 fully_shard(chunk, mesh=mesh["dp"], reshard_after_forward=False, mp_policy=mp)
         embedding_group = _embedding_group(mesh) if (tied and layout.pp > 1) else None
-        pm = cls(cfg=cfg, layout=layout, mesh=mesh, chunks=chunks, chunk_ids=chunk_ids,
-                 rank_model=RankModel(chunks), device=device, embedding_group=embedding_group)
-        return pm
+        rank_model = chunks[0] if len(chunks) == 1 else RankModel(chunks)
+        return cls(cfg=cfg, layout=layout, mesh=mesh, chunks=chunks, chunk_ids=chunk_ids,
+                   rank_model=rank_model, device=device, embedding_group=embedding_group,
+                   bf16=bf16)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.rank_model.parameters()
@@ -134,15 +141,20 @@ class ParallelModel:
                 and self.rank_model.embed_tokens is None)
 
     # ---------------------------------------------------------------- one step
+    def _group(self, dim: str) -> Optional[dist.ProcessGroup]:
+        """The process group of mesh dimension `dim`, None when that dimension has size 1."""
+        size = {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}[dim]
+        return self.mesh[dim].get_group() if size > 1 else None
+
     def _loss_fn(self, total_tokens: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Loss of one micro-batch: its masked token-loss sum over the loss tokens of the whole
         global batch, so the micro-batch and data-parallel gradients add up to the global
         mean. `target` packs labels and the 0/1 loss mask as (..., 2). FSDP averages
         gradients over the data-parallel ranks (gloo has no pre-scaled sum), so the loss that
         is back-propagated is multiplied by the data-parallel size; callers divide it out."""
-        tp_mesh = self.mesh["tp"]
-        group = tp_mesh.get_group() if self.layout.tp > 1 else None
-        start, _ = vocab_range(self.cfg.vocab_size, tp_mesh.get_local_rank(), self.layout.tp)
+        group = self._group("tp")
+        tp_rank = self.mesh["tp"].get_local_rank() if group is not None else 0
+        start, _ = vocab_range(self.cfg.vocab_size, tp_rank, self.layout.tp)
 
         def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             labels, mask = target[..., 0], target[..., 1]
@@ -154,9 +166,38 @@ class ParallelModel:
     def _dp_scale(self) -> float:
         return float(self.layout.dp) if self.layout.dp > 1 else 1.0
 
+    def global_tokens(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Loss tokens of the whole global batch (this rank's mask summed over data-parallel
+        ranks), at least 1; stays on the device."""
+        n = loss_mask.sum(dtype=torch.float32)
+        group = self._group("dp")
+        if group is not None:
+            dist.all_reduce(n, group=group)
+        return n.clamp_min(1.0)
+
+    def train_step(self, batch: Batch, clip_grad: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over this rank's share of one global batch (tokens, labels,
+        loss_mask, position_ids, document_ids: (local_batch, seq)), then the global grad norm,
+        clipped to `clip_grad` if > 0. Returns (global mean loss, grad norm before clipping),
+        fp32 scalars on the device; the caller steps the optimizer."""
+        loss = self.forward_backward(batch["tokens"], batch["labels"], batch["loss_mask"],
+                                     self.global_tokens(batch["loss_mask"]),
+                                     batch.get("position_ids"), batch.get("document_ids"))
+        norm = self.clip_grad_norm_(clip_grad) if clip_grad > 0 else self.grad_norm()
+        return loss, norm
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training step's loss without backward: (global mean loss, global loss tokens)."""
+        tokens = self.global_tokens(batch["loss_mask"])
+        loss = self.forward_backward(batch["tokens"], batch["labels"], batch["loss_mask"], tokens,
+                                     batch.get("position_ids"), batch.get("document_ids"),
+                                     backward=False)
+        return loss, tokens
+
     def forward_backward(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                          loss_mask: Optional[torch.Tensor] = None,
-                         total_tokens: Optional[float] = None,
+                         total_tokens: Union[float, torch.Tensor, None] = None,
                          position_ids: Optional[torch.Tensor] = None,
                          document_ids: Optional[torch.Tensor] = None,
                          backward: bool = True) -> torch.Tensor:
@@ -170,33 +211,48 @@ class ParallelModel:
             loss_mask = torch.ones_like(labels)
         if total_tokens is None:
             total_tokens = float(labels.numel() * self.layout.dp)
-        total = torch.tensor(float(total_tokens), dtype=torch.float32, device=self.device)
+        total = torch.as_tensor(total_tokens, dtype=torch.float32, device=self.device)
         loss_fn = self._loss_fn(total)
         target = torch.stack([labels, loss_mask.to(labels.dtype)], dim=-1)
-        if self.layout.pp == 1:
-            chunk = self.chunks[0]
-            loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-            pos = position_ids.chunk(n_mb) if position_ids is not None else [None] * n_mb
-            docs = document_ids.chunk(n_mb) if document_ids is not None else [None] * n_mb
-            for i, (t, y) in enumerate(zip(tokens.chunk(n_mb), target.chunk(n_mb))):
-                if self.layout.dp > 1 and backward:
-                    # Reduce gradients, and free the gathered parameters, only after the last
-                    # micro-batch (one all-gather and one reduction per step).
-                    chunk.set_requires_gradient_sync(i == n_mb - 1)
-                    chunk.set_reshard_after_backward(i == n_mb - 1)
-                loss = loss_fn(chunk(t, pos[i], docs[i]), y)
-                if backward:
-                    loss.backward()
-                loss_sum += loss.detach()
-        else:
-            side = {name: t for name, t in (("position_ids", position_ids),
-                                            ("document_ids", document_ids)) if t is not None}
-            loss_sum = self._pipeline_step(tokens, target, loss_fn, backward, side)
+        if position_ids is None:
+            # Always explicit: under sequence parallelism a stage sees a shard of the sequence
+            # but rotates by the global positions.
+            b, s = labels.shape
+            position_ids = torch.arange(s, device=labels.device).unsqueeze(0).expand(b, s)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.layout.pp == 1:
+                loss_sum = self._local_step(tokens, target, loss_fn, backward, position_ids,
+                                            document_ids)
+            else:
+                side = {name: t for name, t in (("position_ids", position_ids),
+                                                ("document_ids", document_ids)) if t is not None}
+                loss_sum = self._pipeline_step(tokens, target, loss_fn, backward, side)
         if backward:
             self._reduce_tied_grads()
         loss_sum = loss_sum / self._dp_scale
-        if self.layout.dp > 1:
-            dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
+        group = self._group("dp")
+        if group is not None:
+            dist.all_reduce(loss_sum, group=group)
+        return loss_sum
+
+    def _local_step(self, tokens, target, loss_fn, backward: bool, position_ids,
+                    document_ids) -> torch.Tensor:
+        """No pipeline: the micro-batches one after the other through the one chunk."""
+        n_mb = self.layout.num_microbatches
+        chunk = self.chunks[0]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        docs = document_ids.chunk(n_mb) if document_ids is not None else [None] * n_mb
+        for i, (t, y, pos) in enumerate(zip(tokens.chunk(n_mb), target.chunk(n_mb),
+                                            position_ids.chunk(n_mb))):
+            if self.layout.dp > 1 and backward:
+                # Reduce gradients, and free the gathered parameters, only after the last
+                # micro-batch (one all-gather and one reduction per step).
+                chunk.set_requires_gradient_sync(i == n_mb - 1)
+                chunk.set_reshard_after_backward(i == n_mb - 1)
+            loss = loss_fn(chunk(t, pos, docs[i]), y)
+            if backward:
+                loss.backward()
+            loss_sum += loss.detach()
         return loss_sum
 
     def _pipeline_step(self, tokens, target, loss_fn, backward: bool = True,
@@ -225,8 +281,8 @@ class ParallelModel:
             else:
                 self._schedule = ScheduleInterleaved1F1B(self._stages, n_mb, loss_fn=current_loss,
                                                          scale_grads=False)
-        first = any(c.is_first for c in self.chunks)
-        last = any(c.is_last for c in self.chunks)
+        first = any(c.embed_tokens is not None for c in self.chunks)
+        last = any(c.lm_head is not None for c in self.chunks)
         losses: list[torch.Tensor] = []
         args = (tokens,) if first else ()
         kwargs = {"target": target, "losses": losses} if last else {}
@@ -278,8 +334,9 @@ class ParallelModel:
             else:
                 n = g.float().norm(2)
             sq += n * n
-        if self.layout.pp > 1:
-            dist.all_reduce(sq, group=self.mesh["pp"].get_group())
+        group = self._group("pp")
+        if group is not None:
+            dist.all_reduce(sq, group=group)
         return sq.sqrt()
 
     @torch.no_grad()
@@ -310,9 +367,16 @@ def _embedding_group(mesh: DeviceMesh) -> Optional[dist.ProcessGroup]:
     return mine
 
 
-def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> DeviceMesh:
-    """The (pp, dp, tp) device mesh over the initialized world (tp fastest, as Megatron)."""
+# The name tests/dist and older callers use.
+ParallelModel = Engine
+
+
+def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> Optional[DeviceMesh]:
+    """The (pp, dp, tp) device mesh over the initialized world (tp fastest, as Megatron);
+    None in one process without a process group."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    if layout.world_size == 1 and not dist.is_initialized():
+        return None
     return init_device_mesh(device_type, (layout.pp, layout.dp, layout.tp),
                             mesh_dim_names=("pp", "dp", "tp"))

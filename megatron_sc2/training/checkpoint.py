@@ -5,6 +5,7 @@ Layout of a save directory (see the format notes in the README):
     SAVE/iter_0000100/            DCP files (.metadata, *.distcp) for {"model": ..., "optimizer": ...}
     SAVE/iter_0000100/meta.json   iteration, consumed samples, model and train config, tokenizer
     SAVE/iter_0000100/rng/        per-rank RNG state
+    SAVE/iter_0000100/tokenizer/  a copy of the run's tokenizer files (meta.json points here)
     SAVE/iter_0000100/complete    written last; a directory without it is never loaded
     SAVE/latest_checkpointed_iteration.txt   Megatron's name, replaced atomically
 
@@ -26,6 +27,7 @@ import pickle
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +44,72 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 COMPLETE_MARKER = "complete"
 META_FILE = "meta.json"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
+TOKENIZER_DIR = "tokenizer"
+# The tokenizer files worth copying from a Hugging Face directory (never its model weights).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+
+# Fields of ModelConfig that must agree between a checkpoint and the run that loads it.
+ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+               "num_query_groups", "tie_word_embeddings", "use_bias")
+TIED_HEAD = "lm_head.weight"
+EMBEDDING = "embed_tokens.weight"
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0          # completed optimizer steps
+    consumed_samples: int = 0   # global samples consumed by those steps
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint being written in the background (--async-save)."""
+
+    future: Any  # concurrent.futures.Future from torch.distributed.checkpoint.async_save
+    tmp: Path
+    iteration: int
+    meta: dict[str, Any]
+    started: float
+
+
+def stored_key(key: str, tied: bool, holds_tied_copy: bool) -> Optional[str]:
+    """The one tied-embedding rule: the stored key of a model or optimizer entry. A tied
+    lm_head is never written (None: the embedding is); a last pipeline stage's own copy of the
+    tied embedding (holds_tied_copy) is loaded from the embedding's entries."""
+    if not tied or TIED_HEAD not in key:
+        return key
+    return key.replace(TIED_HEAD, EMBEDDING) if holds_tied_copy else None
+
+
+def copy_tokenizer(src: str | Path, ckpt_dir: Path) -> str:
+    """Copy a tokenizer (a tokenizer.json / .model file or a tokenizer directory) into
+    `ckpt_dir`, so the checkpoint converts and evaluates without the original path; returns
+    the path to record in meta.json, relative to the checkpoint."""
+    src = Path(src)
+    out = ckpt_dir / TOKENIZER_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+        if not names:
+            raise CheckpointError(f"tokenizer directory {src} holds none of {', '.join(TOKENIZER_FILES)}")
+        for name in names:
+            shutil.copyfile(src / name, out / name)
+        return TOKENIZER_DIR
+    if not src.is_file():
+        raise CheckpointError(f"tokenizer not found: {src}")
+    shutil.copyfile(src, out / src.name)
+    return f"{TOKENIZER_DIR}/{src.name}"
+
+
+def tokenizer_path(ckpt_dir: str | Path, meta: dict[str, Any]) -> Optional[str]:
+    """The tokenizer recorded in a checkpoint's meta.json: its copy inside the checkpoint
+    (a relative path), or an absolute path (older checkpoints)."""
+    tok = meta.get("tokenizer")
+    if not tok:
+        return None
+    p = Path(tok)
+    return str(p if p.is_absolute() else Path(ckpt_dir) / p)
 
 
 def checkpoint_dir(save_dir: str | Path, iteration: int) -> Path:
