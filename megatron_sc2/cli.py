@@ -7,12 +7,11 @@ exits with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import errno
 import importlib
 import sys
 from typing import Optional, Sequence
 
-from megatron_sc2.errors import UserError
+from megatron_sc2.errors import run_user_main
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("megatron_sc2.data.prep.preprocess", "tokenize a corpus into Megatron .bin/.idx"),
@@ -50,56 +49,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return run_user_main(module.main, rest, prog=f"megatron-sc2 {name}")
-
-
-# Failures of the machine around us rather than of our code: the disk is full or read-only, a
-# path is a directory where a file is wanted, permission is missing. One line, like a UserError.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
-                      errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG, errno.EIO, errno.ELOOP}
-
-
-def run_user_main(fn, argv: Sequence[str], prog: str) -> int:
-    """Call a command's main; user errors (and a full or read-only disk) become one line on
-    stderr and exit status 2. A reader that closed our stdout (`| head`) ends the command
-    quietly with the shell's status for SIGPIPE."""
-    try:
-        rc = fn(list(argv))
-    except UserError as e:
-        print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        _silence_stdout()
-        return 141
-    except OSError as e:
-        if e.errno not in ENVIRONMENT_ERRNOS:
-            raise
-        where = f": {e.filename}" if e.filename else ""
-        print(f"{prog}: error: {one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _silence_stdout()
-        return 141
-    return int(rc or 0)
-
-
-def one_line(text: str) -> str:
-    """Messages may quote user data (a path with a newline): keep them on one line."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
-def _silence_stdout() -> None:
-    """After EPIPE, Python's exit flush would raise again; point stdout at /dev/null."""
-    import os
-
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

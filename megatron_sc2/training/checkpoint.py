@@ -49,7 +49,9 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
 
-# Fields of ModelConfig that must agree between a checkpoint and the run that loads it.
+# Fields of ModelConfig that must agree between a checkpoint and the run that loads it: the
+# shapes. rope_theta, max_position_embeddings and sliding_window are left out on purpose: the
+# 16k stage resumes a 4k checkpoint with the rotary base raised tenfold.
 ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                "num_query_groups", "tie_word_embeddings", "use_bias")
 TIED_HEAD = "lm_head.weight"

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -36,25 +37,22 @@ from megatron_sc2.training.checkpoint import PendingSave, TrainState
 _SD_OPTIONS = dict(flatten_optimizer_state_dict=True)
 
 
-# ------------------------------------------------------------------ RNG and DCP reader
+# ------------------------------------------------------------------ RNG and DCP reading
 def save_rng(ckpt_dir: Path, rank: int) -> None:
-    """This rank's RNG state (torch and numpy)."""
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-               ckpt_dir / "rng" / f"rank_{rank}.pt")
+    """This rank's RNG state (torch and numpy; no pickled objects: checkpoint.save_rng_state)."""
+    ckpt.save_rng_state(ckpt_dir / "rng" / f"rank_{rank}.pt")
 
 
 def load_rng(ckpt_dir: Path, rank: int) -> None:
-    """Restore this rank's RNG state if the checkpoint has one for it."""
+    """Restore this rank's RNG state if the checkpoint has one for it (unexecuted reading)."""
     rng_file = ckpt_dir / "rng" / f"rank_{rank}.pt"
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
+        ckpt.load_rng_state(rng_file)
 
 
-def dcp_reader(ckpt_dir: Path) -> dcp.FileSystemReader:
-    """The reader of a checkpoint's DCP files."""
-    return dcp.FileSystemReader(str(ckpt_dir))
+def load_dcp(sd: dict[str, Any], ckpt_dir: Path) -> None:
+    """DCP's load through the checkpoint format's restricted reader (checkpoint.load_dcp)."""
+    ckpt.load_dcp(sd, ckpt_dir)
 
 
 @dataclass
@@ -108,10 +106,22 @@ class Checkpointer:
     def save(self, state: TrainState) -> Path:
         """Checkpoint `state`'s iteration; with --async-save the files are written in a
         background thread and the checkpoint is finished (marked complete, renamed, pointed to
-        by the tracker) once every rank's writes are done: see `poll` and `wait`."""
+        by the tracker) once every rank's writes are done: see `poll` and `wait`. A full or
+        read-only disk ends in one CheckpointError, the temporary directory removed."""
+        self._save_tmp: Optional[Path] = None
+        try:
+            return self._save(state)
+        except (OSError, CheckpointException) as e:
+            if self._save_tmp is not None:
+                shutil.rmtree(self._save_tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {self._save_tmp or self.cfg.save} "
+                                  f"({ckpt.write_failure(e, self.cfg.save)}); its temporary files "
+                                  f"were removed") from None
+
+    def _save(self, state: TrainState) -> Path:
         self.wait()  # one save in flight at a time
         it = state.iteration
-        tmp = ckpt.temporary_dir(self.cfg.save, it, self._nonce())
+        tmp = self._save_tmp = ckpt.temporary_dir(self.cfg.save, it, self._nonce())
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         self._barrier()
         model_sd, optim_sd = self._state_dicts()
@@ -185,9 +195,11 @@ class Checkpointer:
         self._pending = None
         try:
             pending.future.result()
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:
+            shutil.rmtree(pending.tmp, ignore_errors=True)
             raise CheckpointError(f"background save of iteration {pending.iteration} to "
-                                  f"{pending.tmp} failed: {type(exc).__name__}: {exc}") from exc
+                                  f"{pending.tmp} failed ({ckpt.write_failure(exc, self.cfg.save)}); "
+                                  "its temporary files were removed") from exc
         final = self._complete(pending.tmp, pending.iteration, pending.meta)
         if self.rank == 0:
             print(f"background save of iteration {pending.iteration} took "
@@ -199,7 +211,7 @@ class Checkpointer:
         """Load weights (and, unless --finetune or a weights-only checkpoint, the optimizer,
         iteration and RNG) into this rank's model; returns the state to continue from, or None
         when only the weights were loaded (a fresh run from step 0)."""
-        path = ckpt.find_checkpoint(load_dir)
+        path = ckpt.find_checkpoint(load_dir, self.cfg.ckpt_step)
         meta = ckpt.read_meta(path)
         theirs = meta["model_config"]
         for f in ckpt.ARCH_FIELDS:
@@ -215,9 +227,7 @@ class Checkpointer:
         sd: dict[str, Any] = {"model": {s: model_sd[k] for s, k in mkeys.items()}}
         if with_optimizer:
             sd["optimizer"] = {s: optim_sd[k] for s, k in okeys.items()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(sd, storage_reader=dcp_reader(path))
+        load_dcp(sd, path)
         model_state = {mkeys[s]: v for s, v in sd["model"].items()}
         options = StateDictOptions(strict=False, **_SD_OPTIONS)
         if with_optimizer:

@@ -1,7 +1,9 @@
 """Worker for tests/test_parallel.py: launched once per world size (gloo, CPU), it trains a
 tiny StarCoder2 (window smaller than the sequence) under each layout it is given and compares
 per-step losses and first-step gradients with a single-process run computed in the same
-process. Prints one JSON line per layout on rank 0; exits non-zero on any mismatch."""
+process. After training, each layout's validation loss (the engine's `evaluate`: forward only,
+with the position and document ids) must equal the single-process model's on the same batch.
+Prints one JSON line per layout on rank 0; exits non-zero on any mismatch."""
 
 from __future__ import annotations
 
@@ -81,7 +83,11 @@ def reference_run(cfg: ModelConfig, batches):
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
         losses.append(float(loss))
-    return losses, first_grads, norms
+    with torch.no_grad():
+        b = batches[0]
+        logits = model(b["tokens"], position_ids=b["position_ids"], document_ids=b["document_ids"])
+        valid = float(F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), b["labels"].reshape(-1)))
+    return losses, first_grads, norms, valid
 
 
 def full_grad(p: torch.Tensor) -> torch.Tensor:
@@ -113,9 +119,12 @@ def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches, compile: boo
         norms.append(float(pm.clip_grad_norm_(CLIP)))
         opt.step()
         losses.append(float(loss))
+    b = batches[0]
+    valid, _ = pm.evaluate({k: local(b[k]) for k in ("tokens", "labels", "loss_mask",
+                                                      "position_ids", "document_ids")})
     del pm, opt, model, mesh
     gc.collect()
-    return losses, first_grads, norms
+    return losses, first_grads, norms, float(valid)
 
 
 def meta_init_check(cfg: ModelConfig, layout: ParallelLayout) -> dict:
@@ -252,10 +261,10 @@ def main() -> int:
         key = json.dumps(dict(cfg.to_dict(), docs=docs), sort_keys=True)
         if key not in refs:
             refs[key] = reference_run(cfg, batches)
-        ref_losses, ref_grads, ref_norms = refs[key]
+        ref_losses, ref_grads, ref_norms, ref_valid = refs[key]
         try:
-            losses, grads, norms = parallel_run(cfg, layout, batches,
-                                                compile="compile" in spec.split("."))
+            losses, grads, norms, valid = parallel_run(cfg, layout, batches,
+                                                       compile="compile" in spec.split("."))
             loss_err = max(rel(a, b) for a, b in zip(losses, ref_losses))
             norm_err = max(rel(a, b) for a, b in zip(norms, ref_norms))
             grad_err = 0.0
@@ -264,9 +273,12 @@ def main() -> int:
                     name = "embed_tokens.weight"  # the last stage's copy of the tied weight
                 r = ref_grads[name]
                 grad_err = max(grad_err, float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)))
-            ok = loss_err <= 1e-5 and grad_err <= 1e-5 and norm_err <= 1e-5 and len(grads) > 0
+            valid_err = rel(valid, ref_valid)
+            ok = (loss_err <= 1e-5 and grad_err <= 1e-5 and norm_err <= 1e-5 and valid_err <= 1e-5
+                  and len(grads) > 0)
             result = {"layout": spec, "ok": ok, "loss_rel_err": loss_err, "grad_rel_err": grad_err,
-                      "norm_rel_err": norm_err, "grads_checked": len(grads), "losses": losses,
+                      "norm_rel_err": norm_err, "valid_rel_err": valid_err,
+                      "grads_checked": len(grads), "losses": losses,
                       "ref_losses": ref_losses}
         except Exception as e:  # report and go on to the next layout
             result = {"layout": spec, "ok": False, "error": f"{type(e).__name__}: {e}",
