@@ -135,3 +135,25 @@ def test_async_save_snapshots_each_iteration_and_resumes_exactly(corpus, tmp_pat
     Trainer(parse_train_args(_args(corpus, stop, *flags, "--async-save", "--exit-interval", "3"))).train()
     assert read_meta(find_checkpoint(stop))["iteration"] == 3
     assert sorted(p.name for p in stop.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
+
+
+def test_checkpoint_converts_after_its_tokenizer_directory_is_gone(corpus, tmp_path):
+    """The tokenizer is copied into each checkpoint and meta.json names the copy, so `convert
+    to-hf` works on a checkpoint moved to a machine without the original tokenizer path."""
+    import shutil
+
+    tok = tmp_path / "tok"  # a tokenizer directory of our own, deleted below
+    shutil.copytree(corpus["tokenizer"], tok)
+    original = (tok / "tokenizer.json").read_bytes()
+    save = tmp_path / "run"
+    args = _args(corpus, save, "--train-iters", "1")
+    args[args.index("--tokenizer-model") + 1] = str(tok)
+    Trainer(parse_train_args(args)).train()
+    meta = read_meta(find_checkpoint(save))
+    assert not Path(meta["tokenizer"]).is_absolute()  # inside the checkpoint
+    shutil.rmtree(tok)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(find_checkpoint(save)), str(moved / "iter_0000001"))
+    assert cli.main(["convert", "to-hf", "--load", str(moved / "iter_0000001"),
+                     "--save", str(tmp_path / "hf"), "--no-progress"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == original

@@ -166,6 +166,9 @@ class Engine:
     def _dp_scale(self) -> float:
         return float(self.layout.dp) if self.layout.dp > 1 else 1.0
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
     def global_tokens(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """Loss tokens of the whole global batch (this rank's mask summed over data-parallel
         ranks), at least 1; stays on the device."""
@@ -219,13 +222,13 @@ class Engine:
             # but rotates by the global positions.
             b, s = labels.shape
             position_ids = torch.arange(s, device=labels.device).unsqueeze(0).expand(b, s)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.layout.pp == 1:
-                loss_sum = self._local_step(tokens, target, loss_fn, backward, position_ids,
-                                            document_ids)
-            else:
-                side = {name: t for name, t in (("position_ids", position_ids),
-                                                ("document_ids", document_ids)) if t is not None}
+        if self.layout.pp == 1:
+            loss_sum = self._local_step(tokens, target, loss_fn, backward, position_ids,
+                                        document_ids)
+        else:
+            side = {name: t for name, t in (("position_ids", position_ids),
+                                            ("document_ids", document_ids)) if t is not None}
+            with self._autocast():  # the schedule runs forward and backward
                 loss_sum = self._pipeline_step(tokens, target, loss_fn, backward, side)
         if backward:
             self._reduce_tied_grads()
@@ -249,7 +252,8 @@ class Engine:
                 # micro-batch (one all-gather and one reduction per step).
                 chunk.set_requires_gradient_sync(i == n_mb - 1)
                 chunk.set_reshard_after_backward(i == n_mb - 1)
-            loss = loss_fn(chunk(t, pos, docs[i]), y)
+            with self._autocast():
+                loss = loss_fn(chunk(t, pos, docs[i]), y)
             if backward:
                 loss.backward()
             loss_sum += loss.detach()
