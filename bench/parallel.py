@@ -100,7 +100,7 @@ def worker(args) -> None:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron_sc2.parallel.engine import ParallelModel, build_mesh
+    from megatron_sc2.parallel.engine import Engine, build_mesh
     from megatron_sc2.parallel.layout import ParallelLayout
 
     torch.set_num_threads(1)
@@ -110,7 +110,7 @@ def worker(args) -> None:
     layout = ParallelLayout(tp=lay["tp"], pp=lay["pp"], dp=lay["dp"], micro_batch_size=args.mbs,
                             global_batch_size=args.gbs).validate(cfg, args.seq)
     torch.manual_seed(0)
-    pm = ParallelModel.build(cfg, layout, build_mesh(layout))
+    pm = Engine.build(cfg, layout, build_mesh(layout))
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-4, foreach=False)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (layout.local_batch_size, args.seq + 1), generator=g)

@@ -10,8 +10,7 @@ import torch
 
 from megatron_sc2.config import ModelConfig
 from megatron_sc2.errors import CheckpointError
-
-TIED_HEAD = "lm_head.weight"
+from megatron_sc2.training.checkpoint import TIED_HEAD  # the one tied-embedding rule
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

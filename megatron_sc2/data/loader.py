@@ -52,8 +52,9 @@ class BatchLoader:
     `first` and starts building the one at `next_first` (the next step) in the background.
 
     num_workers 0: every batch is built when asked, in the caller's thread. N > 0: the next
-    batch is built by a background thread while the caller computes, its samples gathered by N
-    threads (numpy indexing and file reads release the GIL)."""
+    batch is built by a background thread while the caller computes (torch's kernels release
+    the GIL), its samples gathered by N threads (memory-mapped reads and numpy overlap; the
+    Python-level FIM transform shares the GIL)."""
 
     def __init__(self, dataset: Sequence[Any], plan: BatchPlan, device: torch.device,
                  num_workers: int = 0):

@@ -19,7 +19,7 @@ def parameter_counts_per_rank(cfg: ModelConfig, layout: ParallelLayout) -> list[
     parameters evenly over dp on top of these counts)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
 
-    from megatron_sc2.parallel.engine import ParallelModel, build_mesh
+    from megatron_sc2.parallel.engine import Engine, build_mesh
 
     if dist.is_initialized():
         raise RuntimeError("parameter_counts_per_rank needs no process group to be initialized")
@@ -35,7 +35,7 @@ def parameter_counts_per_rank(cfg: ModelConfig, layout: ParallelLayout) -> list[
             mesh = build_mesh(layout)
             with torch.device("meta"):
                 model = StarCoder2(cfg)
-            pm = ParallelModel.build(cfg, layout, mesh, model=model, device=torch.device("cpu"))
+            pm = Engine.build(cfg, layout, mesh, model=model, device=torch.device("cpu"))
             counts.append(sum(local_numel(p) for p in pm.parameters()))
             del pm, model, mesh
         finally:
