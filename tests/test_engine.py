@@ -141,3 +141,31 @@ def test_loader_takes_megatron_order_and_prefetching_changes_nothing():
     expect = get_batch(torch.from_numpy(np.stack([ds[i] for i in (74, 75, 78, 79)])), 0, True, True)
     assert torch.equal(seen[3][4]["tokens"], expect["tokens"])
     assert torch.equal(seen[3][4]["document_ids"], expect["document_ids"])
+
+
+def test_model_init_and_shard_by_shard_init_follow_one_rule():
+    """parallel/init.py (large models, each rank its own shards) and the model's own init draw
+    different numbers by the same per-parameter rule: equal constants (LayerNorms, biases),
+    equal spreads (output projections 1/sqrt(2 x layers) narrower)."""
+    from megatron_sc2.parallel.init import materialize
+
+    cfg = dataclasses.replace(CFG, hidden_size=64, ffn_hidden_size=256, num_layers=8)
+    torch.manual_seed(0)
+    whole = {n: p.detach() for n, p in StarCoder2(cfg).named_parameters()}
+    with torch.device("meta"):
+        meta = StarCoder2(cfg)
+    materialize(meta, cfg, torch.device("cpu"), seed=3)
+    assert torch.equal(meta.lm_head.weight, meta.embed_tokens.weight)  # tied: the same draw
+    meta.lm_head.weight = meta.embed_tokens.weight  # allocation untied them; the engine re-ties
+    sharded = {n: p.detach() for n, p in meta.named_parameters()}
+    assert whole.keys() == sharded.keys()
+    for name, a in whole.items():
+        b = sharded[name]
+        if a.std() == 0:
+            assert torch.equal(a, b), name
+        else:
+            assert 0.85 < float(b.std() / a.std()) < 1.15, name
+            assert not torch.equal(a, b), name
+    out = float(whole["layers.0.self_attn.o_proj.weight"].std())
+    plain = float(whole["layers.0.self_attn.q_proj.weight"].std())
+    assert out == pytest.approx(plain / 4.0, rel=0.15)  # 1/sqrt(2 x 8 layers)
