@@ -135,6 +135,11 @@ class Engine:
         return self.rank_model.named_parameters()
 
     @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (which samples it takes)."""
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
     def holds_tied_copy(self) -> bool:
         """True on the last pipeline stage when lm_head is a copy of the tied embedding."""
         return (self.embedding_group is not None and self.rank_model.lm_head is not None

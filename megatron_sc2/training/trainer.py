@@ -79,7 +79,7 @@ class Trainer:
         self.save_stalls: list[float] = []  # seconds each periodic save held up training
         self.state = TrainState()
         train_ds, valid_ds = self._build_datasets()
-        plan = BatchPlan(cfg.micro_batch_size, self.layout.num_microbatches, self.dp_rank,
+        plan = BatchPlan(cfg.micro_batch_size, self.layout.num_microbatches, self.engine.dp_rank,
                          self.layout.dp, self.eod, cfg.reset_position_ids,
                          cfg.reset_attention_mask, cfg.eod_mask_loss)
         self.train_loader = BatchLoader(train_ds, plan, self.device, cfg.num_workers)
@@ -105,7 +105,6 @@ class Trainer:
         single-process weights), then keeps and shards its own part. Too big for that (only
         under several processes): built on meta, each rank initializes its own shards."""
         mesh = build_mesh(self.layout, self.device.type)
-        self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         seed = None
         if self.world_size > 1 and self.model_cfg.num_params() > FULL_BUILD_MAX_PARAMS:
             with torch.device("meta"):
