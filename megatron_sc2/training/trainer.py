@@ -47,6 +47,16 @@ class TrainingError(UserError):
     """The run cannot go on (a NaN loss under --nan-policy stop, ...)."""
 
 
+def requested_device(cfg: TrainConfig) -> Optional[torch.device]:
+    """--device as a torch.device (None: CUDA if there is one, else CPU)."""
+    if not cfg.device:
+        return None
+    try:
+        return torch.device(cfg.device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {cfg.device!r} is not a device name (cpu, cuda, cuda:N)") from None
+
+
 class Trainer:
     """One training run: this rank's share of a TP x PP x DP layout (1 x 1 x 1 in one process)
     under torchrun/srun or alone; the same samples and losses either way."""
@@ -55,10 +65,11 @@ class Trainer:
         import torch.distributed as dist
 
         self.cfg = cfg
+        asked = requested_device(cfg)
         self.device = init_distributed(cfg.distributed_timeout_minutes,
-                                       torch.device(cfg.device).type if cfg.device else None)
-        if cfg.device and not dist.is_initialized():
-            self.device = torch.device(cfg.device)  # one process: exactly the device asked for
+                                       asked.type if asked is not None else None)
+        if asked is not None and not dist.is_initialized():
+            self.device = asked  # one process: exactly the device asked for
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.tokenizer = self._load_tokenizer()
