@@ -3,6 +3,9 @@ level or inside a function) points to its own layer or a lower one. The layer or
 
   errors, config < model, ops < data < parallel < training < convert, launch, eval,
   governance < cli, demo
+
+KNOWN_UPWARD lists the arrows that exist today and still have to be lowered (each with why);
+any other upward import fails the test, and so does a listed one that has gone (take it out).
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "megatron_sc2"
+# The layout planner (megatron-sc2 plan) sits in parallel/ but uses the training room's FLOP
+# count and optimizer: it belongs above training (its own room beside launch/), not moved yet.
+KNOWN_UPWARD = {"megatron_sc2.parallel.planner -> megatron_sc2.training",
+                "megatron_sc2.parallel.memory_trace -> megatron_sc2.training.optimizer"}
 LAYERS = [("errors", "config"), ("model", "ops"), ("data",), ("parallel",), ("training",),
           ("convert", "launch", "eval", "governance"), ("cli", "demo", "__main__", "")]
 
@@ -46,7 +53,10 @@ def test_no_module_imports_a_layer_above_its_own():
         for target in _imports(ast.parse(f.read_text(), str(f))):
             if _layer(target) > _layer(me):
                 upward.append(f"{me} -> {target}")
-    assert not upward, "upward imports:\n" + "\n".join(upward)
+    new = sorted(set(upward) - KNOWN_UPWARD)
+    assert not new, "upward imports:\n" + "\n".join(new)
+    gone = sorted(KNOWN_UPWARD - set(upward))
+    assert not gone, f"no longer imported (take them out of KNOWN_UPWARD): {gone}"
 
 
 def test_the_check_sees_an_upward_arrow():

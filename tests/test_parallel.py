@@ -67,6 +67,7 @@ def _run_layouts(nproc: int, layouts: list[str]) -> None:
 # parameters all-gathered in bf16 inside forward, fp32 shards, gradients and reductions.
 WORLD2 = ["tp2", "tp2.sp", "tp2.kv1", "tp2.sp.kv1.untied", "tp2.full", "pp2", "pp2.v2",
           "pp2.layers3.untied", "pp2.selective", "dp2", "pp2.v2.docs", "tp2.sp.docs", "dp2.docs",
+          "dp2.selective",
           "meta.tp2.kv1", "meta.pp2",
           "meta.tp2.sp.untied", "dp2.bf16", "dp2.compile", "pp2.compile"]
 WORLD4 = ["tp2.pp2", "tp2.pp2.v2", "tp2.dp2", "pp2.dp2", "pp2.dp2.v2", "tp2.sp.pp2",

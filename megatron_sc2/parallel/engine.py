@@ -12,6 +12,7 @@ tokens go. Results stay on the device (no host synchronisation inside a step).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
@@ -172,7 +173,11 @@ class Engine:
         return float(self.layout.dp) if self.layout.dp > 1 else 1.0
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        """bf16 autocast when built with bf16; otherwise leave the caller's autocast as it is
+        (autocast(enabled=False) would switch an outer one off)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def global_tokens(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """Loss tokens of the whole global batch (this rank's mask summed over data-parallel

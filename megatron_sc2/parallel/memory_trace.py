@@ -1,6 +1,6 @@
 """One rank's memory over a training step as PyTorch itself accounts it, without the memory.
 
-The rank's real shard is built by the engine (`ParallelModel.build`, a fake process group standing
+The rank's real shard is built by the engine (`Engine.build`, a fake process group standing
 in for the world, as parallel/param_count.py does) on fake tensors (`FakeTensorMode`: shapes and
 dtypes, no storage), then one step runs under `torch.distributed._tools.mem_tracker.MemTracker`,
 which records the bytes of every live parameter, gradient, optimizer state, activation and
@@ -119,7 +119,7 @@ def trace_step_memory(cfg: ModelConfig, layout: ParallelLayout, seq_length: int,
 
     from megatron_sc2.config import TrainConfig
     from megatron_sc2.model.starcoder2 import StarCoder2
-    from megatron_sc2.parallel.engine import ParallelModel, build_mesh
+    from megatron_sc2.parallel.engine import Engine, build_mesh
     from megatron_sc2.training.optimizer import build_optimizer
 
     if dist.is_initialized():
@@ -141,7 +141,7 @@ def trace_step_memory(cfg: ModelConfig, layout: ParallelLayout, seq_length: int,
             model = StarCoder2(cfg)
         # Built on meta outside fake mode (the mesh's own bookkeeping needs real tensors), then
         # given fake storage: FSDP2's meta-device initialization path.
-        pm = ParallelModel.build(cfg, layout, mesh, model=model, device=cpu)
+        pm = Engine.build(cfg, layout, mesh, model=model, device=cpu)
         del model
         with FakeTensorMode(allow_non_fake_inputs=True), _fake_attention():
             for chunk in pm.chunks:
@@ -201,12 +201,14 @@ def _interleaved_first_rank_step(pm, layout: ParallelLayout, cfg: ModelConfig, m
     total = n_mb * v
     held: list[torch.Tensor] = []
 
+    pos = _positions(mbs, seq)
+
     def forward(k: int) -> torch.Tensor:
         chunk = pm.chunks[(k // pp) % v]
-        if chunk.is_first:
-            return chunk(torch.randint(0, cfg.vocab_size, (mbs, seq)))
+        if chunk.embed_tokens is not None:
+            return chunk(torch.randint(0, cfg.vocab_size, (mbs, seq)), pos)
         h = torch.empty((mbs, seq // shards, cfg.hidden_size), requires_grad=True)
-        return chunk(h)
+        return chunk(h, pos)
 
     warmup = min((v - 1) * pp + 2 * (pp - 1) + 1, total)
     for k in range(warmup):
@@ -220,6 +222,12 @@ def _interleaved_first_rank_step(pm, layout: ParallelLayout, cfg: ModelConfig, m
         out.backward(torch.empty_like(out))
 
 
+def _positions(mbs: int, seq: int) -> torch.Tensor:
+    """The global positions a stage rotates by (the engine always passes them: a stage under
+    sequence parallelism holds a shard of the sequence)."""
+    return torch.arange(seq).unsqueeze(0).expand(mbs, seq)
+
+
 def _stage_step(pm, layout: ParallelLayout, cfg: ModelConfig, mbs: int, seq: int) -> None:
     """One step of this pipeline stage in 1F1B's order, without peers (see the module notes)."""
     if layout.virtual_stages > 1:
@@ -227,22 +235,23 @@ def _stage_step(pm, layout: ParallelLayout, cfg: ModelConfig, mbs: int, seq: int
     chunk = pm.chunks[0]
     n_mb = layout.num_microbatches
     shards = layout.tp if layout.sequence_parallel else 1
-    if chunk.is_first:
+    pos = _positions(mbs, seq)
+    if chunk.embed_tokens is not None:
         in_flight = min(layout.pp, n_mb)
-        outs = [chunk(torch.randint(0, cfg.vocab_size, (mbs, seq))) for _ in range(in_flight)]
+        outs = [chunk(torch.randint(0, cfg.vocab_size, (mbs, seq)), pos) for _ in range(in_flight)]
         for i in range(n_mb):
             out = outs.pop(0)
             out.backward(torch.empty_like(out))
             if i + in_flight < n_mb:
-                outs.append(chunk(torch.randint(0, cfg.vocab_size, (mbs, seq))))
+                outs.append(chunk(torch.randint(0, cfg.vocab_size, (mbs, seq)), pos))
         return
     total = torch.tensor(float(mbs * seq * n_mb))
     loss_fn = pm._loss_fn(total)
     for _ in range(n_mb):
         h = torch.empty((mbs, seq // shards, cfg.hidden_size), requires_grad=True)
         target = torch.zeros((mbs, seq, 2), dtype=torch.int64)
-        out = chunk(h)
-        loss = loss_fn(out, target) if chunk.is_last else out.sum()
+        out = chunk(h, pos)
+        loss = loss_fn(out, target) if chunk.lm_head is not None else out.sum()
         loss.backward()
 
 
