@@ -43,7 +43,7 @@ import torch
 from megatron_sc2.config import ModelConfig, TrainConfig
 from megatron_sc2.model.starcoder2 import StarCoder2
 from megatron_sc2.training.optimizer import build_optimizer
-from megatron_sc2.training.trainer import masked_cross_entropy_sum
+import torch.nn.functional as F
 
 spec = json.loads(sys.stdin.read())
 cfg = ModelConfig(**spec["cfg"])
@@ -56,7 +56,8 @@ mask = torch.ones_like(tokens)
 def step():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tokens)
-        loss = masked_cross_entropy_sum(logits, tokens, mask) / tokens.numel()
+        loss = (F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+                                reduction="none") * mask.reshape(-1)).sum() / tokens.numel()
         del logits
         loss.backward()
     opt.step()

@@ -52,9 +52,16 @@ def requested_device(cfg: TrainConfig) -> Optional[torch.device]:
     if not cfg.device:
         return None
     try:
-        return torch.device(cfg.device)
+        dev = torch.device(cfg.device)
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {cfg.device!r} is not a device name (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise ConfigError(f"--device {cfg.device}: this machine has {n} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {cfg.device}: only cpu and cuda devices are supported")
+    return dev
 
 
 class Trainer:
@@ -161,9 +168,12 @@ class Trainer:
         return train, valid
 
     # ------------------------------------------------------------------------------------ steps
-    def train_step(self, batch: dict[str, Optional[torch.Tensor]]) -> dict[str, Any]:
-        """One optimizer step over this rank's share of one global batch."""
+    def train_step(self, batch: Optional[dict[str, Optional[torch.Tensor]]] = None) -> dict[str, Any]:
+        """One optimizer step over this rank's share of one global batch (default: the next
+        one of the training set)."""
         cfg = self.cfg
+        if batch is None:
+            batch = self.train_loader.get(self.state.consumed_samples)
         lr = learning_rate(self.state.iteration, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
