@@ -114,6 +114,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_sc2.cli import run_user_main
+    from megatron_sc2.errors import run_user_main
 
     sys.exit(run_user_main(main, sys.argv[1:], prog="megatron-sc2 eval"))
