@@ -177,7 +177,7 @@ class TrainConfig:
     # parallel
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1  # planned by `megatron-sc2 plan`; not implemented yet
+    context_parallel_size: int = 1  # sequence split in C chunks; attention exchanges the halo
     sequence_parallel: bool = False
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     recompute_granularity: Optional[str] = None
@@ -266,10 +266,9 @@ class TrainConfig:
         if self.nan_policy not in ("skip", "stop"):
             raise ConfigError(f"--nan-policy must be skip or stop, got {self.nan_policy!r}")
         parse_signal(self.exit_signal)
-        if self.context_parallel_size != 1:
-            raise ConfigError(f"--context-parallel-size {self.context_parallel_size}: context "
-                              f"parallelism is not implemented yet (`megatron-sc2 plan` lists CP "
-                              f"layouts as planned only); use 1")
+        if self.context_parallel_size <= 0:
+            raise ConfigError(f"--context-parallel-size must be positive, got "
+                              f"{self.context_parallel_size}")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         self._validate_code_eval()

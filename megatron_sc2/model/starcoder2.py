@@ -61,6 +61,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.use_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.use_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.use_bias)
+        # The attention kernel call; context parallelism (megatron_sc2.parallel) swaps in one
+        # that first fetches the keys and values before this rank's chunk of the sequence.
+        self.core_attention = sliding_window_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -71,7 +74,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = sliding_window_attention(q, k, v, window=self.window, document_ids=document_ids)
+        out = self.core_attention(q, k, v, window=self.window, document_ids=document_ids)
         return self.o_proj(out.reshape(b, s, -1))
 
 

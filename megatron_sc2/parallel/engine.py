@@ -8,6 +8,12 @@ dp = 1 and no mesh it is the plain model in one process. The engine owns what a 
 loss over the loss tokens of the whole global batch), then the global grad norm and clipping;
 `evaluate(batch)` is the same call without backward. Position and document ids go wherever the
 tokens go. Results stay on the device (no host synchronisation inside a step).
+
+Context parallelism (cp > 1): the engine cuts each sample's tokens, labels, loss mask, position
+ids and document ids into cp contiguous chunks and runs this rank's chunk (position ids are made
+absolute before the cut); attention exchanges the halo (context_parallel.py); the loss divides
+by the loss tokens of the whole sequence and its per-chunk sums are added over CP; parameter
+gradients, replicated over CP, are summed over it after backward.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron_sc2.config import ModelConfig
 from megatron_sc2.model.starcoder2 import StarCoder2
+from megatron_sc2.parallel.context_parallel import apply_context_parallel, sequence_chunk
 from megatron_sc2.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_sc2.parallel.layout import ParallelLayout, split_layers
 from megatron_sc2.parallel.recompute import apply_recompute
@@ -58,7 +65,7 @@ class Engine:
         """`model`: a full StarCoder2 (the same weights on every rank, e.g. built from one
         seed), or one on the meta device: then, with `init_seed`, each rank allocates and
         initializes only its shards (parallel/init.py); without it the shards stay on meta
-        (for counting). Built here from `cfg` if not given. `mesh`: the (pp, dp, tp) mesh, or
+        (for counting). Built here from `cfg` if not given. `mesh`: the (pp, dp, cp, tp) mesh, or
         None for one process. `bf16`: forward under bf16 autocast, and FSDP all-gathers the
         parameters in bf16 and reduces gradients in fp32 (`fsdp_mixed_precision`); `compile`:
         torch.compile each transformer block (`compile_blocks`)."""
@@ -90,6 +97,9 @@ class Engine:
         if layout.tp > 1:
             for chunk in chunks:
                 apply_tensor_parallel(chunk, cfg, mesh["tp"], layout.sequence_parallel)
+        if layout.cp > 1:
+            for chunk in chunks:
+                apply_context_parallel(chunk, mesh["cp"], cfg.sliding_window)
         on_meta = any(p.device.type == "meta" for c in chunks for p in c.parameters())
         if on_meta and init_seed is not None:
             from megatron_sc2.parallel.init import materialize
@@ -149,7 +159,8 @@ class Engine:
     # ---------------------------------------------------------------- one step
     def _group(self, dim: str) -> Optional[dist.ProcessGroup]:
         """The process group of mesh dimension `dim`, None when that dimension has size 1."""
-        size = {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}[dim]
+        size = {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                "cp": self.layout.cp}[dim]
         return self.mesh[dim].get_group() if size > 1 else None
 
     def _loss_fn(self, total_tokens: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -179,9 +190,13 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    @property
+    def cp_rank(self) -> int:
+        return self.mesh["cp"].get_local_rank() if self.layout.cp > 1 else 0
+
     def global_tokens(self, loss_mask: torch.Tensor) -> torch.Tensor:
-        """Loss tokens of the whole global batch (this rank's mask summed over data-parallel
-        ranks), at least 1; stays on the device."""
+        """Loss tokens of the whole global batch (this rank's mask, of whole sequences, summed
+        over data-parallel ranks), at least 1; stays on the device."""
         n = loss_mask.sum(dtype=torch.float32)
         group = self._group("dp")
         if group is not None:
@@ -232,6 +247,10 @@ class Engine:
             # but rotates by the global positions.
             b, s = labels.shape
             position_ids = torch.arange(s, device=labels.device).unsqueeze(0).expand(b, s)
+        if self.layout.cp > 1:
+            r, c = self.cp_rank, self.layout.cp
+            tokens, target, position_ids, document_ids = (
+                sequence_chunk(t, r, c) for t in (tokens, target, position_ids, document_ids))
         if self.layout.pp == 1:
             loss_sum = self._local_step(tokens, target, loss_fn, backward, position_ids,
                                         document_ids)
@@ -242,11 +261,24 @@ class Engine:
                 loss_sum = self._pipeline_step(tokens, target, loss_fn, backward, side)
         if backward:
             self._reduce_tied_grads()
+            self._reduce_cp_grads()
         loss_sum = loss_sum / self._dp_scale
-        group = self._group("dp")
-        if group is not None:
-            dist.all_reduce(loss_sum, group=group)
+        for dim in ("cp", "dp"):
+            group = self._group(dim)
+            if group is not None:
+                dist.all_reduce(loss_sum, group=group)
         return loss_sum
+
+    def _reduce_cp_grads(self) -> None:
+        """Sum the parameter gradients over the context-parallel ranks: each computed those of
+        its own chunk's share of the loss (the halo's dK/dV already went back to their owners)."""
+        group = self._group("cp")
+        if group is None:
+            return
+        for p in self.rank_model.parameters():
+            if p.grad is not None:
+                g = p.grad
+                dist.all_reduce(g._local_tensor if isinstance(g, DTensor) else g, group=group)
 
     def _local_step(self, tokens, target, loss_fn, backward: bool, position_ids,
                     document_ids) -> torch.Tensor:
@@ -367,17 +399,17 @@ class Engine:
 
 
 def _embedding_group(mesh: DeviceMesh) -> Optional[dist.ProcessGroup]:
-    """Groups {first stage, last stage} for each (dp, tp) coordinate; returns this rank's."""
-    ranks = mesh.mesh  # (pp, dp, tp) tensor of global ranks
+    """Groups {first stage, last stage} for each (dp, cp, tp) coordinate; returns this rank's."""
+    ranks = mesh.mesh  # (pp, dp, cp, tp) tensor of global ranks
     pp = ranks.shape[0]
     mine = None
     me = dist.get_rank()
-    for d in range(ranks.shape[1]):
-        for t in range(ranks.shape[2]):
-            members = sorted({int(ranks[0, d, t]), int(ranks[pp - 1, d, t])})
-            group = dist.new_group(members)
-            if me in members:
-                mine = group
+    flat_first, flat_last = ranks[0].reshape(-1), ranks[pp - 1].reshape(-1)
+    for first, last in zip(flat_first.tolist(), flat_last.tolist()):
+        members = sorted({int(first), int(last)})
+        group = dist.new_group(members)
+        if me in members:
+            mine = group
     return mine
 
 
@@ -386,11 +418,11 @@ ParallelModel = Engine
 
 
 def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> Optional[DeviceMesh]:
-    """The (pp, dp, tp) device mesh over the initialized world (tp fastest, as Megatron);
-    None in one process without a process group."""
+    """The (pp, dp, cp, tp) device mesh over the initialized world (tp fastest, then cp, as
+    Megatron); None in one process without a process group."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if layout.world_size == 1 and not dist.is_initialized():
         return None
-    return init_device_mesh(device_type, (layout.pp, layout.dp, layout.tp),
-                            mesh_dim_names=("pp", "dp", "tp"))
+    return init_device_mesh(device_type, (layout.pp, layout.dp, layout.cp, layout.tp),
+                            mesh_dim_names=("pp", "dp", "cp", "tp"))

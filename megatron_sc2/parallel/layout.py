@@ -1,7 +1,7 @@
-"""The parallel layout of a run (TP x PP x DP, micro-batching), validated before anything starts.
+"""The parallel layout of a run (TP x CP x PP x DP, micro-batching), validated before anything starts.
 
-Megatron's rank order: tensor-parallel ranks are adjacent (fastest varying), then data
-parallel, then pipeline stages. Every check raises a ConfigError that names the flag at fault.
+Megatron's rank order: tensor-parallel ranks are adjacent (fastest varying), then context
+parallel, then data parallel, then pipeline stages. Every check raises a ConfigError that names the flag at fault.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ class ParallelLayout:
     # Model chunks per pipeline rank (1 = plain 1F1B; >1 = interleaved schedule).
     virtual_stages: int = 1
     recompute_granularity: Optional[str] = None
+    # Context parallel: each sample's sequence split into cp contiguous chunks (context_parallel.py).
+    cp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
     @property
     def num_microbatches(self) -> int:
@@ -48,13 +50,15 @@ class ParallelLayout:
     def describe(self) -> str:
         sp = " SP" if self.sequence_parallel and self.tp > 1 else ""
         v = f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""
-        return f"TP{self.tp}{sp} x PP{self.pp}{v} x DP{self.dp}"
+        cp = f" x CP{self.cp}" if self.cp > 1 else ""
+        return f"TP{self.tp}{sp}{cp} x PP{self.pp}{v} x DP{self.dp}"
 
     def validate(self, model: ModelConfig, seq_length: Optional[int] = None) -> "ParallelLayout":
         """Refuse layouts that cannot work, naming the flag."""
         for name, value in (("--tensor-model-parallel-size", self.tp),
                             ("--pipeline-model-parallel-size", self.pp),
                             ("data-parallel size", self.dp),
+                            ("--context-parallel-size", self.cp),
                             ("--micro-batch-size", self.micro_batch_size),
                             ("--global-batch-size", self.global_batch_size)):
             if value <= 0:
@@ -79,10 +83,15 @@ class ParallelLayout:
             raise ConfigError(
                 f"--tensor-model-parallel-size {self.tp} does not divide the vocabulary size "
                 f"{model.vocab_size} (pad it with --make-vocab-size-divisible-by)")
-        if self.sequence_parallel and seq_length is not None and self.tp > 1 and seq_length % self.tp:
+        if self.cp > 1 and seq_length is not None and seq_length % self.cp:
+            raise ConfigError(
+                f"--context-parallel-size {self.cp} does not divide --seq-length {seq_length}")
+        chunk = seq_length // self.cp if seq_length is not None else None
+        if self.sequence_parallel and chunk is not None and self.tp > 1 and chunk % self.tp:
             raise ConfigError(
                 f"--sequence-parallel needs --seq-length {seq_length} divisible by "
-                f"--tensor-model-parallel-size {self.tp}")
+                f"--tensor-model-parallel-size {self.tp}"
+                + (f" x --context-parallel-size {self.cp}" if self.cp > 1 else ""))
         if self.num_model_chunks > model.num_layers:
             raise ConfigError(
                 f"{model.num_layers} layers cannot fill {self.pp} pipeline stages x "
@@ -115,19 +124,30 @@ class ParallelLayout:
 def layout_from_args(cfg: "TrainConfigLike", world_size: int, model: ModelConfig) -> ParallelLayout:
     """Derive the data-parallel size from the world size and validate the whole layout."""
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    cp = getattr(cfg, "context_parallel_size", 1)
     if tp <= 0 or pp <= 0:
         raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size "
                           "must be positive")
-    if world_size % (tp * pp):
+    if cp <= 0:
+        raise ConfigError(f"--context-parallel-size must be positive, got {cp}")
+    if world_size % (tp * pp * cp):
         raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}")
-    dp = world_size // (tp * pp)
+            f"--pipeline-model-parallel-size {pp}"
+            + (f" x --context-parallel-size {cp}" if cp > 1 else ""))
+    if cp > 1:
+        check_context_parallel_backend()
+    dp = world_size // (tp * pp * cp)
     if getattr(cfg, "compile", False) and tp > 1:
         # torch 2.13 on CPU: the compiled backward of a DTensor-sharded block hands a plain
         # tensor to DTensor's redistribute (AttributeError '_local_tensor'); refused until fixed.
         raise ConfigError("--compile is not supported with --tensor-model-parallel-size > 1 yet "
                           "(compiled tensor-parallel blocks fail in backward); drop one of them")
+    if getattr(cfg, "compile", False) and cp > 1:
+        # The halo exchange (point-to-point inside an autograd Function) is not traced or tested
+        # under torch.compile.
+        raise ConfigError("--compile is not supported with --context-parallel-size > 1 yet; "
+                          "drop one of them")
     mbs = cfg.micro_batch_size
     gbs = cfg.global_batch_size if cfg.global_batch_size is not None else mbs * dp
     virtual = 1
@@ -143,13 +163,31 @@ def layout_from_args(cfg: "TrainConfigLike", world_size: int, model: ModelConfig
     layout = ParallelLayout(tp=tp, pp=pp, dp=dp, micro_batch_size=mbs, global_batch_size=gbs,
                             sequence_parallel=bool(cfg.sequence_parallel) and tp > 1,
                             virtual_stages=virtual,
-                            recompute_granularity=cfg.recompute_granularity)
+                            recompute_granularity=cfg.recompute_granularity, cp=cp)
     return layout.validate(model, cfg.seq_length)
+
+
+# Attention backends (MEGATRON_SC2_ATTENTION) whose key bounds follow the row index of one
+# [halo, chunk] key sequence, which is what context parallelism hands them.
+CP_BACKENDS = ("auto", "reference")
+
+
+def check_context_parallel_backend() -> None:
+    """Refuse --context-parallel-size with an attention backend that cannot place the queries at
+    their absolute positions after the halo."""
+    import os
+
+    backend = os.environ.get("MEGATRON_SC2_ATTENTION", "auto").strip() or "auto"
+    if backend not in CP_BACKENDS:
+        raise ConfigError(
+            f"--context-parallel-size needs an attention backend that takes absolute query and "
+            f"key positions ({', '.join(CP_BACKENDS)}); MEGATRON_SC2_ATTENTION={backend!r} does not")
 
 
 class TrainConfigLike:  # pragma: no cover - typing aid only
     tensor_model_parallel_size: int
     pipeline_model_parallel_size: int
+    context_parallel_size: int
     micro_batch_size: int
     global_batch_size: Optional[int]
     num_layers_per_virtual_pipeline_stage: Optional[int]

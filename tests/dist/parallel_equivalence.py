@@ -34,12 +34,12 @@ LR = 1e-3
 CLIP = 1.0
 
 
-def tiny_config(tied: bool, kv_heads: int = 2, layers: int = 4) -> ModelConfig:
+def tiny_config(tied: bool, kv_heads: int = 2, layers: int = 4, window: int = 8) -> ModelConfig:
     # Window 8 < sequence 24; kv_heads=1 makes TP2 replicate the kv head; 3 layers on 2
-    # stages is an uneven split.
+    # stages is an uneven split. window 0: plain causal.
     return ModelConfig(vocab_size=128, hidden_size=32, ffn_hidden_size=64, num_layers=layers,
                        num_attention_heads=4, num_query_groups=kv_heads, max_position_embeddings=64,
-                       sliding_window=8, rope_theta=10000.0, init_method_std=0.05,
+                       sliding_window=window or None, rope_theta=10000.0, init_method_std=0.05,
                        tie_word_embeddings=tied).validate()
 
 
@@ -205,9 +205,10 @@ def rel(a: float, b: float) -> float:
 
 
 def parse_layout(spec: str) -> tuple[ParallelLayout, ModelConfig]:
-    """'tp2.pp2.dp1.v2.sp.untied.full.kv1.layers3.docs' -> layout, model config ('docs' is
-    read by main: packed documents with reset positions and attention)."""
-    vals = {"tp": 1, "pp": 1, "dp": 1, "v": 1, "mbs": 1, "kv": 2, "layers": 4}
+    """'tp2.pp2.dp1.cp2.v2.sp.untied.full.kv1.layers3.w16.docs' -> layout, model config ('docs'
+    is read by main: packed documents with reset positions and attention; wN: sliding window N,
+    w0 none)."""
+    vals = {"tp": 1, "pp": 1, "dp": 1, "cp": 1, "v": 1, "mbs": 1, "kv": 2, "layers": 4, "w": 8}
     sp, tied, recompute = False, True, None
     for part in spec.split("."):
         if part == "sp":
@@ -224,8 +225,8 @@ def parse_layout(spec: str) -> tuple[ParallelLayout, ModelConfig]:
     layout = ParallelLayout(tp=vals["tp"], pp=vals["pp"], dp=vals["dp"],
                             micro_batch_size=vals["mbs"], global_batch_size=GLOBAL_BATCH,
                             sequence_parallel=sp, virtual_stages=vals["v"],
-                            recompute_granularity=recompute)
-    return layout, tiny_config(tied, vals["kv"], vals["layers"])
+                            recompute_granularity=recompute, cp=vals["cp"])
+    return layout, tiny_config(tied, vals["kv"], vals["layers"], vals["w"])
 
 
 def main() -> int:
