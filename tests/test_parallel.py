@@ -60,7 +60,10 @@ def _run_layouts(nproc: int, layouts: list[str]) -> None:
 # Layout specs: tpN/ppN/dpN sizes, v2 = interleaved schedule with 2 virtual stages per rank,
 # sp = sequence parallel, kv1 = one kv head (TP2 replicates it), untied = separate lm_head,
 # layers3 = 3 layers on 2 stages (uneven), full/selective = activation recomputation,
-# docs = packed documents with --reset-position-ids --reset-attention-mask.
+# docs = packed documents with --reset-position-ids --reset-attention-mask, cpN = context
+# parallel (sequence 24 in N chunks), wN = sliding window N (default 8; w0 = none, causal): CP2
+# chunks are 12 (w8 smaller, w16 larger), CP4 chunks 6 (w4 smaller, w8 spans two ranks, w16
+# three). CP layouts also check the bytes the halo exchange sent against the analytical volume.
 # meta.* layouts instead check shard-by-shard initialization from the meta device (large
 # models): replicated parameters and the last stage's tied copy equal across ranks.
 # compile = each block torch.compiled (--compile); *.bf16 instead checks --bf16's FSDP policy:
@@ -69,10 +72,13 @@ WORLD2 = ["tp2", "tp2.sp", "tp2.kv1", "tp2.sp.kv1.untied", "tp2.full", "pp2", "p
           "pp2.layers3.untied", "pp2.selective", "dp2", "pp2.v2.docs", "tp2.sp.docs", "dp2.docs",
           "dp2.selective",
           "meta.tp2.kv1", "meta.pp2",
-          "meta.tp2.sp.untied", "dp2.bf16", "dp2.compile", "pp2.compile"]
+          "meta.tp2.sp.untied", "dp2.bf16", "dp2.compile", "pp2.compile",
+          "cp2", "cp2.w16", "cp2.docs", "cp2.w0"]
 WORLD4 = ["tp2.pp2", "tp2.pp2.v2", "tp2.dp2", "pp2.dp2", "pp2.dp2.v2", "tp2.sp.pp2",
-          "tp2.kv1.dp2.sp", "tp2.pp2.mbs2.full", "tp2.pp2.dp1.docs.full"]
-WORLD8 = ["tp2.pp2.dp2", "tp2.sp.pp2.dp2.v2.untied"]
+          "tp2.kv1.dp2.sp", "tp2.pp2.mbs2.full", "tp2.pp2.dp1.docs.full",
+          "cp4", "cp4.w4", "cp4.w16.docs", "cp2.tp2.w16", "cp2.tp2.sp.docs", "cp2.pp2",
+          "cp2.pp2.v2.w16.docs", "cp2.dp2", "cp2.dp2.docs.full"]
+WORLD8 = ["tp2.pp2.dp2", "tp2.sp.pp2.dp2.v2.untied", "cp2.tp2.sp.pp2.docs"]
 
 
 def test_equivalence_world2():
@@ -118,6 +124,11 @@ def test_layout_derives_data_parallel_and_microbatches():
     (dict(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=63), 2, "--seq-length 63"),
     (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3,
           global_batch_size=4), 2, "virtual"),
+    (dict(context_parallel_size=3), 3, "--context-parallel-size 3 does not divide --seq-length 64"),
+    (dict(context_parallel_size=2, tensor_model_parallel_size=2), 6, "--context-parallel-size 2"),
+    (dict(context_parallel_size=0), 1, "--context-parallel-size must be positive"),
+    (dict(context_parallel_size=4, tensor_model_parallel_size=4, sequence_parallel=True,
+          seq_length=24), 16, "--sequence-parallel needs --seq-length 24"),
 ])
 def test_layout_refuses_impossible_settings(flags, world, message):
     with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
@@ -194,3 +205,32 @@ def test_meta_param_counts(meta_counts, name, total, tp):
     replicated_per_layer = 2 * h + 4 * h + (2 * (h * kv + kv) if cfg.num_query_groups < tp else 0)
     replicated = cfg.num_layers * replicated_per_layer + 2 * h
     assert sum(counts) - (tp - 1) * replicated == total
+
+
+def test_context_parallel_refuses_an_unknown_attention_backend(monkeypatch):
+    monkeypatch.setenv("MEGATRON_SC2_ATTENTION", "flash3")
+    with pytest.raises(ConfigError, match="--context-parallel-size needs an attention backend"):
+        _layout(2, context_parallel_size=2)
+    _layout(2)  # without CP the variable is not this check's business
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 5, 6, 7, 13, 24, 100])
+def test_halo_plan_covers_exactly_the_visible_keys_before_each_chunk(window):
+    """Brute force: the positions a rank receives are exactly those before its chunk that some
+    query of the chunk may see (i - w < j <= i), each once, from its owner."""
+    from megatron_sc2.parallel.context_parallel import halo_plan
+
+    size, chunk = 4, 6
+    plans = [halo_plan(r, size, chunk, window) for r in range(size)]
+    for r in range(size):
+        start = r * chunk
+        want = sorted({j for i in range(start, start + chunk) for j in range(start)
+                       if window is None or j > i - window})
+        got, offset = [], 0
+        for src, first, n in plans[r][1]:
+            assert first == offset  # the halo is filled in order, without gaps
+            offset += n
+            sends = [(a, m) for dst, a, m in plans[src][0] if dst == r]
+            assert sends and sends[0][1] == n  # the owner sends what the receiver expects
+            got += [src * chunk + sends[0][0] + t for t in range(n)]
+        assert got == want, (r, window)

@@ -3,7 +3,7 @@
 is written once, with throughput, TFLOP/s, MFU and per-rank peak memory. All runs use
 --reset-position-ids --reset-attention-mask, so the validation losses compared across layouts
 (one process, DP2, PP2, TP2 x PP2) also check that every layout validates with the position and
-document ids."""
+document ids. A checkpoint written at CP2 x TP2 resumes in one process."""
 
 from __future__ import annotations
 
@@ -91,3 +91,21 @@ def test_checkpoint_resumes_under_other_layouts(tmp_path):
         assert abs(got["grad_norm"] - last["grad_norm"]) <= 1e-5 * abs(last["grad_norm"]), (name, got, last)
         # Validation after step 4 (forward-only pipeline schedule at TP2 x PP2).
         assert abs(got["valid_loss"] - last["valid_loss"]) <= 1e-5 * abs(last["valid_loss"]), (name, got, last)
+
+
+def test_checkpoint_saved_under_context_parallel_resumes_in_one_process(tmp_path):
+    """CP2 x TP2 (sequence 32 in two chunks of 16, window 16: each chunk's queries reach 15
+    positions into the other's) saves after step 2; one process resumes it and computes step 3
+    as the uninterrupted CP2 x TP2 run did."""
+    first = tmp_path / "cp2tp2"
+    _train(4, "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+           "--train-iters", "3", "--save-interval", "2", "--save", str(first))
+    last = _metrics(first)[-1]
+    assert last["step"] == 3
+    out = tmp_path / "resume_cp1"
+    _train(1, "--train-iters", "3", "--load", str(first / "iter_0000002"), "--save", str(out))
+    got = _metrics(out)
+    assert [r["step"] for r in got] == [3], got
+    assert got[0]["consumed_samples"] == last["consumed_samples"]
+    assert abs(got[0]["loss"] - last["loss"]) <= 1e-5 * abs(last["loss"]), (got[0], last)
+    assert abs(got[0]["grad_norm"] - last["grad_norm"]) <= 1e-5 * abs(last["grad_norm"]), (got[0], last)

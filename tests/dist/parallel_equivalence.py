@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from megatron_sc2.config import ModelConfig
 from megatron_sc2.data.batch import get_batch
 from megatron_sc2.model.starcoder2 import StarCoder2
+from megatron_sc2.parallel.context_parallel import BYTES_SENT, halo_volume_bytes
 from megatron_sc2.parallel.engine import ParallelModel, build_mesh
 from megatron_sc2.parallel.layout import ParallelLayout
 from torch.distributed.tensor import DTensor
@@ -108,11 +109,17 @@ def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches, compile: boo
     def local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t[dp_rank * n:(dp_rank + 1) * n]
 
+    halo_bytes = None
     for step, b in enumerate(batches):
         opt.zero_grad()
+        BYTES_SENT.reset()
         loss = pm.forward_backward(local(b["tokens"]), local(b["labels"]),
                                    position_ids=local(b["position_ids"]),
                                    document_ids=local(b["document_ids"]))
+        if step == 0 and layout.cp > 1:
+            sent = torch.tensor([BYTES_SENT.kv_forward + BYTES_SENT.kv_backward], dtype=torch.int64)
+            dist.all_reduce(sent)
+            halo_bytes = int(sent)
         if step == 0:
             first_grads = {name: full_grad(p).detach().clone()
                            for name, p in pm.named_parameters() if p.grad is not None}
@@ -124,7 +131,16 @@ def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches, compile: boo
                                                       "position_ids", "document_ids")})
     del pm, opt, model, mesh
     gc.collect()
-    return losses, first_grads, norms, float(valid)
+    return losses, first_grads, norms, float(valid), halo_bytes
+
+
+def expected_halo_bytes(cfg: ModelConfig, layout: ParallelLayout) -> int:
+    """K/V bytes the whole world must send in one training step: every (dp, tp) coordinate's CP
+    group moves the analytical halo volume of its local batch and kv heads over all layers."""
+    kv_local = max(cfg.num_query_groups // layout.tp, 1)
+    return layout.dp * layout.tp * halo_volume_bytes(
+        SEQ, layout.cp, cfg.sliding_window, layout.local_batch_size, kv_local, cfg.head_dim,
+        cfg.num_layers, elem_bytes=4)
 
 
 def meta_init_check(cfg: ModelConfig, layout: ParallelLayout) -> dict:
@@ -264,8 +280,8 @@ def main() -> int:
             refs[key] = reference_run(cfg, batches)
         ref_losses, ref_grads, ref_norms, ref_valid = refs[key]
         try:
-            losses, grads, norms, valid = parallel_run(cfg, layout, batches,
-                                                       compile="compile" in spec.split("."))
+            losses, grads, norms, valid, halo_bytes = parallel_run(
+                cfg, layout, batches, compile="compile" in spec.split("."))
             loss_err = max(rel(a, b) for a, b in zip(losses, ref_losses))
             norm_err = max(rel(a, b) for a, b in zip(norms, ref_norms))
             grad_err = 0.0
@@ -277,8 +293,13 @@ def main() -> int:
             valid_err = rel(valid, ref_valid)
             ok = (loss_err <= 1e-5 and grad_err <= 1e-5 and norm_err <= 1e-5 and valid_err <= 1e-5
                   and len(grads) > 0)
-            result = {"layout": spec, "ok": ok, "loss_rel_err": loss_err, "grad_rel_err": grad_err,
-                      "norm_rel_err": norm_err, "valid_rel_err": valid_err,
+            extra = {}
+            if layout.cp > 1 and layout.recompute_granularity is None:
+                # The exchange moved exactly the halo (K/V forward, dK/dV back), nothing more.
+                extra = {"halo_bytes": halo_bytes, "expected_halo_bytes": expected_halo_bytes(cfg, layout)}
+                ok = ok and halo_bytes == extra["expected_halo_bytes"] and halo_bytes > 0
+            result = {"layout": spec, "ok": ok, **extra, "loss_rel_err": loss_err,
+                      "grad_rel_err": grad_err, "norm_rel_err": norm_err, "valid_rel_err": valid_err,
                       "grads_checked": len(grads), "losses": losses,
                       "ref_losses": ref_losses}
         except Exception as e:  # report and go on to the next layout
