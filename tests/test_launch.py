@@ -16,6 +16,7 @@ import pytest
 
 from megatron_sc2 import cli
 from megatron_sc2.config import parse_train_args
+from megatron_sc2.errors import ConfigError
 from megatron_sc2.parallel.env import detect, first_host
 from megatron_sc2.launch.submit import build, check_layout, submit
 
@@ -260,3 +261,15 @@ def test_peer_failures_become_one_line_naming_the_rank(monkeypatch, capsys):
     with pytest.raises(RuntimeError):  # one process: nothing to blame on a peer
         with collective_failures():
             raise RuntimeError("Connection closed by peer")
+
+
+def test_check_layout_counts_context_parallel_ranks():
+    cfg = parse_train_args(["--model", "starcoder2-tiny", "--seq-length", "64",
+                            "--tensor-model-parallel-size", "2", "--context-parallel-size", "2"])
+    assert check_layout(cfg, 8).startswith("TP2 x CP2 x PP1 x DP2")
+    with pytest.raises(ConfigError, match=r"--context-parallel-size 2"):
+        check_layout(cfg, 6)
+    odd = parse_train_args(["--model", "starcoder2-tiny", "--seq-length", "63",
+                            "--context-parallel-size", "2"])
+    with pytest.raises(ConfigError, match=r"--context-parallel-size 2 does not divide --seq-length 63"):
+        check_layout(odd, 2)

@@ -73,15 +73,19 @@ def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def check_layout(cfg: TrainConfig, world: int) -> str:
-    """The TP x PP x DP layout the job's ranks give this config; ConfigError when it cannot work."""
+    """The TP x CP x PP x DP layout the job's ranks give this config; ConfigError when it cannot work."""
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    if tp <= 0 or pp <= 0:
-        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be positive")
-    if world % (tp * pp):
+    cp = cfg.context_parallel_size
+    if tp <= 0 or pp <= 0 or cp <= 0:
+        raise ConfigError("--tensor-model-parallel-size, --pipeline-model-parallel-size and "
+                          "--context-parallel-size must be positive")
+    if world % (tp * pp * cp):
         raise ConfigError(
             f"the job has {world} ranks, not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}")
-    dp = world // (tp * pp)
+            f"--pipeline-model-parallel-size {pp}" + (f" x --context-parallel-size {cp}" if cp > 1 else ""))
+    if cfg.seq_length % cp:
+        raise ConfigError(f"--context-parallel-size {cp} does not divide --seq-length {cfg.seq_length}")
+    dp = world // (tp * pp * cp)
     model = cfg.model_config()
     if model.num_attention_heads % tp:
         raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the "
@@ -92,8 +96,9 @@ def check_layout(cfg: TrainConfig, world: int) -> str:
     if gbs % (cfg.micro_batch_size * dp):
         raise ConfigError(
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size x data-parallel size "
-            f"({cfg.micro_batch_size} x {dp}, with {world} ranks at TP{tp} x PP{pp})")
-    return f"TP{tp} x PP{pp} x DP{dp}, {gbs} sequences per step"
+            f"({cfg.micro_batch_size} x {dp}, with {world} ranks at TP{tp} x PP{pp} x CP{cp})")
+    cps = f" x CP{cp}" if cp > 1 else ""
+    return f"TP{tp}{cps} x PP{pp} x DP{dp}, {gbs} sequences per step"
 
 
 def build(argv: Sequence[str], now: Optional[datetime] = None) -> tuple[JobSpec, TrainConfig, argparse.Namespace]:

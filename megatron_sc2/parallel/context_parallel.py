@@ -178,18 +178,27 @@ class HaloAttention:
         chunk = q.shape[1]
         plan = halo_plan(self.rank, self.size, chunk, window)
         kf, vf = _HaloKV.apply(k, v, plan, self.group)
-        h = kf.shape[1] - chunk
         docs = None
         if document_ids is not None:
             if self._ids_key is not document_ids:
                 self._ids_key = document_ids
                 self._ids_full = _halo_ids(document_ids, plan, self.group)
             docs = self._ids_full
-        if h:
-            q = torch.cat([q.new_zeros((q.shape[0], h) + q.shape[2:]), q], dim=1)
-        out = sliding_window_attention(q, kf, vf, window=window, softmax_scale=softmax_scale,
-                                       document_ids=docs)
-        return out[:, h:]
+        return attention_after_halo(q, kf, vf, window, softmax_scale, docs)
+
+
+def attention_after_halo(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         window: Optional[int] = None, softmax_scale: Optional[float] = None,
+                         document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of the chunk's queries q (b, L, ...) over keys k/v (b, h + L, ...) = [halo,
+    chunk], document_ids (b, h + L) or None: our kernel on queries prefixed with h zero rows,
+    whose outputs are dropped (see the module docstring)."""
+    h = k.shape[1] - q.shape[1]
+    if h:
+        q = torch.cat([q.new_zeros((q.shape[0], h) + q.shape[2:]), q], dim=1)
+    out = sliding_window_attention(q, k, v, window=window, softmax_scale=softmax_scale,
+                                   document_ids=document_ids)
+    return out[:, h:]
 
 
 def apply_context_parallel(module: nn.Module, cp_mesh, window: Optional[int]) -> HaloAttention:

@@ -116,7 +116,7 @@ def parallel_run(cfg: ModelConfig, layout: ParallelLayout, batches, compile: boo
         loss = pm.forward_backward(local(b["tokens"]), local(b["labels"]),
                                    position_ids=local(b["position_ids"]),
                                    document_ids=local(b["document_ids"]))
-        if step == 0 and layout.cp > 1:
+        if step == 1 and layout.cp > 1:  # step 0 also builds the pipeline schedule
             sent = torch.tensor([BYTES_SENT.kv_forward + BYTES_SENT.kv_backward], dtype=torch.int64)
             dist.all_reduce(sent)
             halo_bytes = int(sent)
