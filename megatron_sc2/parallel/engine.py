@@ -12,8 +12,9 @@ tokens go. Results stay on the device (no host synchronisation inside a step).
 Context parallelism (cp > 1): the engine cuts each sample's tokens, labels, loss mask, position
 ids and document ids into cp contiguous chunks and runs this rank's chunk (position ids are made
 absolute before the cut); attention exchanges the halo (context_parallel.py); the loss divides
-by the loss tokens of the whole sequence and its per-chunk sums are added over CP; parameter
-gradients, replicated over CP, are summed over it after backward.
+by the loss tokens of the whole sequence and its per-chunk sums are added over CP. FSDP shards
+parameters, gradients and optimizer state over data x context ranks (as Megatron's distributed
+optimizer does), so its gradient reduction also sums the CP ranks' shares.
 """
 
 from __future__ import annotations
@@ -123,16 +124,17 @@ class Engine:
 
             for chunk in chunks:
                 compile_blocks(chunk.layers.values())
-        if layout.dp > 1:
+        if layout.dp * layout.cp > 1:
             from torch.distributed.fsdp import fully_shard
 
             from megatron_sc2.parallel.wrappers import fsdp_mixed_precision
 
             mp = fsdp_mixed_precision(bf16)
+            shard_mesh = mesh["dp"] if layout.cp == 1 else mesh["dp", "cp"]._flatten("dp_cp")
             for chunk in chunks:
                 for layer in chunk.layers.values():
-                    fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=False, mp_policy=mp)
-                fully_shard(chunk, mesh=mesh["dp"], reshard_after_forward=False, mp_policy=mp)
+                    fully_shard(layer, mesh=shard_mesh, reshard_after_forward=False, mp_policy=mp)
+                fully_shard(chunk, mesh=shard_mesh, reshard_after_forward=False, mp_policy=mp)
         embedding_group = _embedding_group(mesh) if (tied and layout.pp > 1) else None
         rank_model = chunks[0] if len(chunks) == 1 else RankModel(chunks)
         return cls(cfg=cfg, layout=layout, mesh=mesh, chunks=chunks, chunk_ids=chunk_ids,
@@ -181,7 +183,8 @@ class Engine:
 
     @property
     def _dp_scale(self) -> float:
-        return float(self.layout.dp) if self.layout.dp > 1 else 1.0
+        """FSDP's divisor: it averages gradients over the data x context ranks it shards over."""
+        return float(self.layout.dp * self.layout.cp)
 
     def _autocast(self):
         """bf16 autocast when built with bf16; otherwise leave the caller's autocast as it is
@@ -261,7 +264,6 @@ class Engine:
                 loss_sum = self._pipeline_step(tokens, target, loss_fn, backward, side)
         if backward:
             self._reduce_tied_grads()
-            self._reduce_cp_grads()
         loss_sum = loss_sum / self._dp_scale
         for dim in ("cp", "dp"):
             group = self._group(dim)
@@ -269,16 +271,6 @@ class Engine:
                 dist.all_reduce(loss_sum, group=group)
         return loss_sum
 
-    def _reduce_cp_grads(self) -> None:
-        """Sum the parameter gradients over the context-parallel ranks: each computed those of
-        its own chunk's share of the loss (the halo's dK/dV already went back to their owners)."""
-        group = self._group("cp")
-        if group is None:
-            return
-        for p in self.rank_model.parameters():
-            if p.grad is not None:
-                g = p.grad
-                dist.all_reduce(g._local_tensor if isinstance(g, DTensor) else g, group=group)
 
     def _local_step(self, tokens, target, loss_fn, backward: bool, position_ids,
                     document_ids) -> torch.Tensor:
@@ -289,7 +281,7 @@ class Engine:
         docs = document_ids.chunk(n_mb) if document_ids is not None else [None] * n_mb
         for i, (t, y, pos) in enumerate(zip(tokens.chunk(n_mb), target.chunk(n_mb),
                                             position_ids.chunk(n_mb))):
-            if self.layout.dp > 1 and backward:
+            if self.layout.dp * self.layout.cp > 1 and backward:
                 # Reduce gradients, and free the gathered parameters, only after the last
                 # micro-batch (one all-gather and one reduction per step).
                 chunk.set_requires_gradient_sync(i == n_mb - 1)

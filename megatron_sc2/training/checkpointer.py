@@ -139,7 +139,7 @@ class Checkpointer:
                                  if self.cfg.tokenizer_model else None),
             "has_optimizer": True,
             "parallel_layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
-                                "world_size": self.world_size},
+                                "cp": self.layout.cp, "world_size": self.world_size},
         }
         sd = {"model": self._stored(model_sd), "optimizer": self._stored(optim_sd)}
         if self.cfg.async_save and self.world_size == 1:
