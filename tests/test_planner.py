@@ -96,10 +96,10 @@ def test_plan_command_prints_table_and_writes_a_config_train_reads(tmp_path, cap
     assert cli.main(["plan", "--model", "starcoder2-7b", "--seq-length", "16384", "--gpus", "64",
                      "--gpu", "h100-80gb", "--rotary-base", "1e7", "--write-config", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "TP" in text and "MFU" in text and "CP: planned only" in text
+    assert "TP" in text and "MFU" in text and "planned only" not in text
     data = yaml.safe_load(out.read_text())
-    assert "context_parallel_size" not in data          # the default pick is one train runs
     cfg = parse_train_args(["--config", str(out), "--mock-data"])
+    assert cfg.context_parallel_size == data.get("context_parallel_size", 1)
     assert (cfg.seq_length, cfg.rotary_base, cfg.model) == (16384, 1e7, "starcoder2-7b")
     # ... and `megatron-sc2 submit --config` takes it for the 64 GPUs it was planned for
     from megatron_sc2.launch.submit import build
@@ -110,14 +110,17 @@ def test_plan_command_prints_table_and_writes_a_config_train_reads(tmp_path, cap
     assert sub.tensor_model_parallel_size == data["tensor_model_parallel_size"]
 
 
-def test_a_cp_layout_is_written_marked_and_refused_by_train(tmp_path, capsys):
+def test_a_cp_layout_is_written_and_train_takes_it(tmp_path, capsys):
+    from megatron_sc2.parallel.layout import layout_from_args
+
     out = tmp_path / "cp.yaml"
     assert cli.main(["plan", "--model", "starcoder2-3b", "--seq-length", "16384", "--gpus", "64",
                      "--context-parallel-size", "4", "--write-config", str(out), "--pick", "1"]) == 0
-    assert "planned only" in out.read_text()
+    assert "planned only" not in out.read_text()
     assert yaml.safe_load(out.read_text())["context_parallel_size"] == 4
-    with pytest.raises(ConfigError, match="--context-parallel-size 4"):
-        parse_train_args(["--config", str(out), "--mock-data"])
+    cfg = parse_train_args(["--config", str(out), "--mock-data"])
+    layout = layout_from_args(cfg, 64, cfg.model_config())
+    assert layout.cp == 4 and layout.world_size == 64
 
 
 @pytest.mark.parametrize("argv,flag", [

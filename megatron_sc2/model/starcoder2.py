@@ -16,7 +16,7 @@ not own them.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +61,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.use_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.use_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.use_bias)
-        # The attention kernel call; context parallelism (megatron_sc2.parallel) swaps in one
-        # that first fetches the keys and values before this rank's chunk of the sequence.
-        self.core_attention = sliding_window_attention
+        # None: our kernel entry point. Context parallelism (megatron_sc2.parallel) sets one that
+        # first fetches the keys and values before this rank's chunk of the sequence.
+        self.core_attention: Optional[Callable[..., torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -74,7 +74,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core_attention(q, k, v, window=self.window, document_ids=document_ids)
+        attend = self.core_attention or sliding_window_attention
+        out = attend(q, k, v, window=self.window, document_ids=document_ids)
         return self.o_proj(out.reshape(b, s, -1))
 
 

@@ -59,8 +59,6 @@ def format_table(plans: list[Plan], gpu: planner.GPU, top: int) -> str:
         notes = []
         if not pl.fits:
             notes.append("does not fit")
-        if pl.planned_only:
-            notes.append("CP: planned only")
         lines.append(
             f"{i:>3}  {lay.describe():<28} {lay.micro_batch_size:>3} {lay.recompute or '-':<9} "
             f"{lay.num_microbatches:>7}  {m.params / GIB:>6.1f} {m.grads / GIB:>6.1f} "
@@ -115,20 +113,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ConfigError(f"--pick {args.pick} is not a row of the table (1..{len(shown)})")
             chosen = shown[args.pick - 1]
         else:
-            runnable = [p for p in fitting if not p.planned_only]
-            if not runnable:
-                raise ConfigError("every fitting layout needs context parallelism, which train "
-                                  "does not run yet; pass --pick N to write one anyway")
-            chosen = runnable[0]
+            chosen = fitting[0]
         data = planner.layout_config(args.model, cfg, args.seq_length, chosen.layout,
                                      args.rotary_base)
         m = chosen.memory
         header = (f"# megatron-sc2 plan: {chosen.layout.describe()} on {args.gpus} x {gpu.name}, "
                   f"about {m.total / GIB:.1f} GiB per GPU, {chosen.step_time_s:.2f} s per step "
                   f"(estimated)\n")
-        if chosen.planned_only:
-            header += ("# context parallelism is planned only: `megatron-sc2 train` refuses "
-                       "--context-parallel-size above 1 until it is implemented\n")
         write_config(args.write_config, data, header)
         print(f"wrote {args.write_config}: {chosen.layout.describe()}")
     return 0

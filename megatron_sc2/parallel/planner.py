@@ -19,8 +19,9 @@ efficiency, plus the pipeline bubble and the exposed tensor-parallel and context
 over the GPU's links. It ranks layouts; it is not a measurement.
 
 Context parallelism (CP) is planned with the halo cost model (a rank holding a contiguous chunk
-receives the w - 1 preceding positions' K/V from the rank(s) before it), and is planned only:
-`train` refuses --context-parallel-size above 1 until CP is implemented.
+receives the w - 1 preceding positions' K/V from the rank(s) before it), which is what `train
+--context-parallel-size` does (parallel/context_parallel.py). Not modelled: our kernels take the
+halo as extra zero query rows, so attention's query-side activations and FLOPs grow by the halo.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ USABLE_FRACTION = 0.92
 
 @dataclass(frozen=True)
 class Layout:
-    """One candidate: ParallelLayout's sizes plus context parallelism (planned only). The planner
+    """One candidate: ParallelLayout's sizes (context parallelism included). The planner
     always uses sequence parallelism with TP (it only saves memory)."""
 
     tp: int
@@ -130,7 +131,6 @@ class Plan:
     bubble: float            # pipeline bubble as a fraction of the compute time
     comm_s: float            # exposed communication per step
     fits: bool
-    planned_only: bool       # needs something `train` does not do yet (CP)
     seq_length: int
 
     @property
@@ -543,8 +543,7 @@ def plan(cfg: ModelConfig, seq_length: int, gpus: int, gpu: GPU,
         step, bubble, comm = estimate_time(cfg, lay, seq_length, gpu)
         model_flops = flops_mod.train_flops_per_step(cfg, seq_length, gbs)
         mfu = model_flops / (step * lay.world_size * gpu.peak_flops)
-        plans.append(Plan(lay, mem, step, mfu, bubble, comm, mem.total <= limit, lay.cp > 1,
-                          seq_length))
+        plans.append(Plan(lay, mem, step, mfu, bubble, comm, mem.total <= limit, seq_length))
     if not plans:
         raise ConfigError(f"no layout of {gpus} GPUs satisfies the layout rules with "
                           f"--global-batch-size {gbs} (it must divide by micro-batch x data-parallel "
