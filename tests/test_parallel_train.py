@@ -98,8 +98,10 @@ def test_checkpoint_saved_under_context_parallel_resumes_in_one_process(tmp_path
     positions into the other's) saves after step 2; one process resumes it and computes step 3
     as the uninterrupted CP2 x TP2 run did."""
     first = tmp_path / "cp2tp2"
-    _train(4, "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
-           "--train-iters", "3", "--save-interval", "2", "--save", str(first))
+    proc = _train(4, "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                  "--train-iters", "3", "--save-interval", "2", "--save", str(first))
+    assert "TP2 x CP2 x PP1 x DP1" in proc.stdout
+    assert "positions before its chunk (window 16)" in proc.stdout
     last = _metrics(first)[-1]
     assert last["step"] == 3
     out = tmp_path / "resume_cp1"

@@ -207,13 +207,18 @@ def apply_context_parallel(module: nn.Module, cp_mesh, window: Optional[int]) ->
     attn = HaloAttention(cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size())
     for layer in module.layers.values():
         layer.self_attn.core_attention = attn
-    if attn.rank == 0:
-        how = (f"halo exchange of the {window - 1} positions before each chunk (point to point)"
-               if window is not None else
-               "no sliding window: each chunk's K/V go to every later rank (all-gather "
-               "without the blocks causality never reads)")
-        log.info("context parallel x%d: %s", attn.size, how)
+    log.info("context parallel x%d: %s", attn.size, exchange_description(window))
     return attn
+
+
+def exchange_description(window: Optional[int]) -> str:
+    """What the exchange moves, for the run's log (the trainer prints it at start)."""
+    if window is None:
+        return ("no sliding window: the halo is everything before a chunk, so each chunk's K/V "
+                "go point to point to every later rank (an all-gather without the blocks "
+                "causality never reads)")
+    return (f"halo exchange: each rank receives the K/V of the (up to) {window - 1} positions "
+            f"before its chunk (window {window}) point to point, and returns their dK/dV")
 
 
 def sequence_chunk(t: Optional[torch.Tensor], rank: int, size: int) -> Optional[torch.Tensor]:

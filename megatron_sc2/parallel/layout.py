@@ -1,7 +1,9 @@
-"""The parallel layout of a run (TP x CP x PP x DP, micro-batching), validated before anything starts.
+"""The parallel layout of a run (TP x CP x PP x DP, micro-batching), validated before anything
+starts.
 
 Megatron's rank order: tensor-parallel ranks are adjacent (fastest varying), then context
-parallel, then data parallel, then pipeline stages. Every check raises a ConfigError that names the flag at fault.
+parallel, then data parallel, then pipeline stages. Every check raises a ConfigError that names
+the flag at fault.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class ParallelLayout:
     # Model chunks per pipeline rank (1 = plain 1F1B; >1 = interleaved schedule).
     virtual_stages: int = 1
     recompute_granularity: Optional[str] = None
-    # Context parallel: each sample's sequence split into cp contiguous chunks (context_parallel.py).
+    # Context parallel: each sample's sequence in cp contiguous chunks (context_parallel.py).
     cp: int = 1
 
     @property

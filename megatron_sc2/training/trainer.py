@@ -135,6 +135,11 @@ class Trainer:
         if self.world_size > 1 and self.rank == 0:
             print(f"parallel layout {self.layout.describe()} on {self.world_size} ranks, "
                   f"{self.layout.num_microbatches} micro-batches per step", flush=True)
+            if self.layout.cp > 1:
+                from megatron_sc2.parallel.context_parallel import exchange_description
+
+                print(f"context parallel: {exchange_description(self.model_cfg.sliding_window)}",
+                      flush=True)
         return engine
 
     def _load_tokenizer(self):
