@@ -127,6 +127,8 @@ def test_layout_derives_data_parallel_and_microbatches():
     (dict(context_parallel_size=3), 3, "--context-parallel-size 3 does not divide --seq-length 64"),
     (dict(context_parallel_size=2, tensor_model_parallel_size=2), 6, "--context-parallel-size 2"),
     (dict(context_parallel_size=0), 1, "--context-parallel-size must be positive"),
+    (dict(context_parallel_size=2, compile=True), 2,
+     "--compile is not supported with --context-parallel-size"),
     (dict(context_parallel_size=4, tensor_model_parallel_size=4, sequence_parallel=True,
           seq_length=24), 16, "--sequence-parallel needs --seq-length 24"),
 ])
