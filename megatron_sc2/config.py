@@ -283,8 +283,6 @@ class TrainConfig:
             raise ConfigError(f"--eval-code-limit must be >= 0 (0: all tasks), got {self.eval_code_limit}")
         if self.eval_code_max_new_tokens < 1 or self.eval_code_workers < 1:
             raise ConfigError("--eval-code-max-new-tokens and --eval-code-workers must be >= 1")
-        from megatron_sc2.eval.tasks import parse_task_list  # standard library only
-
         try:
             parse_task_list(self.eval_code_tasks)
         except ConfigError as e:
@@ -332,6 +330,25 @@ def parse_signal(name: str, setting: str = "--exit-signal") -> signal.Signals:
         if isinstance(sig, signal.Signals):
             return sig
     raise ConfigError(f"{setting} {name!r} is not a signal name (e.g. SIGUSR1, USR2, TERM)")
+
+
+# Code-evaluation task sets (megatron-sc2 eval --tasks, --eval-code-tasks); built in eval/tasks.py.
+HUMANEVAL = "humaneval"
+INFILL_SINGLE = "humaneval-infill-single"
+INFILL_MULTI = "humaneval-infill-multi"
+INFILL_SPAN = "humaneval-infill-span"
+TASK_SETS = (HUMANEVAL, INFILL_SINGLE, INFILL_MULTI, INFILL_SPAN)
+
+
+def parse_task_list(text: str) -> list[str]:
+    """'humaneval,humaneval-infill-single' -> the names, each known, duplicates dropped."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError("--tasks: name at least one task")
+    for n in names:
+        if n not in TASK_SETS:
+            raise ConfigError(f"--tasks: unknown task {n!r} (known: {', '.join(TASK_SETS)})")
+    return list(dict.fromkeys(names))
 
 
 def _flag(name: str) -> str:

@@ -16,13 +16,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "megatron_sc2"
 # The layout planner (megatron-sc2 plan) sits in parallel/ but uses the training room's FLOP
 # count and optimizer: it belongs above training (its own room beside launch/), not moved yet.
-# The code-evaluation hook (--eval-code-interval) is called by the trainer and its task names are
-# checked by the config: a callback registered from above and a task table below eval would
-# lower them.
+# The code-evaluation hook (--eval-code-interval) is called by the trainer: a callback registered
+# from above (the train command) would lower it.
 KNOWN_UPWARD = {"megatron_sc2.parallel.planner -> megatron_sc2.training",
                 "megatron_sc2.parallel.memory_trace -> megatron_sc2.training.optimizer",
-                "megatron_sc2.training.trainer -> megatron_sc2.eval.during_training",
-                "megatron_sc2.config -> megatron_sc2.eval.tasks"}
+                "megatron_sc2.training.trainer -> megatron_sc2.eval.during_training"}
 LAYERS = [("errors", "config"), ("model", "ops"), ("data",), ("parallel",), ("training",),
           ("convert", "launch", "eval", "governance"), ("cli", "demo", "__main__", "")]
 

@@ -27,11 +27,10 @@ from typing import Optional
 
 from megatron_sc2.errors import ConfigError
 
-HUMANEVAL = "humaneval"
-INFILL_SINGLE = "humaneval-infill-single"
-INFILL_MULTI = "humaneval-infill-multi"
-INFILL_SPAN = "humaneval-infill-span"
-TASK_SETS = (HUMANEVAL, INFILL_SINGLE, INFILL_MULTI, INFILL_SPAN)
+# The task names are settings (config.py checks --eval-code-tasks without importing eval/);
+# re-exported here for the evaluator.
+from megatron_sc2.config import (HUMANEVAL, INFILL_MULTI, INFILL_SINGLE, INFILL_SPAN,  # noqa: E402, F401
+                                 TASK_SETS, parse_task_list)
 PUBLISHED_COUNTS = {HUMANEVAL: 164, INFILL_SINGLE: 1033, INFILL_MULTI: 5815, INFILL_SPAN: 1640}
 SPANS_PER_PROBLEM = 10
 SPAN_SEED = 1234
@@ -127,16 +126,6 @@ def build_tasks(task_set: str, problems: Optional[dict[str, dict]] = None) -> li
                     a, b = sorted(rng.randint(0, len(sol)) for _ in range(2))
                 out.append(task(f"{pid}/span/{k}", a, b))
     return out
-
-
-def parse_task_list(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise ConfigError("--tasks: name at least one task")
-    for n in names:
-        if n not in TASK_SETS:
-            raise ConfigError(f"--tasks: unknown task {n!r} (known: {', '.join(TASK_SETS)})")
-    return list(dict.fromkeys(names))
 
 
 # -- prompts ------------------------------------------------------------------------------
