@@ -128,3 +128,14 @@ def test_tensorboard_resume_purges_steps_after_the_checkpoint(tmp_path):
         again.write({"step": step, "loss": 10.0 * step})
     again.close()
     assert _events(tmp_path)["lm loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_code_evaluation_scores_reach_tensorboard(tmp_path):
+    # --eval-code-interval adds code_pass@1/<task> to the step's record; TensorBoard gets it.
+    from megatron_sc2.training.sinks import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path)
+    sink.write({"step": 3, "loss": 2.0, "code_pass@1/humaneval": 0.25})
+    sink.close()
+    ev = _events(tmp_path)
+    assert ev["code_pass@1/humaneval"] == [(3, 0.25)] and ev["lm loss"] == [(3, 2.0)]

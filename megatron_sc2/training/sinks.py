@@ -31,6 +31,9 @@ SCALARS: dict[str, str] = {
 }
 
 
+CODE_EVAL_PREFIX = "code_pass@"
+
+
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The finite numeric entries of a record, under their scalar tags."""
     out = {}
@@ -38,6 +41,9 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
         v = record.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[tag] = float(v)
+    for key, v in record.items():  # code evaluation during training: code_pass@1/<task>
+        if key.startswith(CODE_EVAL_PREFIX) and isinstance(v, (int, float)) and math.isfinite(v):
+            out[key] = float(v)
     return out
 
 

@@ -267,8 +267,8 @@ class Trainer:
 
                 record.update(code_eval_during_training(self.model, self.tokenizer, cfg, self.model_cfg,
                                                         self.world_size, self.rank))
-            if log:
-                self.metrics.write(record)
+            if log or "valid_loss" in record or any(k.startswith("code_pass@") for k in record):
+                self.metrics.write(record)  # evaluation results are never left unlogged
                 if self.rank == 0:
                     print(f"step {it:>6}/{cfg.train_iters} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | "
                           f"grad norm {out['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s", flush=True)
