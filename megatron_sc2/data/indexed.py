@@ -181,7 +181,7 @@ class IndexedWriter:
                 os.replace(tmp, final)
         os.replace(self._tmp_bin, self._final_bin)
         os.replace(self._tmp_idx, self._final_idx)
-        _fsync_dir(self._final_idx.parent)
+        fsync_dir(self._final_idx.parent)
         self._done = True
 
     def abort(self) -> None:
@@ -209,7 +209,8 @@ class IndexedWriter:
             self.abort()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (best effort: some filesystems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from megatron_sc2.data.indexed import fsync_dir
 from megatron_sc2.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -432,25 +433,12 @@ def write_meta(tmp_dir: Path, meta: dict[str, Any]) -> None:
     write_json_atomic(tmp_dir / META_FILE, meta)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def finalize(tmp_dir: Path, save_dir: str | Path, iteration: int) -> Path:
     """Mark complete, rename into place and point the tracker at it (one rank calls this,
     after every rank finished writing). Replaces an older checkpoint of the same iteration."""
     final = checkpoint_dir(save_dir, iteration)
     write_text_atomic(tmp_dir / COMPLETE_MARKER, f"{iteration}\n")
-    _fsync_dir(tmp_dir)
+    fsync_dir(tmp_dir)
     if final.exists():
         trash = final.with_name(final.name + f".old-{os.getpid()}")
         os.replace(final, trash)
@@ -458,7 +446,7 @@ def finalize(tmp_dir: Path, save_dir: str | Path, iteration: int) -> Path:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp_dir, final)
-    _fsync_dir(Path(save_dir))
+    fsync_dir(Path(save_dir))
     write_text_atomic(Path(save_dir) / LATEST_FILE, f"{iteration}\n")
     return final
 

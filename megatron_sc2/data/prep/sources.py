@@ -416,15 +416,20 @@ def _jsonl_texts(path: Path, ctx: ReadContext) -> Iterator[str]:
 
 # -- parquet -------------------------------------------------------------------------------------
 
-def _read_parquet(path: Path, ctx: ReadContext) -> Iterator[Document]:
+def open_parquet(path: Path):
+    """A `pyarrow.parquet.ParquetFile`, or a DataError naming the file (or the missing pyarrow)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _read_parquet(path: Path, ctx: ReadContext) -> Iterator[Document]:
+    pf = open_parquet(path)
     names = set(pf.schema_arrow.names)
     key0 = ctx.json_keys[0]
     text_col = key0 if key0 in names else "content"

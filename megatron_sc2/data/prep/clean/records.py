@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from megatron_sc2.errors import DataError
 from megatron_sc2.data.prep.corpus import ReadCounts, iter_repository_dir
-from megatron_sc2.data.prep.sources import ReadStats, expand_inputs, iter_jsonl_records
+from megatron_sc2.data.prep.sources import ReadStats, expand_inputs, iter_jsonl_records, open_parquet
 
 _POS_BITS = 40
 
@@ -158,14 +158,7 @@ def _jsonable(v: Any) -> Any:
 
 def _parquet(path: Path, base: int, stats: ReadStats, text_key: Optional[str], skip_malformed: bool,
              shard: int, nshards: int) -> Iterator[FileRecord]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    pf = open_parquet(path)
     names = set(pf.schema_arrow.names)
     key = text_key if text_key in names else "content"
     if key not in names:
