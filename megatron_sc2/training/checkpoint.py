@@ -154,8 +154,9 @@ def earlier_hint(ckpt: Path) -> str:
 def find_checkpoint(load_dir: str | Path, iteration: Optional[int] = None) -> Path:
     """The finished checkpoint to load: `iteration` if given, else the latest.
 
-    The latest is the one named in latest_checkpointed_iteration.txt when that checkpoint is
-    complete, otherwise the newest complete directory (the tracker may lag a crash by one save).
+    The latest is the newest complete directory. latest_checkpointed_iteration.txt (Megatron's
+    tracker, written after the rename) is not consulted: a kill between the rename and the
+    tracker's update leaves it one save behind a finished checkpoint.
     `load_dir` may also name an `iter_XXXXXXX` directory itself.
     """
     root = Path(load_dir)
@@ -172,14 +173,6 @@ def find_checkpoint(load_dir: str | Path, iteration: Optional[int] = None) -> Pa
             raise CheckpointError(f"no finished checkpoint for iteration {iteration} in {root} "
                                   f"(finished: {', '.join(map(str, done[-5:])) or 'none'})")
         return path
-    tracker = root / LATEST_FILE
-    if tracker.is_file():
-        try:
-            it = int(tracker.read_text().strip())
-            if is_complete(checkpoint_dir(root, it)):
-                return checkpoint_dir(root, it)
-        except ValueError:
-            pass
     done = finished_iterations(root)
     if not done:
         raise CheckpointError(f"no finished checkpoint in {root}")
