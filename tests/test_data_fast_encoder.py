@@ -74,9 +74,9 @@ def test_unlisted_merge_falls_back(tmp_path):
     first, so tokenizers stops at [ab, c] while tiktoken would join ab+c."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from megatron_sc2.data.fast_encoder import _bytes_to_unicode
+    from megatron_sc2.data.fast_encoder import bytes_to_unicode
 
-    alphabet = [_bytes_to_unicode()[b] for b in range(256)]
+    alphabet = [bytes_to_unicode()[b] for b in range(256)]
     vocab = {"<|endoftext|>": 0}
     for ch in alphabet:
         vocab[ch] = len(vocab)

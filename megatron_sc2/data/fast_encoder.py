@@ -38,7 +38,7 @@ CLEAN_CACHE_VERSION = "1"
 GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -178,7 +178,7 @@ def build_fast_encoder(tokenizer) -> Optional[FastEncoder]:
            or a.get("normalized") for a in added):
         return None
     specials = {a["content"]: int(a["id"]) for a in added}
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     u2b = {c: b for b, c in b2u.items()}
     vocab: dict[str, int] = model["vocab"]
     ranks: dict[bytes, int] = {}

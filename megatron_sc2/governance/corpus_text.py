@@ -16,19 +16,10 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_sc2.data.fast_encoder import bytes_to_unicode
 from megatron_sc2.data.tokenizer import Tokenizer
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def _is_byte_level(decoder: Optional[dict]) -> bool:
@@ -60,7 +51,7 @@ class TokenText:
         self.specials = np.asarray(sorted(specials), dtype=np.int64)
 
     def _byte_table(self, vocab: dict[str, int], specials: set[int]) -> None:
-        u2b = _gpt2_byte_decoder()
+        u2b = {u: b for b, u in bytes_to_unicode().items()}
         n = max(vocab.values()) + 1
         pieces = [b""] * n
         for s, i in vocab.items():
