@@ -613,30 +613,36 @@ def test_special_token_text_is_text(world, tmp_path, capsys):
     capsys.readouterr()
 
 
+def _kill_at_step(monkeypatch, crash_at: int) -> None:
+    """The pair writer's `crash_at`-th filesystem step (a rename or an unlink) raises as if the
+    process were killed there; monkeypatch.undo() restores the real calls."""
+    import megatron_sc2.data.indexed as indexed
+
+    calls = {"n": 0}
+
+    def step(real):
+        def wrapped(*args, **kwargs):
+            if calls["n"] == crash_at:
+                raise SystemExit("killed")
+            calls["n"] += 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(indexed.os, "replace", step(os.replace))
+    monkeypatch.setattr(indexed.Path, "unlink", step(Path.unlink))
+
+
 def test_a_crash_between_the_renames_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
     """Kill the writer (an exception nobody catches) at each filesystem step of its finish: the
     prefix then holds the old dataset or no dataset, never a new .bin with an old .idx."""
-    import megatron_sc2.data.indexed as indexed
     from megatron_sc2.errors import DataError
 
     old_docs, new_docs = [[1, 2, 3]] * 4, [[7, 8]] * 6
-    real_replace, real_unlink = os.replace, Path.unlink
     outcomes = set()
     for crash_at in range(4):
         prefix = tmp_path / f"p{crash_at}"
         write_documents(prefix, old_docs, np.uint16)
-        calls = {"n": 0}
-
-        def step(real):
-            def wrapped(*args, **kwargs):
-                if calls["n"] == crash_at:
-                    raise SystemExit("killed")
-                calls["n"] += 1
-                return real(*args, **kwargs)
-            return wrapped
-
-        monkeypatch.setattr(indexed.os, "replace", step(real_replace))
-        monkeypatch.setattr(indexed.Path, "unlink", step(real_unlink))
+        _kill_at_step(monkeypatch, crash_at)
         w = IndexedWriter(prefix, np.uint16)
         for doc in new_docs:
             w.add_document(doc)
@@ -660,7 +666,6 @@ def test_a_crash_never_leaves_a_sidecar_beside_another_pair(tmp_path, monkeypatc
     """The provenance sidecar is replaced in the pair's own window: killed at any step, a
     readable dataset has its own sidecar (same document count on purpose: only the records
     tell the two apart)."""
-    import megatron_sc2.data.indexed as indexed
     from megatron_sc2.data.provenance import ProvenanceWriter, open_provenance
     from megatron_sc2.errors import DataError
 
@@ -673,23 +678,11 @@ def test_a_crash_never_leaves_a_sidecar_beside_another_pair(tmp_path, monkeypatc
         w._finalize()  # no clean-up: a killed process runs none
 
     old_docs, new_docs = [[1, 2, 3]] * 4, [[7, 8]] * 4
-    real_replace, real_unlink = os.replace, Path.unlink
     outcomes = set()
     for crash_at in range(5):
         prefix = tmp_path / f"p{crash_at}"
         write(prefix, old_docs, "old")
-        calls = {"n": 0}
-
-        def step(real):
-            def wrapped(*args, **kwargs):
-                if calls["n"] == crash_at:
-                    raise SystemExit("killed")
-                calls["n"] += 1
-                return real(*args, **kwargs)
-            return wrapped
-
-        monkeypatch.setattr(indexed.os, "replace", step(real_replace))
-        monkeypatch.setattr(indexed.Path, "unlink", step(real_unlink))
+        _kill_at_step(monkeypatch, crash_at)
         try:
             write(prefix, new_docs, "new")
         except SystemExit:
