@@ -138,3 +138,17 @@ def test_sigkill_during_saves_always_leaves_a_loadable_latest_checkpoint(referen
     assert [r["loss"] for r in read_metrics(save)] == [r["loss"] for r in read_metrics(reference)]
     assert ckpt.finished_iterations(save) == [ITERS - 1, ITERS]  # --keep-last 2
     assert not list(save.glob("iter_*.tmp-*")), "a dead save's temporary directory was left behind"
+
+
+def test_latest_is_the_newest_finished_checkpoint_when_the_tracker_lags(tmp_path):
+    # A kill between a checkpoint's rename and the tracker's update leaves the tracker one save
+    # behind: the finished newer checkpoint is the latest, not the one the tracker names.
+    for it in (1, 2, 3):
+        d = ckpt.checkpoint_dir(tmp_path, it)
+        d.mkdir(parents=True)
+        (d / ckpt.META_FILE).write_text("{}")
+        (d / ckpt.COMPLETE_MARKER).write_text("")
+    (tmp_path / ckpt.LATEST_FILE).write_text("2\n")
+    (ckpt.checkpoint_dir(tmp_path, 4)).mkdir()  # an unfinished save (no marker) is never latest
+    assert ckpt.find_checkpoint(tmp_path) == ckpt.checkpoint_dir(tmp_path, 3)
+    assert ckpt.find_checkpoint(tmp_path, iteration=2) == ckpt.checkpoint_dir(tmp_path, 2)
