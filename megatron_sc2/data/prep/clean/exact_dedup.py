@@ -18,17 +18,7 @@ def content_hash(text: str) -> tuple[int, int]:
 def duplicates(uid: np.ndarray, hashes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """For each row, -1 when it is kept, else the uid of the kept file with the same content.
     `hashes` is (n, 2) uint64."""
-    n = uid.size
-    keeper = np.full(n, -1, dtype=np.int64)
-    if n == 0:
-        return keeper
+    if uid.size == 0:
+        return np.full(0, -1, dtype=np.int64)
     _, group = np.unique(hashes, axis=0, return_inverse=True)
-    group = group.ravel()
-    idx = keep_rule.order(uid, keys, group)
-    g = group[idx]
-    first = np.ones(n, dtype=bool)
-    first[1:] = g[1:] != g[:-1]
-    head = idx[np.maximum.accumulate(np.where(first, np.arange(n), 0))]
-    dup = ~first
-    keeper[idx[dup]] = uid[head[dup]]
-    return keeper
+    return keep_rule.keepers(uid, keys, group.ravel())

@@ -51,3 +51,20 @@ def order(uid: np.ndarray, keys: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Indices sorting rows by group, then best to keep first: licence rank ascending, stars,
     forks and revision descending, uid ascending."""
     return np.lexsort((uid, -keys[:, 3], -keys[:, 2], -keys[:, 1], keys[:, 0], groups))
+
+
+def keepers(uid: np.ndarray, keys: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """For each row, the uid of the row its group keeps (by `order`), or -1 for the kept rows
+    themselves: what exact and near dedup both report."""
+    n = uid.size
+    keeper = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return keeper
+    idx = order(uid, keys, groups)
+    g = groups[idx]
+    first = np.ones(n, dtype=bool)
+    first[1:] = g[1:] != g[:-1]
+    head = idx[np.maximum.accumulate(np.where(first, np.arange(n), 0))]
+    dup = ~first
+    keeper[idx[dup]] = uid[head[dup]]
+    return keeper

@@ -98,16 +98,7 @@ def duplicates_from_bands(uid: np.ndarray, bkeys: np.ndarray, live: np.ndarray, 
                           keys: np.ndarray, verify: float = 0.7) -> np.ndarray:
     """For each row, -1 when kept, else the uid of the file kept for its cluster. Rows must be in
     uid order (the bucket heads then do not depend on how the input was sharded)."""
-    n = uid.size
-    keeper = np.full(n, -1, dtype=np.int64)
-    if n == 0:
-        return keeper
-    comp = components(n, edges_from_band_keys(bkeys, live, sig_rows, verify))
-    idx = keep_rule.order(uid, keys, comp)
-    c = comp[idx]
-    first = np.ones(n, dtype=bool)
-    first[1:] = c[1:] != c[:-1]
-    head = idx[np.maximum.accumulate(np.where(first, np.arange(n), 0))]
-    dup = ~first
-    keeper[idx[dup]] = uid[head[dup]]
-    return keeper
+    if uid.size == 0:
+        return np.full(0, -1, dtype=np.int64)
+    comp = components(uid.size, edges_from_band_keys(bkeys, live, sig_rows, verify))
+    return keep_rule.keepers(uid, keys, comp)
