@@ -98,9 +98,9 @@ def measured_cpu_peak(cfg, seq: int, mbs: int) -> int:
 
 def measured_section() -> None:
     from megatron_sc2.config import ModelConfig
-    from megatron_sc2.parallel import planner
+    from megatron_sc2.planning import planner
     from megatron_sc2.parallel.layout import ParallelLayout
-    from megatron_sc2.parallel.memory_trace import trace_in_subprocess
+    from megatron_sc2.planning.memory_trace import trace_in_subprocess
 
     shapes = [ModelConfig(vocab_size=8192, hidden_size=512, ffn_hidden_size=2048, num_layers=4,
                           num_attention_heads=8, num_query_groups=2, max_position_embeddings=4096,
@@ -131,8 +131,8 @@ def slope_section() -> None:
     import dataclasses
 
     from megatron_sc2.config import preset
-    from megatron_sc2.parallel import planner
-    from megatron_sc2.parallel.memory_trace import trace_in_subprocess
+    from megatron_sc2.planning import planner
+    from megatron_sc2.planning.memory_trace import trace_in_subprocess
 
     for model, tp, dp, seq in (("starcoder2-3b", 1, 1, 4096), ("starcoder2-7b", 2, 1, 16384),
                                ("starcoder2-15b", 4, 8, 4096)):
@@ -172,8 +172,8 @@ def by_hand_section() -> None:
     import dataclasses
 
     from megatron_sc2.config import preset
-    from megatron_sc2.parallel import planner
-    from megatron_sc2.parallel.memory_trace import trace_in_subprocess
+    from megatron_sc2.planning import planner
+    from megatron_sc2.planning.memory_trace import trace_in_subprocess
 
     for model, tp, pp, v, dp, seq, gbs, layers, rc in BY_HAND:
         cfg = dataclasses.replace(preset(model), num_layers=layers)

@@ -145,7 +145,7 @@ def generate(hf_dir: Path) -> dict[str, str]:
 def plan_layouts(out: Path) -> Path:
     """The layouts of StarCoder2-15B at 16k on 64 H100s (`megatron-sc2 plan`), the best one
     train runs written as a config for `megatron-sc2 submit`."""
-    from megatron_sc2.parallel import plan_main
+    from megatron_sc2.planning import main as plan_main
 
     config = out / "plan-15b-16k.yaml"
     rc = plan_main.main(["--model", "starcoder2-15b", "--seq-length", "16384", "--gpus", "64",
@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     t = _step("5/7 train: a tiny StarCoder2 on the CPU")
     from megatron_sc2.config import parse_train_args
-    from megatron_sc2.training.trainer import train
+    from megatron_sc2.train_command import train
 
     ckpt_dir = out / "checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -1,5 +1,5 @@
 """The layout planner (`megatron-sc2 plan`): its memory model against PyTorch's own accounting of
-the same step under fake tensors (MemTracker, parallel/memory_trace.py) at the real 3B/7B/15B
+the same step under fake tensors (MemTracker, planning/memory_trace.py) at the real 3B/7B/15B
 shapes, its layouts against parallel/layout.py's rules, its command's output and errors."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import yaml
 from megatron_sc2 import cli
 from megatron_sc2.config import parse_train_args, preset
 from megatron_sc2.errors import ConfigError
-from megatron_sc2.parallel import planner
-from megatron_sc2.parallel.memory_trace import trace_in_subprocess
+from megatron_sc2.planning import planner
+from megatron_sc2.planning.memory_trace import trace_in_subprocess
 
 H100 = planner.GPUS["h100-80gb"]
 

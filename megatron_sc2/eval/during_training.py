@@ -1,7 +1,8 @@
 """`--eval-code-interval N`: HumanEval pass@1 of the model being trained, every N steps.
 
-The trainer calls `code_eval_during_training` at one place in its loop and adds the returned
-numbers to the step's metrics record (metrics.jsonl). Evaluation runs greedily, under no_grad,
+`megatron-sc2 train` hands the trainer a `CodeEvalHook` (a step hook, training/hooks.py); the
+loop calls it every N steps and adds the returned numbers to the step's metrics record
+(metrics.jsonl). Evaluation runs greedily, under no_grad,
 on a full copy of the model (gathered through a temporary checkpoint under TP/PP/DP); every random number generator is saved before and restored
 after, and the model's train/eval mode is put back, so training continues exactly as it would
 have without the evaluation (a resumed run stays bit-exact).
@@ -18,6 +19,7 @@ import torch
 
 from megatron_sc2.errors import ConfigError, UserError
 from megatron_sc2.eval.tasks import parse_task_list
+from megatron_sc2.training.hooks import TrainerView
 
 
 @dataclass
@@ -38,6 +40,18 @@ class _RNGState:
             torch.cuda.set_rng_state_all(self.torch_cuda)
         random.setstate(self.python)
         np.random.set_state(self.numpy)
+
+
+@dataclass(frozen=True)
+class CodeEvalHook:
+    """The step hook of `--eval-code-interval N`: `code_eval_during_training` every N steps."""
+
+    every: int
+    flag: str = "--eval-code-interval"
+
+    def __call__(self, step: int, view: TrainerView) -> dict[str, float]:
+        return code_eval_during_training(view.model, view.tokenizer, view.cfg, view.model_cfg,
+                                         view.world_size, view.rank)
 
 
 def code_eval_during_training(model: torch.nn.Module, tokenizer, cfg, model_cfg, world_size: int,

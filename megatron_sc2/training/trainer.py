@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ from megatron_sc2.training import checkpoint as ckpt
 from megatron_sc2.training import flops as flops_mod
 from megatron_sc2.training.checkpoint import TrainState
 from megatron_sc2.training.checkpointer import Checkpointer
+from megatron_sc2.training.hooks import StepHook, TrainerView, check_hooks
 from megatron_sc2.training.optimizer import build_optimizer, learning_rate
 from megatron_sc2.training.sinks import build_sinks
 from megatron_sc2.training.signals import StopRequests
@@ -66,12 +67,15 @@ def requested_device(cfg: TrainConfig) -> Optional[torch.device]:
 
 class Trainer:
     """One training run: this rank's share of a TP x PP x DP layout (1 x 1 x 1 in one process)
-    under torchrun/srun or alone; the same samples and losses either way."""
+    under torchrun/srun or alone; the same samples and losses either way. `hooks` run between
+    steps (training/hooks.py: `megatron-sc2 train` registers eval's code evaluation there)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, hooks: Sequence[StepHook] = ()):
         import torch.distributed as dist
 
+        check_hooks(cfg, hooks)
         self.cfg = cfg
+        self.hooks = list(hooks)
         asked = requested_device(cfg)
         self.device = init_distributed(cfg.distributed_timeout_minutes,
                                        asked.type if asked is not None else None)
@@ -261,13 +265,10 @@ class Trainer:
             record.update(self._step_metrics(dt, gather=log))
             if cfg.eval_interval > 0 and it % cfg.eval_interval == 0:
                 record["valid_loss"] = self.evaluate()
-            # --eval-code-interval: HumanEval pass@1 on the full model; leaves RNG and model as found
-            if cfg.eval_code_interval > 0 and it % cfg.eval_code_interval == 0:
-                from megatron_sc2.eval.during_training import code_eval_during_training
-
-                record.update(code_eval_during_training(self.model, self.tokenizer, cfg, self.model_cfg,
-                                                        self.world_size, self.rank))
-            if log or "valid_loss" in record or any(k.startswith("code_pass@") for k in record):
+            due = [hook for hook in self.hooks if it % hook.every == 0]
+            for hook in due:  # e.g. --eval-code-interval; each leaves RNG and model as found
+                record.update(hook(it, self._view()))
+            if log or "valid_loss" in record or due:
                 self.metrics.write(record)  # evaluation results are never left unlogged
                 if self.rank == 0:
                     print(f"step {it:>6}/{cfg.train_iters} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | "
@@ -305,11 +306,14 @@ class Trainer:
     def save(self) -> Path:
         return self.checkpointer.save(self.state)
 
+    def _view(self) -> TrainerView:
+        return TrainerView(self.model, self.tokenizer, self.cfg, self.model_cfg, self.world_size, self.rank)
 
-def train(cfg: TrainConfig) -> list[dict[str, Any]]:
+
+def train(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> list[dict[str, Any]]:
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, hooks)
         return trainer.train()
     finally:
         if trainer is not None:

@@ -6,7 +6,7 @@
 
 Each row: the layout, per-GPU memory (parameters, gradients, optimizer state, activations,
 communication buffers, total) of the fullest rank, estimated step time, MFU and tokens/s per GPU
-(parallel/planner.py says what the estimates rest on). `--write-config` writes the best layout
+(planning/planner.py says what the estimates rest on). `--write-config` writes the best layout
 `train` can run (or row N of the table) as a YAML config for `megatron-sc2 submit --config`.
 """
 
@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 
 from megatron_sc2.config import PRESETS, preset
 from megatron_sc2.errors import ConfigError
-from megatron_sc2.parallel import planner
-from megatron_sc2.parallel.planner import GIB, GPUS, Plan
+from megatron_sc2.planning import planner
+from megatron_sc2.planning.planner import GIB, GPUS, Plan
 
 
 class _Parser(argparse.ArgumentParser):

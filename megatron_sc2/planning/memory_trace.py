@@ -4,7 +4,7 @@ The rank's real shard is built by the engine (`Engine.build`, a fake process gro
 in for the world, as parallel/param_count.py does) on fake tensors (`FakeTensorMode`: shapes and
 dtypes, no storage), then one step runs under `torch.distributed._tools.mem_tracker.MemTracker`,
 which records the bytes of every live parameter, gradient, optimizer state, activation and
-temporary. This is the oracle the planner's memory model (parallel/planner.py) is checked against.
+temporary. This is the oracle the planner's memory model (planning/planner.py) is checked against.
 
 What is emulated, and why:
 - The compiled attention kernels cannot run on fake tensors; a stand-in with the CUDA kernel's
@@ -271,7 +271,7 @@ def trace_in_subprocess(cfg: ModelConfig, layout: ParallelLayout, seq_length: in
     spec = json.dumps({"cfg": cfg.to_dict(), "layout": dataclasses.asdict(layout),
                        "seq": seq_length, "stage": stage})
     code = ("import json, sys\n"
-            "from megatron_sc2.parallel.memory_trace import _trace_from_json\n"
+            "from megatron_sc2.planning.memory_trace import _trace_from_json\n"
             "print(json.dumps(_trace_from_json(sys.stdin.read())))\n")
     out = subprocess.run([sys.executable, "-c", code], input=spec, capture_output=True,
                          text=True, timeout=timeout)

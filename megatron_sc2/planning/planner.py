@@ -2,7 +2,7 @@
 GPU's memory, what each GPU holds, and how fast each should run.
 
 Memory is modelled from what this stack keeps alive in a step (checked against PyTorch's own
-accounting under fake tensors, parallel/memory_trace.py): fp32 parameters (bf16 runs use autocast,
+accounting under fake tensors, planning/memory_trace.py): fp32 parameters (bf16 runs use autocast,
 which also keeps a bf16 copy of every matmul weight for the step), fp32 gradients and AdamW's two
 fp32 moments (FSDP2 shards the three over data-parallel ranks; `reshard_after_forward=False`
 keeps the whole stage's parameters gathered through the step, and gradient accumulation keeps
