@@ -2,10 +2,10 @@
 
 `megatron-sc2 train` hands the trainer a `CodeEvalHook` (a step hook, training/hooks.py); the
 loop calls it every N steps and adds the returned numbers to the step's metrics record
-(metrics.jsonl). Evaluation runs greedily, under no_grad,
-on a full copy of the model (gathered through a temporary checkpoint under TP/PP/DP); every random number generator is saved before and restored
-after, and the model's train/eval mode is put back, so training continues exactly as it would
-have without the evaluation (a resumed run stays bit-exact).
+(metrics.jsonl). Evaluation runs greedily, under no_grad, on a full copy of the model (gathered
+through a temporary checkpoint under TP/PP/DP); every random number generator is saved before
+and restored after, and the model's train/eval mode is put back, so training continues exactly
+as it would have without the evaluation (a resumed run stays bit-exact).
 """
 
 from __future__ import annotations
