@@ -24,6 +24,7 @@ from torch import nn
 
 from megatron_sc2.config import ModelConfig
 from megatron_sc2.ops import sliding_window_attention
+from megatron_sc2.ops.linear import Linear
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
@@ -57,10 +58,10 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.window = cfg.sliding_window
         kv_dim = self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.use_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.use_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.use_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.use_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.use_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.use_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.use_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.use_bias)
         # None: our kernel entry point. Context parallelism (megatron_sc2.parallel) sets one that
         # first fetches the keys and values before this rank's chunk of the sequence.
         self.core_attention: Optional[Callable[..., torch.Tensor]] = None
@@ -82,8 +83,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.use_bias)
-        self.c_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.use_bias)
+        self.c_fc = Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.use_bias)
+        self.c_proj = Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -130,7 +131,7 @@ class StarCoder2(nn.Module):
         self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.num_layers)})
         self.norm: Optional[nn.LayerNorm] = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon)
-        self.lm_head: Optional[nn.Linear] = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head: Optional[nn.Linear] = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()
