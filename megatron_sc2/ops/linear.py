@@ -46,7 +46,15 @@ def gemm_backend() -> str:
     return "onednn" if onednn_available() else "aten"
 
 
-_BACKEND: Optional[str] = None  # gemm_backend(), read on first use
+def _initial_backend() -> Optional[str]:
+    try:
+        return gemm_backend()
+    except ConfigError:  # raised, as one line, by the first linear call instead of at import
+        return None
+
+
+_BACKEND: Optional[str] = _initial_backend()
+
 
 def _product(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
     """a @ b^T (+ bias) for 2-D a (m, k) and b (n, k) on oneDNN. oneDNN reads a transposed b in
