@@ -89,6 +89,18 @@ def test_no_requeue_when_finished_or_disabled(tmp_path, fake_slurm):
     assert not fake_slurm.exists()
 
 
+def test_a_finished_run_stops_listening(tmp_path, fake_slurm):
+    seen = []
+    old = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))
+    try:
+        trainer = Trainer(parse_train_args(_args(tmp_path, "--exit-signal", "USR2", "--train-iters", "1")))
+        trainer.train()  # the trainer object stays referenced
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert seen == [signal.SIGUSR2]  # not swallowed by the finished run's handler
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
 def test_handlers_step_aside_without_a_listener():
     seen = []
     old = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))

@@ -241,6 +241,9 @@ class Trainer:
         try:
             return self._loop()
         finally:
+            # A signal after the run (the rest of a demo, a test) must act as if we were never
+            # there, not be recorded for a loop that no longer polls.
+            self.stop_requests.uninstall()
             self.train_loader.close()
             if self.valid_loader is not None:
                 self.valid_loader.close()
