@@ -279,6 +279,8 @@ class TrainConfig:
             raise ConfigError(f"--eval-code-interval must be >= 0, got {self.eval_code_interval}")
         if self.eval_code_interval == 0:
             return
+        if not self.tokenizer_model:
+            raise ConfigError("--eval-code-interval needs --tokenizer-model (prompts must be encoded)")
         if self.eval_code_limit < 0:
             raise ConfigError(f"--eval-code-limit must be >= 0 (0: all tasks), got {self.eval_code_limit}")
         if self.eval_code_max_new_tokens < 1 or self.eval_code_workers < 1:

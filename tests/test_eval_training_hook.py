@@ -62,6 +62,9 @@ def test_code_eval_keeps_rng_and_mode(tmp_path):
     assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py
     with pytest.raises(ConfigError, match="needs --tokenizer-model"):
         code_eval_during_training(model, None, cfg, model.cfg, world_size=1, rank=0)
+    with pytest.raises(ConfigError, match="needs --tokenizer-model"):  # refused before step 1
+        parse_train_args([a for a in _args(tok, tmp_path / "z", "--eval-code-interval", "1")
+                          if a not in ("--tokenizer-model", str(tok))])
     with pytest.raises(ConfigError, match="--eval-code-tasks: unknown task 'mbpp'"):
         parse_train_args(_args(tok, tmp_path / "y", "--eval-code-interval", "1", "--eval-code-tasks", "mbpp"))
 
