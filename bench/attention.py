@@ -10,6 +10,8 @@ TFLOP/s (useful work only: 4*d flops per visible (query, key) pair forward, 2.5x
     python bench/attention.py                        # CPU, 3B-like: 24 heads / 2 kv heads, d=64
     python bench/attention.py --device cuda          # GPU, d=128
     python bench/attention.py --seqs 8192 --windows 1024 --repeats 3
+    python bench/attention.py --phases --heads 8 --kv-heads 2 --head-dim 32 \
+        --shapes 1:4096:1024,8:256:128 --isas avx512,avx2 --repeats 7   # kernel alone, per call
 
 Each line prints the time of each method and the ratios (their time / ours); >1 means we win.
 """
@@ -166,8 +168,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="skip SDPA-with-mask above this length (it costs O(seq^2) time and memory)")
     p.add_argument("--threads", type=int, default=None, help="torch (and our kernel's) CPU threads")
     p.add_argument("--phases", action="store_true",
-                   help="only our kernel: forward and backward timed apart, with useful GFLOP/s")
-    p.add_argument("--isa", choices=["avx2", "baseline"], default=None,
+                   help="CPU: forward and backward apart, per call, our kernel (each --isas, and "
+                        "--vs-build) against SDPA with the mask, alternating rounds")
+    p.add_argument("--shapes", default=None,
+                   help="with --phases: BATCH:SEQ:WINDOW,... instead of --batch/--seqs/--windows")
+    p.add_argument("--isas", default=None,
+                   help="with --phases: comma-separated ISA builds of our kernel to time "
+                        "(default: the one in use)")
+    p.add_argument("--vs-build", type=Path, default=None,
+                   help="with --phases: also time the _attn_cpu*.so in this directory (another "
+                        "build, e.g. /work/main/megatron_sc2/ops) alternately with ours")
+    p.add_argument("--no-mask", action="store_true", help="with --phases: skip SDPA with the mask")
+    p.add_argument("--isa", choices=["avx512", "avx2", "baseline"], default=None,
                    help="force this instruction-set build of our C++ kernel")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -236,38 +248,107 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def load_build(directory: Path):
+    """The `_attn_cpu` module of another build (e.g. main's megatron_sc2/ops), loaded beside ours
+    under its own name, so that one run can time both alternately."""
+    import importlib.util
+
+    found = sorted(Path(directory).glob("_attn_cpu*.so"))
+    if not found:
+        raise SystemExit(f"--vs-build {directory}: no _attn_cpu*.so there")
+    spec = importlib.util.spec_from_file_location("_attn_cpu", found[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def phases(args, device: str, d: int, dtype: torch.dtype) -> int:
-    """Our kernel alone: forward and backward apart, useful GFLOP/s by wall and by CPU time."""
-    for seq in [int(x) for x in args.seqs.split(",")]:
-        for window in [int(x) for x in args.windows.split(",")]:
-            q, k, v, go = make_inputs(args, seq, window, d, device, dtype)
-            fwd_flops = visible_pairs(seq, window) * args.batch * args.heads * 4 * d
+    """Forward and backward apart, per call, for each build/ISA of our C++ kernel (called
+    directly, as the torch.library operators call it) and for SDPA with the equivalent boolean
+    mask (what a user would pick instead). Rounds alternate between the methods, so a shared
+    machine's load hits them alike; each time is the best of --repeats rounds."""
+    from megatron_sc2.ops import kernels
+    from megatron_sc2.ops.kernel_calls import cpu_kernel_backward, cpu_kernel_forward
+
+    if device != "cpu":
+        raise SystemExit("--phases times the C++ CPU kernel: use --device cpu")
+    mod = kernels.cpu_module()
+    if mod is None:
+        raise SystemExit(f"C++ kernel not built: {kernels.load_error('_attn_cpu')}")
+    isas = args.isas.split(",") if args.isas else [mod.isa()]
+    builds = [(f"ours_{isa}", mod, isa) for isa in isas]
+    if args.vs_build:
+        other = load_build(args.vs_build)
+        builds.append((f"other_{other.isa()}", other, other.isa()))
+    shapes = ([tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")] if args.shapes
+              else [(args.batch, int(s), int(w)) for s in args.seqs.split(",")
+                    for w in args.windows.split(",")])
+    print(f"# builds: {', '.join(f'{n} ({m.__file__})' for n, m, _ in builds)}; best of "
+          f"{args.repeats} alternating rounds; load average before: {os.getloadavg()[0]:.1f}",
+          flush=True)
+    for batch, seq, window in shapes:
+        args.batch = batch
+        q, k, v, go = make_inputs(args, seq, window, d, device, dtype)
+        scale = 1.0 / d ** 0.5
+        win = 0 if window >= seq else window
+        fwd_flops = visible_pairs(seq, window) * batch * args.heads * 4 * d
+        methods: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
+        for name, m, isa in builds:
+            def fwd(m=m, isa=isa):
+                m.set_isa(isa)
+                return cpu_kernel_forward(m, q, k, v, None, win, scale)
+
+            saved = fwd()
+
+            def bwd(m=m, isa=isa, saved=saved):
+                m.set_isa(isa)
+                cpu_kernel_backward(m, q, k, v, saved[0], saved[1], None, go, win, scale)
+
+            methods[name] = (fwd, bwd)
+        if not args.no_mask:
+            mask = window_mask(seq, window, q.device)
+            qt, kt, vt, got = (t.transpose(1, 2) for t in (q, k, v, go))
+            gqa = args.heads != args.kv_heads
+
+            def sdpa_fwd():
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
+
             holder = {}
 
-            def forward():
-                with torch.no_grad():
-                    sliding_window_attention(q, k, v, window=window)
+            def sdpa_prepare():
+                xs = [t.detach().requires_grad_() for t in (qt, kt, vt)]
+                holder["out"] = F.scaled_dot_product_attention(*xs, attn_mask=mask, enable_gqa=gqa)
 
-            def backward():
-                xs = [t.detach().requires_grad_() for t in (q, k, v)]
-                holder["out"] = sliding_window_attention(*xs, window=window)
-                t0, c0 = time.perf_counter(), time.process_time()
-                holder["out"].backward(go)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                holder["t"] = (time.perf_counter() - t0, time.process_time() - c0)
+            def sdpa_bwd():
+                holder.pop("out").backward(got)
 
-            fw, fc = timed(forward, args.repeats, args.warmup, device)
-            backs = []
-            for _ in range(max(1, args.repeats)):
-                backward()
-                backs.append(holder["t"])
-            bw = statistics.median(t[0] for t in backs)
-            bc = statistics.median(t[1] for t in backs)
-            print(f"seq={seq:6d} window={window:5d} ours forward {fw:.3f}s (cpu {fc:.3f}s) "
-                  f"{fwd_flops / fw / 1e9:.1f} GFLOP/s wall, {fwd_flops / fc / 1e9:.1f} per cpu-s | "
-                  f"backward {bw:.3f}s (cpu {bc:.3f}s) {2.5 * fwd_flops / bw / 1e9:.1f} GFLOP/s "
-                  f"wall, {2.5 * fwd_flops / bc / 1e9:.1f} per cpu-s", flush=True)
+            methods["sdpa_mask"] = (sdpa_fwd, sdpa_bwd)
+        best = {n: [float("inf"), float("inf")] for n in methods}
+        for rnd in range(args.warmup + args.repeats):
+            for name, (fwd, bwd) in methods.items():
+                t0 = time.perf_counter()
+                fwd()
+                t1 = time.perf_counter()
+                if name == "sdpa_mask":
+                    sdpa_prepare()
+                t2 = time.perf_counter()
+                bwd()
+                t3 = time.perf_counter()
+                if rnd >= args.warmup:
+                    best[name][0] = min(best[name][0], t1 - t0)
+                    best[name][1] = min(best[name][1], t3 - t2)
+        head = f"batch={batch} seq={seq} window={window}"
+        first = next(iter(best))
+        for name, (f, b) in best.items():
+            ratio = ""
+            if name != first:
+                ratio = (f" | vs {first}: fwd {f / best[first][0]:.2f}x bwd {b / best[first][1]:.2f}x "
+                         f"fwd+bwd {(f + b) / sum(best[first]):.2f}x")
+            print(f"{head} {name:14s} forward {f * 1e3:8.2f} ms  backward {b * 1e3:8.2f} ms  "
+                  f"fwd+bwd {(f + b) * 1e3:8.2f} ms  ({fwd_flops / f / 1e9:.0f} / "
+                  f"{2.5 * fwd_flops / b / 1e9:.0f} GFLOP/s){ratio}", flush=True)
+    print(f"# load average after: {os.getloadavg()[0]:.1f}", flush=True)
     return 0
 
 

@@ -4,8 +4,9 @@ Why not torch's cpp_extension: a CPU-only torch cannot build a CUDAExtension, an
 not import torch. The modules take raw pointers (as integers), sizes and a stream handle, so they
 need no torch headers:
 
-- `megatron_sc2.ops._attn_cpu` (always): the C++ kernel compiled twice, baseline x86-64 and
-  AVX2+FMA, picked at run time, so a build is safe to run on any x86-64 CI machine.
+- `megatron_sc2.ops._attn_cpu` (always): the C++ kernel compiled three times, baseline x86-64,
+  AVX2+FMA and AVX-512 (F/BW/VL/DQ), picked at run time from what the CPU reports, so a build is
+  safe to run on any x86-64 CI machine.
 - `megatron_sc2.ops._attn_cuda` (when a CUDA toolkit is found): sm_80 and sm_90 code, cudart
   linked statically; it imports without a GPU and raises when called without one.
 - `megatron_sc2.ops._attn_cuda_emu` (always): the same CUDA kernel source compiled by the host
@@ -157,6 +158,8 @@ def cpu_plan(output: Path, tmpdir: Path) -> Plan:
     variants = [("sc2_cpu_baseline", [])]
     if platform.machine() in ("x86_64", "AMD64"):
         variants.append(("sc2_cpu_avx2", ["-mavx2", "-mfma", "-mf16c"]))
+        variants.append(("sc2_cpu_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl",
+                                            "-mavx512dq", "-mfma"]))
     objects = []
     for ns, flags in variants:
         obj = tmpdir / f"attn_cpu_kernel.{ns}.o"

@@ -91,7 +91,7 @@ def _random_cases(n: int, seed: int) -> list[tuple]:
 CASES = FIXED_CASES + _random_cases(8, seed=2024)
 
 
-@pytest.fixture(params=["avx2", "baseline"])
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
 def isa(request):
     """Runs a test with each instruction-set build of the C++ kernel this CPU can run."""
     mod = kernels.cpu_module()

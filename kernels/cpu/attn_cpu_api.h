@@ -1,4 +1,4 @@
-// The interface between the pybind11 bindings and the two instruction-set builds of the kernel.
+// The interface between the pybind11 bindings and the instruction-set builds of the kernel.
 #pragma once
 
 #include <cstdint>
@@ -31,4 +31,5 @@ struct AttnArgs {
 SC2_DECLARE_VARIANT(sc2_cpu_baseline)
 #if defined(__x86_64__)
 SC2_DECLARE_VARIANT(sc2_cpu_avx2)
+SC2_DECLARE_VARIANT(sc2_cpu_avx512)
 #endif

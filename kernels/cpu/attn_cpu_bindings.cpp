@@ -1,10 +1,12 @@
 // pybind11 module megatron_sc2.ops._attn_cpu: raw pointers (as integers) and sizes in, no torch
-// headers. Picks the AVX2+FMA build of the kernel when the CPU has it, else the baseline build.
+// headers. Runs the widest instruction-set build of the kernel the CPU supports (AVX-512, else
+// AVX2+FMA, else the baseline build); set_isa() forces another one (tests, benchmarks).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "attn_cpu_api.h"
 
@@ -12,26 +14,47 @@ namespace py = pybind11;
 
 namespace {
 
-bool cpu_has_avx2() {
+struct Variant {
+  const char* name;
+  void (*forward)(const AttnArgs&);
+  void (*backward)(const AttnArgs&);
+  bool (*supported)();
+};
+
+bool always() { return true; }
 #if defined(__x86_64__)
+bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
+}
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
 #endif
+
+// Narrowest first.
+const Variant kVariants[] = {
+    {"baseline", sc2_cpu_baseline::attn_forward, sc2_cpu_baseline::attn_backward, always},
+#if defined(__x86_64__)
+    {"avx2", sc2_cpu_avx2::attn_forward, sc2_cpu_avx2::attn_backward, cpu_has_avx2},
+    {"avx512", sc2_cpu_avx512::attn_forward, sc2_cpu_avx512::attn_backward, cpu_has_avx512},
+#endif
+};
+
+const Variant* widest() {
+  const Variant* best = &kVariants[0];
+  for (const Variant& v : kVariants)
+    if (v.supported()) best = &v;
+  return best;
 }
 
-std::string g_isa = cpu_has_avx2() ? "avx2" : "baseline";
+const Variant* g_variant = widest();
 
 void run(const AttnArgs& a, bool fwd) {
   py::gil_scoped_release release;
-#if defined(__x86_64__)
-  if (g_isa == "avx2") {
-    fwd ? sc2_cpu_avx2::attn_forward(a) : sc2_cpu_avx2::attn_backward(a);
-    return;
-  }
-#endif
-  fwd ? sc2_cpu_baseline::attn_forward(a) : sc2_cpu_baseline::attn_backward(a);
+  fwd ? g_variant->forward(a) : g_variant->backward(a);
 }
 
 void check(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dtype) {
@@ -47,18 +70,23 @@ void check(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dtype) {
 
 PYBIND11_MODULE(_attn_cpu, m) {
   m.doc() = "Sliding-window GQA attention, C++ CPU kernels (flash-style tiles, online softmax)";
-  m.def("isa", [] { return g_isa; }, "Instruction-set variant in use: 'avx2' or 'baseline'.");
+  m.def("isa", [] { return std::string(g_variant->name); },
+        "Instruction-set variant in use: 'avx512', 'avx2' or 'baseline'.");
   m.def("available_isas", [] {
     py::list out;
-    out.append("baseline");
-    if (cpu_has_avx2()) out.append("avx2");
+    for (const Variant& v : kVariants)
+      if (v.supported()) out.append(v.name);
     return out;
-  });
+  }, "The variants this CPU can run, narrowest first.");
   m.def("set_isa", [](const std::string& name) {
-    if (name != "baseline" && !(name == "avx2" && cpu_has_avx2()))
-      throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU");
-    g_isa = name;
-  });
+    for (const Variant& v : kVariants)
+      if (name == v.name) {
+        if (!v.supported()) break;
+        g_variant = &v;
+        return;
+      }
+    throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU");
+  }, "Force a variant (one of available_isas()).");
   m.def("forward",
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t doc,
            int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int64_t window, double scale,

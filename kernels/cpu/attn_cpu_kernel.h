@@ -1,23 +1,35 @@
 // Sliding-window grouped-query attention on the CPU: flash-style tiles with an online softmax.
 //
-// This header is compiled twice (see attn_cpu_kernel.cpp and kernels/build.py): once for the
-// baseline instruction set and once with AVX2+FMA, each inside its own namespace (SC2_NS), and
-// the bindings pick one at run time. So nothing here may depend on -march.
+// This header is compiled once per instruction-set variant (see attn_cpu_kernel.cpp and
+// kernels/build.py: baseline x86-64, AVX2+FMA, AVX-512), each inside its own namespace (SC2_NS),
+// and the bindings pick one at run time. The vector width and the register-tile sizes follow the
+// variant's target macros (__AVX512F__, __AVX2__), so nothing else may depend on -march.
 //
 // Layout: q (B, S, H, D), k/v (B, S, KV, D), contiguous; o like q; lse (B, H, S) fp32, holding the
 // log-sum-exp of the scores in base-2 units (scores pre-multiplied by scale * log2(e)).
 // Query i sees keys j with lo[i] <= j <= i, where lo[i] = max(0, i - window + 1, start of i's
 // document run); when document ids are not sorted, each element is also compared by id.
-// GQA: query head h reads kv head h / (H / KV) straight from k and v (nothing repeated).
+//
+// Scores are kept transposed, S^T (keys x queries): one vector holds one key against VW
+// consecutive queries, so the softmax's running max, sum and rescale are plain vector operations
+// (no horizontal reductions) and the masks are vector compares against each query's key range.
+// Work is shared out per (batch, kv head, query tile): each K/V tile is converted and packed once
+// and used by every query head of the GQA group.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include <omp.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef SC2_NS
 #error "define SC2_NS (the namespace of this instruction-set variant)"
@@ -25,122 +37,136 @@
 
 namespace SC2_NS {
 
-// 8 floats; GCC lowers it to one AVX register or two SSE registers, whatever the target has.
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+// VW floats per vector; NACC: accumulator vectors of a register tile (AVX-512 has 32 vector
+// registers, AVX2 and SSE 16).
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+constexpr int NACC = 16;
+#elif defined(__AVX2__)
+constexpr int VW = 8;
+constexpr int NACC = 8;
+#else
+constexpr int VW = 4;
+constexpr int NACC = 8;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 constexpr int BQ = 64;  // query rows per tile
 constexpr int BK = 64;  // key rows per tile
-static_assert(BQ % 4 == 0 && BK % 16 == 0, "micro-kernels tile 4 rows x 16 columns");
+constexpr int MRND = 8;  // key rows of a partial tile are rounded up to this (register tile rows)
+constexpr int QV = BQ / VW;  // vectors per S^T row
+static_assert(BQ % (4 * VW) == 0 && BK % MRND == 0, "tile sizes");
 
-static inline v8 vload(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
-static inline void vstore(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
-static inline v8 vsplat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+static inline vf vload(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
+static inline void vstore(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+static inline vi viload(const int32_t* p) { vi r; std::memcpy(&r, p, sizeof r); return r; }
+static inline vf vsplat(float x) { return x - vf{}; }  // x - 0 == x, -0 and NaN included
+static inline vi visplat(int32_t x) { return x - vi{}; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-// 2^x for x <= ~0 (and moderately positive), relative error ~1e-7; x < -126 (and -inf) gives 0.
-static inline v8 vexp2(v8 x) {
-  const v8 lo = vsplat(-127.0f), hi = vsplat(127.0f);
-  v8i dead = x < vsplat(-126.0f);
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  v8 half = x < vsplat(0.0f) ? vsplat(-0.5f) : vsplat(0.5f);
-  v8i n = __builtin_convertvector(x + half, v8i);  // round to nearest
-  v8 f = x - __builtin_convertvector(n, v8);          // f in [-0.5, 0.5]
-  // Taylor series of e^(f ln 2) up to degree 7: error < 1e-8 on [-0.5, 0.5].
-  const float l1 = 0.6931471805599453f, l2 = 0.2402265069591007f, l3 = 0.0555041086648216f,
-              l4 = 0.0096181291076285f, l5 = 0.0013333558146428f, l6 = 0.0001540353039338f,
-              l7 = 0.0000152527338040f;
-  v8 p = vsplat(l7);
-  p = p * f + l6; p = p * f + l5; p = p * f + l4; p = p * f + l3; p = p * f + l2;
-  p = p * f + l1; p = p * f + 1.0f;
-  v8i bits;
+// 2^x, relative error < 1e-7 (degree-6 fit of 2^f on [-0.5, 0.5], 7.9e-8 measured in fp32);
+// x below about -150 and -inf give 0, NaN stays NaN.
+static inline vf vpoly2(vf f) {
+  vf p = vsplat(1.5345810970757157e-04f);
+  p = p * f + 1.3399930903688073e-03f;
+  p = p * f + 9.6184890717267990e-03f;
+  p = p * f + 5.5503286421298980e-02f;
+  p = p * f + 2.4022646248340607e-01f;
+  p = p * f + 6.9314718246459961e-01f;
+  return p * f + 1.0f;
+}
+#if defined(__AVX512F__)
+static inline vf vexp2(vf x) {
+  // max(-200, x) keeps NaN (vmaxps returns its second operand when either is NaN); scalef then
+  // does the exponent, underflow to 0 included.
+  // (The mask forms with every lane set: the plain intrinsics trip GCC 12's -Wmaybe-uninitialized.)
+  const __mmask16 all = 0xffff;
+  const __m512 lo = _mm512_set1_ps(-200.0f);
+  const __m512 xm = _mm512_mask_max_ps(lo, all, lo, (__m512)x);
+  const __m512 n = _mm512_mask_roundscale_ps(xm, all, xm, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf p = vpoly2((vf)xm - (vf)n);
+  return (vf)_mm512_mask_scalef_ps((__m512)p, all, (__m512)p, n);
+}
+#else
+static inline vf vexp2(vf x) {
+  const vi dead = x < vsplat(-126.0f);
+  x = x < vsplat(-127.0f) ? vsplat(-127.0f) : x;
+  x = x > vsplat(127.0f) ? vsplat(127.0f) : x;
+  const vf half = x < vsplat(0.0f) ? vsplat(-0.5f) : vsplat(0.5f);
+  const vi n = __builtin_convertvector(x + half, vi);  // round to nearest
+  vf p = vpoly2(x - __builtin_convertvector(n, vf));
+  vi bits;
   std::memcpy(&bits, &p, sizeof bits);
   bits += n << 23;
   std::memcpy(&p, &bits, sizeof p);
   return dead ? vsplat(0.0f) : p;
 }
+#endif
 
-static inline float hsum(v8 x) { return x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7]; }
-static inline float hmax(v8 x) {
-  float m = x[0];
-  for (int i = 1; i < 8; ++i) m = std::max(m, x[i]);
-  return m;
-}
-
-// C[M][N] = A[M][K] * Bt[K][N]  (all row-major, M % 4 == 0, N % 16 == 0, lda = K, ldb = ldc = N)
-static inline void gemm_set(const float* A, const float* Bt, float* C, int M, int N, int K) {
-  for (int i = 0; i < M; i += 4) {
-    const float* a0 = A + (i + 0) * K; const float* a1 = A + (i + 1) * K;
-    const float* a2 = A + (i + 2) * K; const float* a3 = A + (i + 3) * K;
-    for (int j = 0; j < N; j += 16) {
-      v8 c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
-      const float* b = Bt + j;
-      for (int k = 0; k < K; ++k, b += N) {
-        v8 b0 = vload(b), b1 = vload(b + 8);
-        v8 x0 = vsplat(a0[k]), x1 = vsplat(a1[k]), x2 = vsplat(a2[k]), x3 = vsplat(a3[k]);
-        c00 += x0 * b0; c01 += x0 * b1; c10 += x1 * b0; c11 += x1 * b1;
-        c20 += x2 * b0; c21 += x2 * b1; c30 += x3 * b0; c31 += x3 * b1;
+// ---- matrix products on register tiles ------------------------------------------------------
+// C[M][N] (row stride ldc) = or += sum_k A(m, k) * B[k][n], where A(m, k) = A[m * sm + k * sk] is
+// broadcast (any layout: sm = lda, sk = 1 for A row-major, sm = 1, sk = lda for A^T) and B is
+// row-major (stride ldb) read as vectors. N % VW == 0, M % (rows of the tile) == 0 (M % 8 == 0
+// always works). When accumulating, cs (if given) scales C's columns first (the online softmax's
+// rescale of O^T by alpha).
+template <int MR, int NV, bool ACC>
+static inline void micro(const float* A, int64_t sm, int64_t sk, const float* B, int64_t ldb,
+                         float* C, int64_t ldc, int K, const float* cs) {
+  vf c[MR][NV];
+  if (ACC) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) c[r][v] = vload(C + r * ldc + v * VW);
+    if (cs) {
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const vf sc = vload(cs + v * VW);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) c[r][v] *= sc;
       }
-      float* c = C + i * N + j;
-      vstore(c, c00); vstore(c + 8, c01); c += N;
-      vstore(c, c10); vstore(c + 8, c11); c += N;
-      vstore(c, c20); vstore(c + 8, c21); c += N;
-      vstore(c, c30); vstore(c + 8, c31);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) c[r][v] = vf{};
+  }
+  for (int k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * VW);
+    const float* a = A + k * sk;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const vf x = vsplat(a[r * sm]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) c[r][v] += x * b[v];
     }
   }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * VW, c[r][v]);
 }
 
-// C[M][N] += A[M][K] * B[K][N]  (row-major; lda = K, ldb = ldc = N; M % 4 == 0, N % 16 == 0)
-static inline void gemm_acc(const float* A, const float* B, float* C, int M, int N, int K) {
-  for (int i = 0; i < M; i += 4) {
-    const float* a0 = A + (i + 0) * K; const float* a1 = A + (i + 1) * K;
-    const float* a2 = A + (i + 2) * K; const float* a3 = A + (i + 3) * K;
-    for (int j = 0; j < N; j += 16) {
-      float* c = C + i * N + j;
-      v8 c00 = vload(c), c01 = vload(c + 8);
-      v8 c10 = vload(c + N), c11 = vload(c + N + 8);
-      v8 c20 = vload(c + 2 * N), c21 = vload(c + 2 * N + 8);
-      v8 c30 = vload(c + 3 * N), c31 = vload(c + 3 * N + 8);
-      const float* b = B + j;
-      for (int k = 0; k < K; ++k, b += N) {
-        v8 b0 = vload(b), b1 = vload(b + 8);
-        v8 x0 = vsplat(a0[k]), x1 = vsplat(a1[k]), x2 = vsplat(a2[k]), x3 = vsplat(a3[k]);
-        c00 += x0 * b0; c01 += x0 * b1; c10 += x1 * b0; c11 += x1 * b1;
-        c20 += x2 * b0; c21 += x2 * b1; c30 += x3 * b0; c31 += x3 * b1;
-      }
-      vstore(c, c00); vstore(c + 8, c01);
-      vstore(c + N, c10); vstore(c + N + 8, c11);
-      vstore(c + 2 * N, c20); vstore(c + 2 * N + 8, c21);
-      vstore(c + 3 * N, c30); vstore(c + 3 * N + 8, c31);
-    }
-  }
-}
-
-// C[M][N] (row stride ldc) += A^T B, with A[K][M] (lda = M) and B[K][N] (ldb = N): the
-// transposed product needed for dK and dV without transposing the tile first.
-static inline void gemm_tn_acc(const float* A, const float* B, float* C, int M, int N, int K,
-                               int64_t ldc) {
-  for (int i = 0; i < M; i += 4) {
-    for (int j = 0; j < N; j += 16) {
-      float* c = C + i * ldc + j;
-      v8 c00 = vload(c), c01 = vload(c + 8);
-      v8 c10 = vload(c + ldc), c11 = vload(c + ldc + 8);
-      v8 c20 = vload(c + 2 * ldc), c21 = vload(c + 2 * ldc + 8);
-      v8 c30 = vload(c + 3 * ldc), c31 = vload(c + 3 * ldc + 8);
-      const float* a = A + i;
-      const float* b = B + j;
-      for (int k = 0; k < K; ++k, a += M, b += N) {
-        v8 b0 = vload(b), b1 = vload(b + 8);
-        v8 x0 = vsplat(a[0]), x1 = vsplat(a[1]), x2 = vsplat(a[2]), x3 = vsplat(a[3]);
-        c00 += x0 * b0; c01 += x0 * b1; c10 += x1 * b0; c11 += x1 * b1;
-        c20 += x2 * b0; c21 += x2 * b1; c30 += x3 * b0; c31 += x3 * b1;
-      }
-      vstore(c, c00); vstore(c + 8, c01);
-      vstore(c + ldc, c10); vstore(c + ldc + 8, c11);
-      vstore(c + 2 * ldc, c20); vstore(c + 2 * ldc + 8, c21);
-      vstore(c + 3 * ldc, c30); vstore(c + 3 * ldc + 8, c31);
-    }
-  }
+template <bool ACC>
+static inline void gemm(int M, int N, int K, const float* A, int64_t sm, int64_t sk,
+                        const float* B, int64_t ldb, float* C, int64_t ldc,
+                        const float* cs = nullptr) {
+  constexpr int MR4 = NACC / 4, MR2 = NACC / 2, MR1 = NACC < 8 ? NACC : 8;
+  static_assert(8 % MR4 == 0 && 8 % MR2 == 0 && 8 % MR1 == 0, "tile rows divide 8");
+  int n = 0;
+  for (; n + 4 * VW <= N; n += 4 * VW)
+    for (int m = 0; m < M; m += MR4)
+      micro<MR4, 4, ACC>(A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc, K, cs ? cs + n : cs);
+  for (; n + 2 * VW <= N; n += 2 * VW)
+    for (int m = 0; m < M; m += MR2)
+      micro<MR2, 2, ACC>(A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc, K, cs ? cs + n : cs);
+  for (; n < N; n += VW)
+    for (int m = 0; m < M; m += MR1)
+      micro<MR1, 1, ACC>(A + m * sm, sm, sk, B + n, ldb, C + m * ldc + n, ldc, K, cs ? cs + n : cs);
 }
 
 // ---- element types: fp32 and bf16 (stored as uint16_t) ------------------------------------------
@@ -160,12 +186,21 @@ static inline void from_f32(float x, uint16_t* dst) {
   *dst = static_cast<uint16_t>(u >> 16);
 }
 
-// One row of D elements -> DP floats (times mul), zero padded.
-template <typename T>
-static inline void load_row(const T* src, float* dst, int D, int DP, float mul) {
-  for (int c = 0; c < D; ++c) dst[c] = to_f32(src[c]) * mul;
-  for (int c = D; c < DP; ++c) dst[c] = 0.0f;
-}
+// 64-byte aligned float scratch (vectors never straddle cache lines).
+struct Buf {
+  float* p = nullptr;
+  explicit Buf(size_t n) {
+    const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64));
+    if (!p) throw std::bad_alloc();
+    std::memset(p, 0, bytes);
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  float* operator+(size_t off) const { return p + off; }
+  float& operator[](size_t i) const { return p[i]; }
+};
 
 struct Shape {
   int64_t B, S, H, KV, D, DP;
@@ -173,13 +208,14 @@ struct Shape {
   float scale;     // softmax scale
 };
 
-// Per batch row: lo[i] (first key query i may see) and whether ids need element-wise comparison.
+// Per batch row: lo[i] (first key query i may see) and, where the ids are not sorted, a dense
+// int32 rank of each id (equal ranks <=> equal ids) for vector comparison.
 struct MaskInfo {
   std::vector<int32_t> lo;
   std::vector<uint8_t> by_id;
-  const int64_t* doc = nullptr;
+  std::vector<int32_t> rank;
 
-  MaskInfo(const Shape& s, const int64_t* doc_ids) : lo(s.B * s.S), by_id(s.B, 0), doc(doc_ids) {
+  MaskInfo(const Shape& s, const int64_t* doc) : lo(s.B * s.S), by_id(s.B, 0) {
     for (int64_t b = 0; b < s.B; ++b) {
       const int64_t* d = doc ? doc + b * s.S : nullptr;
       bool sorted = true;
@@ -191,6 +227,14 @@ struct MaskInfo {
       for (int64_t i = 0; i < s.S; ++i) {
         if (d && sorted && i > 0 && d[i] != d[i - 1]) run = i;
         lo[b * s.S + i] = static_cast<int32_t>(std::max<int64_t>({int64_t(0), i - s.window + 1, run}));
+      }
+      if (by_id[b]) {
+        if (rank.empty()) rank.assign(s.B * s.S, 0);
+        std::vector<int64_t> ids(d, d + s.S);
+        std::sort(ids.begin(), ids.end());
+        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+        for (int64_t i = 0; i < s.S; ++i)
+          rank[b * s.S + i] = static_cast<int32_t>(std::lower_bound(ids.begin(), ids.end(), d[i]) - ids.begin());
       }
     }
   }
@@ -205,43 +249,85 @@ inline int threads_for(const Shape& s, int nthreads) {
   return work < double(1 << 20) ? 1 : std::max(1, nthreads);
 }
 
-// Per-thread scratch for one tile.
-struct Scratch {
-  std::vector<float> q, qraw, o, dO, kt, kp, vt, vp, s, p, tmp, m, l, lse, dd;
-  explicit Scratch(int DP)
-      : q(BQ * DP), qraw(BQ * DP), o(BQ * DP), dO(BQ * DP), kt(DP * BK), kp(BK * DP),
-        vt(DP * BK), vp(BK * DP), s(BQ * BK), p(BQ * BK), tmp(BK * DP), m(BQ), l(BQ), lse(BQ), dd(BQ) {}
+// The query rows of one tile as the masks see them: position, first visible key (INT32_MAX on
+// padding rows, which then see nothing) and document rank.
+struct QueryRows {
+  alignas(64) int32_t pos[BQ];
+  alignas(64) int32_t lo[BQ];
+  alignas(64) int32_t rank[BQ];
+  int64_t i0 = 0;
+  int nq = 0;
+  bool by_id = false;
+  const int32_t* key_rank = nullptr;  // rank of key j at key_rank[j] (this batch row)
+
+  void set(const MaskInfo& mi, const Shape& s, int64_t b, int64_t i0_, int nq_) {
+    i0 = i0_;
+    nq = nq_;
+    by_id = mi.by_id[b];
+    key_rank = by_id ? mi.rank.data() + b * s.S : nullptr;
+    for (int r = 0; r < BQ; ++r) {
+      pos[r] = static_cast<int32_t>(i0 + r);
+      lo[r] = r < nq ? mi.lo[b * s.S + i0 + r] : INT32_MAX;
+      rank[r] = r < nq && by_id ? key_rank[i0 + r] : 0;
+    }
+  }
+  // True when every query of the tile sees every key j0 .. j0 + BK - 1 (no mask needed).
+  bool full(int64_t j0, int nk) const {
+    return !by_id && nk == BK && nq == BQ && lo[BQ - 1] <= j0 && j0 + BK - 1 <= i0;
+  }
+  // Query vectors [va, vb) that see at least one key of j0 .. j0 + nk - 1; the others are fully
+  // masked for this key tile and skipped. Returns false when none does.
+  bool active(int64_t j0, int nk, int& va, int& vb) const {
+    int first = -1, last = -1;
+    for (int r = 0; r < nq; ++r)
+      if (lo[r] <= j0 + nk - 1 && i0 + r >= j0) {
+        if (first < 0) first = r;
+        last = r;
+      }
+    if (first < 0) return false;
+    va = first / VW;
+    vb = last / VW + 1;
+    return true;
+  }
+  // -inf where query vector v may not see key j.
+  vf mask(vf x, int64_t j, int v) const {
+    const vi jv = visplat(static_cast<int32_t>(j));
+    vi ok = (jv <= viload(pos + v * VW)) & (viload(lo + v * VW) <= jv);
+    if (by_id) ok &= viload(rank + v * VW) == visplat(key_rank[j]);
+    return ok ? x : vsplat(-INFINITY);
+  }
 };
 
-// Pack nk key rows of kv head g starting at j0: transposed (DP x BK) and/or row-major (BK x DP).
+// Pack nk key rows of kv head g from j0 row-major into dst (BK x DP floats); the other rows and
+// columns stay zero (dst is zeroed here when the tile is partial or the head dim is padded).
 template <typename T>
-static inline void pack_keys(const T* base, const Shape& s, int64_t b, int64_t g, int64_t j0, int nk,
-                             float* trans, float* rows) {
+static inline void pack_rows(const T* base, const Shape& s, int64_t b, int64_t g, int64_t j0, int nk,
+                             float* dst) {
   const int D = static_cast<int>(s.D), DP = static_cast<int>(s.DP);
-  if (trans) std::fill(trans, trans + DP * BK, 0.0f);
-  if (rows) std::fill(rows, rows + BK * DP, 0.0f);
+  if (nk < BK || D < DP) std::memset(dst, 0, sizeof(float) * BK * DP);
   for (int jj = 0; jj < nk; ++jj) {
     const T* src = base + ((b * s.S + j0 + jj) * s.KV + g) * s.D;
-    for (int c = 0; c < D; ++c) {
-      float x = to_f32(src[c]);
-      if (trans) trans[c * BK + jj] = x;
-      if (rows) rows[jj * DP + c] = x;
-    }
+    float* row = dst + jj * DP;
+    for (int c = 0; c < D; ++c) row[c] = to_f32(src[c]);
   }
 }
 
-// Masks scores of one tile in place (-inf where query i may not see key j). Returns nothing when
-// the tile is wholly inside every row's range (the caller checks `tile_full` first).
-static inline bool tile_full(const MaskInfo& mi, const Shape& s, int64_t b, int64_t i0, int nq,
-                             int64_t j0, int nk) {
-  if (mi.by_id[b] || nk < BK) return false;
-  return mi.lo[b * s.S + i0 + nq - 1] <= j0 && j0 + nk - 1 <= i0;
-}
-
-static inline bool allowed(const MaskInfo& mi, const Shape& s, int64_t b, int64_t i, int64_t j) {
-  if (j > i || j < mi.lo[b * s.S + i]) return false;
-  if (mi.by_id[b]) return mi.doc[b * s.S + i] == mi.doc[b * s.S + j];
-  return true;
+// Query-tile rows of head h transposed into dst (DP x BQ: dst[c * BQ + r]) times mul, and (if
+// rows) row-major into rows (BQ x DP); padding zero.
+template <typename T>
+static inline void load_tile(const T* base, const Shape& s, int64_t b, int64_t h, int64_t i0, int nq,
+                             float mul, float* trans, float* rows) {
+  const int D = static_cast<int>(s.D), DP = static_cast<int>(s.DP);
+  std::memset(trans, 0, sizeof(float) * DP * BQ);
+  if (rows) std::memset(rows, 0, sizeof(float) * BQ * DP);
+  for (int r = 0; r < nq; ++r) {
+    const T* src = base + ((b * s.S + i0 + r) * s.H + h) * s.D;
+    for (int c = 0; c < D; ++c) {
+      const float x = to_f32(src[c]);
+      trans[c * BQ + r] = x * mul;
+      if (rows) rows[r * DP + c] = x;
+    }
+  }
 }
 
 template <typename T>
@@ -249,66 +335,89 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
              int nthreads) {
   const MaskInfo mi(s, doc);
   const int D = static_cast<int>(s.D), DP = static_cast<int>(s.DP);
-  const int64_t group = s.H / s.KV, nqb = (s.S + BQ - 1) / BQ;
-  const int64_t ntasks = s.B * s.H * nqb;
+  const int group = static_cast<int>(s.H / s.KV);
+  const int64_t nqb = (s.S + BQ - 1) / BQ, ntasks = s.B * s.KV * nqb;
   const float scale2 = s.scale * 1.4426950408889634f;  // scores in base-2 units
-  const float ninf = -INFINITY;
+  const size_t tile = static_cast<size_t>(DP) * BQ;
 #pragma omp parallel num_threads(threads_for(s, nthreads))
   {
-    Scratch w(DP);
+    // Per thread: the packed K/V tile, S^T (then P^T), and per query head of the group its
+    // scaled Q^T, the O^T accumulator, the running max m and sum l.
+    Buf kp(BK * DP), vp(BK * DP), st(BK * BQ), qt(group * tile), ot(group * tile);
+    Buf m(group * BQ), l(group * BQ), alpha(BQ), msafe(BQ);
+    QueryRows rows;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
       // Latest query blocks first: they have the most keys to visit (better load balance).
-      const int64_t qb = nqb - 1 - t % nqb, h = (t / nqb) % s.H, b = t / (nqb * s.H);
-      const int64_t g = h / group, i0 = qb * BQ;
+      const int64_t qb = nqb - 1 - t % nqb, g = (t / nqb) % s.KV, b = t / (nqb * s.KV);
+      const int64_t i0 = qb * BQ;
       const int nq = static_cast<int>(std::min<int64_t>(BQ, s.S - i0));
-      for (int r = 0; r < BQ; ++r) {
-        if (r < nq) load_row(q + ((b * s.S + i0 + r) * s.H + h) * s.D, &w.q[r * DP], D, DP, scale2);
-        else std::fill(&w.q[r * DP], &w.q[r * DP] + DP, 0.0f);
-        w.m[r] = ninf;
-        w.l[r] = 0.0f;
+      rows.set(mi, s, b, i0, nq);
+      for (int hh = 0; hh < group; ++hh) {
+        load_tile(q, s, b, g * group + hh, i0, nq, scale2, qt + hh * tile, nullptr);
+        std::memset(ot + hh * tile, 0, sizeof(float) * tile);
+        std::fill(m + hh * BQ, m + (hh + 1) * BQ, -INFINITY);
+        std::fill(l + hh * BQ, l + (hh + 1) * BQ, 0.0f);
       }
-      std::fill(w.o.begin(), w.o.end(), 0.0f);
       const int64_t klo = mi.lo[b * s.S + i0], khi = i0 + nq;  // keys [klo, khi)
       for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, khi - j0));
-        pack_keys(k, s, b, g, j0, nk, w.kt.data(), nullptr);
-        pack_keys(v, s, b, g, j0, nk, nullptr, w.vp.data());
-        gemm_set(w.q.data(), w.kt.data(), w.s.data(), BQ, BK, DP);
-        const bool full = tile_full(mi, s, b, i0, nq, j0, nk);
-        for (int r = 0; r < BQ; ++r) {
-          float* row = &w.s[r * BK];
-          if (r >= nq) { std::fill(row, row + BK, 0.0f); continue; }
-          if (!full)
-            for (int jj = 0; jj < BK; ++jj)
-              if (jj >= nk || !allowed(mi, s, b, i0 + r, j0 + jj)) row[jj] = ninf;
-          v8 mx = vload(row);
-          for (int jj = 8; jj < BK; jj += 8) { v8 x = vload(row + jj); mx = x > mx ? x : mx; }
-          const float rmax = hmax(mx);
-          if (rmax == ninf) { std::fill(row, row + BK, 0.0f); continue; }
-          const float mnew = std::max(w.m[r], rmax);
-          const float alpha = w.m[r] == ninf ? 0.0f : vexp2(vsplat(w.m[r] - mnew))[0];
-          v8 acc = {};
-          const v8 mv = vsplat(mnew);
-          for (int jj = 0; jj < BK; jj += 8) {
-            v8 p = vexp2(vload(row + jj) - mv);
-            vstore(row + jj, p);
-            acc += p;
+        int va, vb;
+        if (!rows.active(j0, nk, va, vb)) continue;
+        const int mk = (nk + MRND - 1) / MRND * MRND, off = va * VW, nn = (vb - va) * VW;
+        const bool full = rows.full(j0, nk);
+        pack_rows(k, s, b, g, j0, nk, kp.p);
+        pack_rows(v, s, b, g, j0, nk, vp.p);
+        for (int hh = 0; hh < group; ++hh) {
+          float* mh = m + hh * BQ;
+          float* lh = l + hh * BQ;
+          gemm<false>(mk, nn, D, kp.p, DP, 1, qt + hh * tile + off, BQ, st + off, BQ);  // S^T = K Q^T
+          // Online softmax over this tile's keys, VW queries per vector.
+          for (int vv = va; vv < vb; ++vv) {
+            vf mx = vsplat(-INFINITY);
+            for (int j = 0; j < nk; ++j) {
+              float* p = st + j * BQ + vv * VW;
+              vf x = vload(p);
+              if (!full) { x = rows.mask(x, j0 + j, vv); vstore(p, x); }
+              mx = vmax(mx, x);
+            }
+            const vf mold = vload(mh + vv * VW);
+            const vf mnew = vmax(mold, mx);
+            const vf ms = mnew == vsplat(-INFINITY) ? vsplat(0.0f) : mnew;  // rows that saw nothing
+            const vf al = vexp2(mold - ms);
+            vf sum0 = {}, sum1 = {};
+            int j = 0;
+            for (; j + 1 < nk; j += 2) {
+              float* p = st + j * BQ + vv * VW;
+              const vf p0 = vexp2(vload(p) - ms), p1 = vexp2(vload(p + BQ) - ms);
+              vstore(p, p0);
+              vstore(p + BQ, p1);
+              sum0 += p0;
+              sum1 += p1;
+            }
+            if (j < nk) {
+              float* p = st + j * BQ + vv * VW;
+              const vf p0 = vexp2(vload(p) - ms);
+              vstore(p, p0);
+              sum0 += p0;
+            }
+            vstore(lh + vv * VW, vload(lh + vv * VW) * al + (sum0 + sum1));
+            vstore(mh + vv * VW, mnew);
+            vstore(alpha + vv * VW, al);
           }
-          w.l[r] = w.l[r] * alpha + hsum(acc);
-          w.m[r] = mnew;
-          if (alpha != 1.0f) {
-            float* orow = &w.o[r * DP];
-            for (int c = 0; c < DP; ++c) orow[c] *= alpha;
-          }
+          // O^T = O^T * alpha + V^T P^T
+          gemm<true>(DP, nn, nk, vp.p, 1, DP, st + off, BQ, ot + hh * tile + off, BQ, alpha + off);
         }
-        gemm_acc(w.s.data(), w.vp.data(), w.o.data(), BQ, DP, BK);
       }
-      for (int r = 0; r < nq; ++r) {
-        const float inv = 1.0f / w.l[r];
-        T* dst = o + ((b * s.S + i0 + r) * s.H + h) * s.D;
-        for (int c = 0; c < D; ++c) from_f32(w.o[r * DP + c] * inv, dst + c);
-        lse[(b * s.H + h) * s.S + i0 + r] = w.m[r] + std::log2(w.l[r]);
+      for (int hh = 0; hh < group; ++hh) {
+        const int64_t h = g * group + hh;
+        const float* oh = ot + hh * tile;
+        for (int r = 0; r < nq; ++r) {
+          const float lr = l[hh * BQ + r], inv = 1.0f / lr;
+          T* dst = o + ((b * s.S + i0 + r) * s.H + h) * s.D;
+          for (int c = 0; c < D; ++c) from_f32(oh[c * BQ + r] * inv, dst + c);
+          lse[(b * s.H + h) * s.S + i0 + r] = m[hh * BQ + r] + std::log2(lr);
+        }
       }
     }
   }
@@ -319,87 +428,95 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
               const int64_t* doc, T* dq, T* dk, T* dv, const Shape& s, int nthreads) {
   const MaskInfo mi(s, doc);
   const int D = static_cast<int>(s.D), DP = static_cast<int>(s.DP);
-  const int64_t group = s.H / s.KV, nqb = (s.S + BQ - 1) / BQ;
+  const int group = static_cast<int>(s.H / s.KV);
+  const int64_t nqb = (s.S + BQ - 1) / BQ;
   const float scale2 = s.scale * 1.4426950408889634f;
   const int nt = threads_for(s, nthreads);
+  const size_t tile = static_cast<size_t>(DP) * BQ;
 
-  // One query tile (batch b, head h, query block qb): dQ of its rows is written out; dK/dV of
-  // the keys it sees are added into fp32 accumulators at dk_base/dv_base, key row j at
-  // j * ldc + col (floats).
-  auto tile = [&](Scratch& w, int64_t b, int64_t h, int64_t qb, float* dk_base, float* dv_base,
-                  int64_t ldc, int64_t col) {
-    const int64_t g = h / group, i0 = qb * BQ;
+  // Per-thread scratch: packed K/V tile, S^T (then P^T), dP^T (then dS^T); per query head of
+  // the group: Q (rows), scaled Q^T, dO (rows), dO^T, the dQ^T accumulator, lse and D_i.
+  struct Work {
+    Buf kp, vp, st, dpt, qr, qt, dor, dot, dqt, ls, dd, ot;
+    QueryRows rows;
+    Work(int DP, int group, size_t tile)
+        : kp(BK * DP), vp(BK * DP), st(BK * BQ), dpt(BK * BQ), qr(group * tile), qt(group * tile),
+          dor(group * tile), dot(group * tile), dqt(group * tile), ls(group * BQ), dd(group * BQ),
+          ot(tile) {}
+  };
+
+  // One query tile (batch b, kv head g, query block qb) for every query head of the group: dQ of
+  // its rows is written out; dK/dV of the keys it sees are added into fp32 accumulators at
+  // dk_base/dv_base, key row j at j * ldc (floats), which have at least MRND - 1 rows to spare
+  // beyond the last key (a partial tile's rounded-up rows add exact zeros there).
+  auto query_tile = [&](Work& w, int64_t b, int64_t g, int64_t qb, float* dk_base, float* dv_base,
+                        int64_t ldc) {
+    const int64_t i0 = qb * BQ;
     const int nq = static_cast<int>(std::min<int64_t>(BQ, s.S - i0));
-    for (int r = 0; r < BQ; ++r) {
-      float* qr = &w.qraw[r * DP];
-      float* dor = &w.dO[r * DP];
-      if (r < nq) {
-        const int64_t off = ((b * s.S + i0 + r) * s.H + h) * s.D;
-        load_row(q + off, qr, D, DP, 1.0f);
-        load_row(dout + off, dor, D, DP, 1.0f);
-        load_row(o + off, &w.o[r * DP], D, DP, 1.0f);
-        float dd = 0.0f;
-        for (int c = 0; c < D; ++c) dd += dor[c] * w.o[r * DP + c];
-        w.dd[r] = dd;
-        w.lse[r] = lse[(b * s.H + h) * s.S + i0 + r];
-      } else {
-        std::fill(qr, qr + DP, 0.0f);
-        std::fill(dor, dor + DP, 0.0f);
-        w.dd[r] = 0.0f;
-        w.lse[r] = 0.0f;
+    w.rows.set(mi, s, b, i0, nq);
+    for (int hh = 0; hh < group; ++hh) {
+      const int64_t h = g * group + hh;
+      load_tile(q, s, b, h, i0, nq, scale2, w.qt + hh * tile, w.qr + hh * tile);
+      load_tile(dout, s, b, h, i0, nq, 1.0f, w.dot + hh * tile, w.dor + hh * tile);
+      load_tile(o, s, b, h, i0, nq, 1.0f, w.ot.p, nullptr);
+      std::memset(w.dqt + hh * tile, 0, sizeof(float) * tile);
+      float* ddh = w.dd + hh * BQ;
+      float* lsh = w.ls + hh * BQ;
+      for (int vv = 0; vv < QV; ++vv) {  // D_i = sum_c dO[i][c] O[i][c], vertically
+        vf acc = {};
+        for (int c = 0; c < D; ++c)
+          acc += vload(w.dot + hh * tile + c * BQ + vv * VW) * vload(w.ot + c * BQ + vv * VW);
+        vstore(ddh + vv * VW, acc);
       }
-      for (int c = 0; c < DP; ++c) w.q[r * DP + c] = qr[c] * scale2;
+      for (int r = 0; r < BQ; ++r) lsh[r] = r < nq ? lse[(b * s.H + h) * s.S + i0 + r] : 0.0f;
     }
-    std::fill(w.o.begin(), w.o.end(), 0.0f);  // reused as the dQ accumulator
     const int64_t klo = mi.lo[b * s.S + i0], khi = i0 + nq;
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
       const int nk = static_cast<int>(std::min<int64_t>(BK, khi - j0));
-      pack_keys(k, s, b, g, j0, nk, w.kt.data(), w.kp.data());
-      pack_keys(v, s, b, g, j0, nk, w.vt.data(), nullptr);
-      gemm_set(w.q.data(), w.kt.data(), w.s.data(), BQ, BK, DP);    // scores (base 2)
-      gemm_set(w.dO.data(), w.vt.data(), w.p.data(), BQ, BK, DP);   // dP = dO V^T
-      const bool full = tile_full(mi, s, b, i0, nq, j0, nk);
-      for (int r = 0; r < BQ; ++r) {
-        float* srow = &w.s[r * BK];
-        float* dprow = &w.p[r * BK];
-        if (r >= nq) {
-          std::fill(srow, srow + BK, 0.0f);
-          std::fill(dprow, dprow + BK, 0.0f);
-          continue;
+      int va, vb;
+      if (!w.rows.active(j0, nk, va, vb)) continue;
+      const int mk = (nk + MRND - 1) / MRND * MRND, off = va * VW, nn = (vb - va) * VW;
+      const bool full = w.rows.full(j0, nk);
+      pack_rows(k, s, b, g, j0, nk, w.kp.p);
+      pack_rows(v, s, b, g, j0, nk, w.vp.p);
+      float* dv_dst = dv_base + j0 * ldc;
+      float* dk_dst = dk_base + j0 * ldc;
+      for (int hh = 0; hh < group; ++hh) {
+        gemm<false>(mk, nn, D, w.kp.p, DP, 1, w.qt + hh * tile + off, BQ, w.st + off, BQ);   // S^T
+        gemm<false>(mk, nn, D, w.vp.p, DP, 1, w.dot + hh * tile + off, BQ, w.dpt + off, BQ); // dP^T
+        const float* lsh = w.ls + hh * BQ;
+        const float* ddh = w.dd + hh * BQ;
+        for (int j = 0; j < mk; ++j) {
+          float* sp = w.st + j * BQ;
+          float* dp = w.dpt + j * BQ;
+          if (j >= nk) {  // rounded-up rows: no key, nothing to add
+            for (int vv = va; vv < vb; ++vv) {
+              vstore(sp + vv * VW, vf{});
+              vstore(dp + vv * VW, vf{});
+            }
+            continue;
+          }
+          for (int vv = va; vv < vb; ++vv) {
+            vf x = vload(sp + vv * VW);
+            if (!full) x = w.rows.mask(x, j0 + j, vv);
+            const vf p = vexp2(x - vload(lsh + vv * VW));
+            vstore(sp + vv * VW, p);                                                  // P^T
+            vstore(dp + vv * VW, p * (vload(dp + vv * VW) - vload(ddh + vv * VW)));   // dS^T
+          }
         }
-        if (!full)
-          for (int jj = 0; jj < BK; ++jj)
-            if (jj >= nk || !allowed(mi, s, b, i0 + r, j0 + jj)) srow[jj] = -INFINITY;
-        const v8 lv = vsplat(w.lse[r]), dv8 = vsplat(w.dd[r]);
-        for (int jj = 0; jj < BK; jj += 8) {
-          v8 p = vexp2(vload(srow + jj) - lv);
-          vstore(srow + jj, p);                                   // P
-          vstore(dprow + jj, p * (vload(dprow + jj) - dv8));      // dS (w.r.t. scaled scores)
-        }
+        // dV += P^T dO ; dK += dS^T Q ; dQ^T += K^T dS^T  (softmax scale applied at the end).
+        gemm<true>(mk, DP, nn, w.st + off, BQ, 1, w.dor + hh * tile + off * DP, DP, dv_dst, ldc);
+        gemm<true>(mk, DP, nn, w.dpt + off, BQ, 1, w.qr + hh * tile + off * DP, DP, dk_dst, ldc);
+        gemm<true>(DP, nn, nk, w.kp.p, 1, DP, w.dpt + off, BQ, w.dqt + hh * tile + off, BQ);
       }
-      // dV[j] += P^T dO ; dK[j] += dS^T Q ; dQ += dS K  (softmax scale applied at the end).
-      // A full tile adds straight into the accumulators; the last, partial tile of a row goes
-      // through a scratch tile so that nothing lands beyond its nk keys.
-      float* dv_dst = dv_base + j0 * ldc + col;
-      float* dk_dst = dk_base + j0 * ldc + col;
-      if (nk == BK) {
-        gemm_tn_acc(w.s.data(), w.dO.data(), dv_dst, BK, DP, BQ, ldc);
-        gemm_tn_acc(w.p.data(), w.qraw.data(), dk_dst, BK, DP, BQ, ldc);
-      } else {
-        for (int pass = 0; pass < 2; ++pass) {
-          std::fill(w.tmp.begin(), w.tmp.end(), 0.0f);
-          gemm_tn_acc(pass ? w.p.data() : w.s.data(), pass ? w.qraw.data() : w.dO.data(),
-                      w.tmp.data(), BK, DP, BQ, DP);
-          float* dst = pass ? dk_dst : dv_dst;
-          for (int jj = 0; jj < nk; ++jj)
-            for (int c = 0; c < DP; ++c) dst[jj * ldc + c] += w.tmp[jj * DP + c];
-        }
-      }
-      gemm_acc(w.p.data(), w.kp.data(), w.o.data(), BQ, DP, BK);
     }
-    for (int r = 0; r < nq; ++r) {
-      T* dst = dq + ((b * s.S + i0 + r) * s.H + h) * s.D;
-      for (int c = 0; c < D; ++c) from_f32(w.o[r * DP + c] * s.scale, dst + c);
+    for (int hh = 0; hh < group; ++hh) {
+      const int64_t h = g * group + hh;
+      const float* dqh = w.dqt + hh * tile;
+      for (int r = 0; r < nq; ++r) {
+        T* dst = dq + ((b * s.S + i0 + r) * s.H + h) * s.D;
+        for (int c = 0; c < D; ++c) from_f32(dqh[c * BQ + r] * s.scale, dst + c);
+      }
     }
   };
 
@@ -409,25 +526,22 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
     // (every query head of its group, every query tile), so one parallel region and no sums
     // across threads; a task's order of additions is fixed, so the result does not depend on
     // the thread count either.
-    const int64_t kv_elems = s.S * s.DP;
-    std::vector<float> acc(static_cast<size_t>(nt) * 2 * kv_elems);
+    const int64_t kv_elems = (s.S + BK) * s.DP;
 #pragma omp parallel num_threads(nt)
     {
-      float* dk_acc = acc.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * kv_elems;
-      float* dv_acc = dk_acc + kv_elems;
-      Scratch w(DP);
+      Buf dk_acc(kv_elems), dv_acc(kv_elems);
+      Work w(DP, group, tile);
 #pragma omp for schedule(static, 1)
       for (int64_t t = 0; t < groups; ++t) {
         const int64_t b = t / s.KV, g = t % s.KV;
-        std::fill(dk_acc, dk_acc + 2 * kv_elems, 0.0f);
-        for (int64_t hh = 0; hh < group; ++hh)
-          for (int64_t qb = nqb - 1; qb >= 0; --qb)
-            tile(w, b, g * group + hh, qb, dk_acc, dv_acc, s.DP, 0);
+        std::memset(dk_acc.p, 0, sizeof(float) * kv_elems);
+        std::memset(dv_acc.p, 0, sizeof(float) * kv_elems);
+        for (int64_t qb = nqb - 1; qb >= 0; --qb) query_tile(w, b, g, qb, dk_acc.p, dv_acc.p, s.DP);
         for (int64_t j = 0; j < s.S; ++j) {
           const int64_t out = ((b * s.S + j) * s.KV + g) * s.D;
           for (int c = 0; c < D; ++c) {
-            from_f32(dk_acc[j * s.DP + c] * s.scale, dk + out + c);
-            from_f32(dv_acc[j * s.DP + c], dv + out + c);
+            from_f32(dk_acc.p[j * s.DP + c] * s.scale, dk + out + c);
+            from_f32(dv_acc.p[j * s.DP + c], dv + out + c);
           }
         }
       }
@@ -438,35 +552,36 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
   // Few pairs (one long sequence): query tiles are shared out instead, per batch element. dK
   // and dV gather contributions from many query tiles: each thread owns an fp32 copy for one
   // batch element at a time (batch elements never share keys), zeroed before each.
-  const int64_t ntasks = s.H * nqb;  // per batch element
-  const int64_t kv_elems = s.S * s.KV * s.DP;  // one thread's dK (or dV) accumulator
-  std::vector<float> acc(static_cast<size_t>(nt) * 2 * kv_elems);
+  const int64_t ntasks = s.KV * nqb;  // per batch element
+  const int64_t kv_elems = (s.S + BK) * s.KV * s.DP;  // one thread's dK (or dV) accumulator
+  std::vector<float*> accs(static_cast<size_t>(nt) * 2, nullptr);
   for (int64_t b = 0; b < s.B; ++b)
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
-    float* dk_acc = acc.data() + static_cast<size_t>(tid) * 2 * kv_elems;
-    float* dv_acc = dk_acc + kv_elems;
-    std::fill(dk_acc, dk_acc + 2 * kv_elems, 0.0f);
-    Scratch w(DP);
+    Buf dk_acc(kv_elems), dv_acc(kv_elems);  // zeroed
+    accs[2 * tid] = dk_acc.p;
+    accs[2 * tid + 1] = dv_acc.p;
+    Work w(DP, group, tile);
     // Static round-robin: each thread sees the same tasks in the same order on every run, so the
     // fp32 sums into its accumulator (and the gradients) are bit-for-bit reproducible.
 #pragma omp for schedule(static, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
-      const int64_t qb = nqb - 1 - t % nqb, h = t / nqb;
-      tile(w, b, h, qb, dk_acc, dv_acc, s.KV * s.DP, (h / group) * s.DP);
+      const int64_t qb = nqb - 1 - t % nqb, g = t / nqb;
+      query_tile(w, b, g, qb, dk_acc.p + g * s.DP, dv_acc.p + g * s.DP, s.KV * s.DP);
     }
+    // (the implicit barrier above: every thread's accumulator is complete and still alive)
     // Sum the per-thread accumulators into this batch element's dk/dv, row by row.
+    const int team = omp_get_num_threads();
     const int64_t rows = s.S * s.KV;
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t out_row = b * rows + row;
       for (int c = 0; c < D; ++c) {
         float sk = 0.0f, sv = 0.0f;
-        for (int th = 0; th < nt; ++th) {
-          const float* base = acc.data() + static_cast<size_t>(th) * 2 * kv_elems;
-          sk += base[row * s.DP + c];
-          sv += base[kv_elems + row * s.DP + c];
+        for (int th = 0; th < team; ++th) {
+          sk += accs[2 * th][row * s.DP + c];
+          sv += accs[2 * th + 1][row * s.DP + c];
         }
         from_f32(sk * s.scale, dk + out_row * s.D + c);
         from_f32(sv, dv + out_row * s.D + c);
