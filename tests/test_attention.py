@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -102,6 +103,37 @@ def isa(request):
     mod.set_isa(request.param)
     yield request.param
     mod.set_isa(before)
+
+
+def test_widest_isa_is_the_default_and_unknown_ones_are_refused():
+    # The module starts on the widest build the CPU runs (AVX-512 before AVX2 before baseline);
+    # set_isa refuses names it does not have, so a CPU without AVX-512 falls back cleanly.
+    mod = kernels.cpu_module()
+    isas = mod.available_isas()
+    assert isas[0] == "baseline" and set(isas) <= {"baseline", "avx2", "avx512"}
+    assert isas == [i for i in ("baseline", "avx2", "avx512") if i in isas]
+    flags = open("/proc/cpuinfo").read().split() if Path("/proc/cpuinfo").exists() else []
+    if flags:  # what the kernel chose agrees with what the CPU reports
+        assert ("avx512" in isas) == all(f in flags for f in
+                                         ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+        assert ("avx2" in isas) == all(f in flags for f in ("avx2", "fma"))
+    before = mod.isa()
+    try:
+        mod.set_isa(isas[0])
+        assert mod.isa() == isas[0]
+        with pytest.raises(ValueError, match="not available"):
+            mod.set_isa("avx1024")
+        assert mod.isa() == isas[0]
+    finally:
+        mod.set_isa(before)
+    import subprocess
+    import sys
+    # A fresh process (the module alone, no torch) starts on the widest one.
+    load = ("import importlib.util as u, sys; s = u.spec_from_file_location('_attn_cpu', "
+            "sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m); print(m.isa())")
+    fresh = subprocess.run([sys.executable, "-c", load, mod.__file__], capture_output=True,
+                           text=True, check=True)
+    assert fresh.stdout.strip() == isas[-1]
 
 
 def _check_case(case, dtype, tol, seed):
