@@ -275,26 +275,57 @@ struct QueryRows {
   bool full(int64_t j0, int nk) const {
     return !by_id && nk == BK && nq == BQ && lo[BQ - 1] <= j0 && j0 + BK - 1 <= i0;
   }
-  // Query vectors [va, vb) that see at least one key of j0 .. j0 + nk - 1; the others are fully
-  // masked for this key tile and skipped. Returns false when none does.
-  bool active(int64_t j0, int nk, int& va, int& vb) const {
-    int first = -1, last = -1;
-    for (int r = 0; r < nq; ++r)
-      if (lo[r] <= j0 + nk - 1 && i0 + r >= j0) {
-        if (first < 0) first = r;
-        last = r;
-      }
-    if (first < 0) return false;
-    va = first / VW;
-    vb = last / VW + 1;
-    return true;
-  }
   // -inf where query vector v may not see key j.
   vf mask(vf x, int64_t j, int v) const {
     const vi jv = visplat(static_cast<int32_t>(j));
     vi ok = (jv <= viload(pos + v * VW)) & (viload(lo + v * VW) <= jv);
     if (by_id) ok &= viload(rank + v * VW) == visplat(key_rank[j]);
     return ok ? x : vsplat(-INFINITY);
+  }
+};
+
+// Which parts of a key tile any query of the tile can see, in blocks of MRND keys x VW queries:
+// key block kb (keys j0 + MRND*kb ...) is seen by query vectors [a[kb], b[kb]) only, and query
+// vector v by key rows [jlo[v], jhi[v]) only (both contiguous, because lo is non-decreasing;
+// with unsorted ids this is the window's shape, a superset). Blocks outside are fully masked:
+// their scores are neither computed nor read. `uniform`: every active query vector has the same
+// key rows (then the products run on whole register tiles instead of one vector at a time).
+struct TileMask {
+  int nb = 0;  // key blocks (nk rounded up to MRND, over MRND)
+  int a[BK / MRND], b[BK / MRND];
+  int jlo[QV], jhi[QV];
+  int va = 0, vb = 0;  // active query vectors: [va, vb)
+  bool full = false, uniform = false;
+
+  // False when no query of the tile sees any key of it.
+  bool set(const QueryRows& rows, int64_t j0, int nk) {
+    nb = (nk + MRND - 1) / MRND;
+    full = rows.full(j0, nk);
+    va = QV;
+    vb = 0;
+    for (int kb = 0; kb < nb; ++kb) {
+      const int64_t jb = j0 + kb * MRND, je = std::min<int64_t>(jb + MRND, j0 + nk) - 1;
+      // Rows that see some key of [jb, je]: i >= jb (a suffix) and lo <= je (a prefix).
+      const int r0 = static_cast<int>(std::max<int64_t>(0, jb - rows.i0));
+      const int r1 = static_cast<int>(std::upper_bound(rows.lo, rows.lo + rows.nq,
+                                                       static_cast<int32_t>(std::min<int64_t>(je, INT32_MAX - 1))) - rows.lo);
+      if (r0 >= r1) { a[kb] = b[kb] = 0; continue; }
+      a[kb] = r0 / VW;
+      b[kb] = (r1 - 1) / VW + 1;
+      va = std::min(va, a[kb]);
+      vb = std::max(vb, b[kb]);
+    }
+    if (va >= vb) return false;
+    uniform = true;
+    for (int v = va; v < vb; ++v) {
+      int lo_b = -1, hi_b = -1;
+      for (int kb = 0; kb < nb; ++kb)
+        if (a[kb] <= v && v < b[kb]) { if (lo_b < 0) lo_b = kb; hi_b = kb; }
+      jlo[v] = lo_b < 0 ? 0 : lo_b * MRND;
+      jhi[v] = lo_b < 0 ? 0 : (hi_b + 1) * MRND;
+      if (jlo[v] != jlo[va] || jhi[v] != jhi[va]) uniform = false;
+    }
+    return true;
   }
 };
 
@@ -344,8 +375,9 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
     // Per thread: the packed K/V tile, S^T (then P^T), and per query head of the group its
     // scaled Q^T, the O^T accumulator, the running max m and sum l.
     Buf kp(BK * DP), vp(BK * DP), st(BK * BQ), qt(group * tile), ot(group * tile);
-    Buf m(group * BQ), l(group * BQ), alpha(BQ), msafe(BQ);
+    Buf m(group * BQ), l(group * BQ), alpha(BQ);
     QueryRows rows;
+    TileMask tm;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
       // Latest query blocks first: they have the most keys to visit (better load balance).
@@ -362,23 +394,27 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
       const int64_t klo = mi.lo[b * s.S + i0], khi = i0 + nq;  // keys [klo, khi)
       for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, khi - j0));
-        int va, vb;
-        if (!rows.active(j0, nk, va, vb)) continue;
-        const int mk = (nk + MRND - 1) / MRND * MRND, off = va * VW, nn = (vb - va) * VW;
-        const bool full = rows.full(j0, nk);
+        if (!tm.set(rows, j0, nk)) continue;
+        const int va = tm.va, vb = tm.vb;
         pack_rows(k, s, b, g, j0, nk, kp.p);
         pack_rows(v, s, b, g, j0, nk, vp.p);
         for (int hh = 0; hh < group; ++hh) {
           float* mh = m + hh * BQ;
           float* lh = l + hh * BQ;
-          gemm<false>(mk, nn, D, kp.p, DP, 1, qt + hh * tile + off, BQ, st + off, BQ);  // S^T = K Q^T
+          const float* qh = qt + hh * tile;
+          // S^T = K Q^T, block by block of keys, over the query vectors that see them.
+          for (int kb = 0; kb < tm.nb; ++kb)
+            if (tm.a[kb] < tm.b[kb])
+              gemm<false>(MRND, (tm.b[kb] - tm.a[kb]) * VW, D, kp + kb * MRND * DP, DP, 1,
+                          qh + tm.a[kb] * VW, BQ, st + kb * MRND * BQ + tm.a[kb] * VW, BQ);
           // Online softmax over this tile's keys, VW queries per vector.
           for (int vv = va; vv < vb; ++vv) {
+            const int jl = tm.jlo[vv], jh = std::min(tm.jhi[vv], nk);
             vf mx = vsplat(-INFINITY);
-            for (int j = 0; j < nk; ++j) {
+            for (int j = jl; j < jh; ++j) {
               float* p = st + j * BQ + vv * VW;
               vf x = vload(p);
-              if (!full) { x = rows.mask(x, j0 + j, vv); vstore(p, x); }
+              if (!tm.full) { x = rows.mask(x, j0 + j, vv); vstore(p, x); }
               mx = vmax(mx, x);
             }
             const vf mold = vload(mh + vv * VW);
@@ -386,8 +422,8 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
             const vf ms = mnew == vsplat(-INFINITY) ? vsplat(0.0f) : mnew;  // rows that saw nothing
             const vf al = vexp2(mold - ms);
             vf sum0 = {}, sum1 = {};
-            int j = 0;
-            for (; j + 1 < nk; j += 2) {
+            int j = jl;
+            for (; j + 1 < jh; j += 2) {
               float* p = st + j * BQ + vv * VW;
               const vf p0 = vexp2(vload(p) - ms), p1 = vexp2(vload(p + BQ) - ms);
               vstore(p, p0);
@@ -395,7 +431,7 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
               sum0 += p0;
               sum1 += p1;
             }
-            if (j < nk) {
+            if (j < jh) {
               float* p = st + j * BQ + vv * VW;
               const vf p0 = vexp2(vload(p) - ms);
               vstore(p, p0);
@@ -405,8 +441,19 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
             vstore(mh + vv * VW, mnew);
             vstore(alpha + vv * VW, al);
           }
-          // O^T = O^T * alpha + V^T P^T
-          gemm<true>(DP, nn, nk, vp.p, 1, DP, st + off, BQ, ot + hh * tile + off, BQ, alpha + off);
+          // O^T = O^T * alpha + V^T P^T (over each query vector's key rows).
+          float* oh = ot + hh * tile;
+          if (tm.uniform) {
+            const int jl = tm.jlo[va], jh = std::min(tm.jhi[va], nk);
+            gemm<true>(DP, (vb - va) * VW, jh - jl, vp + jl * DP, 1, DP, st + jl * BQ + va * VW, BQ,
+                       oh + va * VW, BQ, alpha + va * VW);
+          } else {
+            for (int vv = va; vv < vb; ++vv) {
+              const int jl = tm.jlo[vv], jh = std::min(tm.jhi[vv], nk);
+              gemm<true>(DP, VW, jh - jl, vp + jl * DP, 1, DP, st + jl * BQ + vv * VW, BQ,
+                         oh + vv * VW, BQ, alpha + vv * VW);
+            }
+          }
         }
       }
       for (int hh = 0; hh < group; ++hh) {
@@ -439,6 +486,7 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
   struct Work {
     Buf kp, vp, st, dpt, qr, qt, dor, dot, dqt, ls, dd, ot;
     QueryRows rows;
+    TileMask tm;
     Work(int DP, int group, size_t tile)
         : kp(BK * DP), vp(BK * DP), st(BK * BQ), dpt(BK * BQ), qr(group * tile), qt(group * tile),
           dor(group * tile), dot(group * tile), dqt(group * tile), ls(group * BQ), dd(group * BQ),
@@ -471,43 +519,60 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
       for (int r = 0; r < BQ; ++r) lsh[r] = r < nq ? lse[(b * s.H + h) * s.S + i0 + r] : 0.0f;
     }
     const int64_t klo = mi.lo[b * s.S + i0], khi = i0 + nq;
+    TileMask& tm = w.tm;
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
       const int nk = static_cast<int>(std::min<int64_t>(BK, khi - j0));
-      int va, vb;
-      if (!w.rows.active(j0, nk, va, vb)) continue;
-      const int mk = (nk + MRND - 1) / MRND * MRND, off = va * VW, nn = (vb - va) * VW;
-      const bool full = w.rows.full(j0, nk);
+      if (!tm.set(w.rows, j0, nk)) continue;
+      const int va = tm.va, vb = tm.vb;
       pack_rows(k, s, b, g, j0, nk, w.kp.p);
       pack_rows(v, s, b, g, j0, nk, w.vp.p);
-      float* dv_dst = dv_base + j0 * ldc;
-      float* dk_dst = dk_base + j0 * ldc;
       for (int hh = 0; hh < group; ++hh) {
-        gemm<false>(mk, nn, D, w.kp.p, DP, 1, w.qt + hh * tile + off, BQ, w.st + off, BQ);   // S^T
-        gemm<false>(mk, nn, D, w.vp.p, DP, 1, w.dot + hh * tile + off, BQ, w.dpt + off, BQ); // dP^T
         const float* lsh = w.ls + hh * BQ;
         const float* ddh = w.dd + hh * BQ;
-        for (int j = 0; j < mk; ++j) {
-          float* sp = w.st + j * BQ;
-          float* dp = w.dpt + j * BQ;
-          if (j >= nk) {  // rounded-up rows: no key, nothing to add
-            for (int vv = va; vv < vb; ++vv) {
-              vstore(sp + vv * VW, vf{});
-              vstore(dp + vv * VW, vf{});
-            }
-            continue;
-          }
-          for (int vv = va; vv < vb; ++vv) {
-            vf x = vload(sp + vv * VW);
-            if (!full) x = w.rows.mask(x, j0 + j, vv);
-            const vf p = vexp2(x - vload(lsh + vv * VW));
-            vstore(sp + vv * VW, p);                                                  // P^T
-            vstore(dp + vv * VW, p * (vload(dp + vv * VW) - vload(ddh + vv * VW)));   // dS^T
+        for (int kb = 0; kb < tm.nb; ++kb) {  // S^T = K Q^T, dP^T = V dO^T
+          if (tm.a[kb] >= tm.b[kb]) continue;
+          const int n0 = tm.a[kb] * VW, nn = (tm.b[kb] - tm.a[kb]) * VW;
+          gemm<false>(MRND, nn, D, w.kp + kb * MRND * DP, DP, 1, w.qt + hh * tile + n0, BQ,
+                      w.st + kb * MRND * BQ + n0, BQ);
+          gemm<false>(MRND, nn, D, w.vp + kb * MRND * DP, DP, 1, w.dot + hh * tile + n0, BQ,
+                      w.dpt + kb * MRND * BQ + n0, BQ);
+        }
+        // P^T and dS^T over each query vector's key rows (whole blocks: rows past nk are
+        // padding keys, which the mask zeroes; tiles with such rows are never `full`).
+        for (int vv = va; vv < vb; ++vv) {
+          const vf lv = vload(lsh + vv * VW), dv8 = vload(ddh + vv * VW);
+          for (int j = tm.jlo[vv]; j < tm.jhi[vv]; ++j) {
+            float* sp = w.st + j * BQ + vv * VW;
+            float* dp = w.dpt + j * BQ + vv * VW;
+            vf x = vload(sp);
+            if (!tm.full) x = w.rows.mask(x, j0 + j, vv);
+            const vf p = vexp2(x - lv);
+            vstore(sp, p);                            // P^T
+            vstore(dp, p * (vload(dp) - dv8));        // dS^T
           }
         }
-        // dV += P^T dO ; dK += dS^T Q ; dQ^T += K^T dS^T  (softmax scale applied at the end).
-        gemm<true>(mk, DP, nn, w.st + off, BQ, 1, w.dor + hh * tile + off * DP, DP, dv_dst, ldc);
-        gemm<true>(mk, DP, nn, w.dpt + off, BQ, 1, w.qr + hh * tile + off * DP, DP, dk_dst, ldc);
-        gemm<true>(DP, nn, nk, w.kp.p, 1, DP, w.dpt + off, BQ, w.dqt + hh * tile + off, BQ);
+        // dV += P^T dO ; dK += dS^T Q (per key block, over the queries that see it) ;
+        // dQ^T += K^T dS^T (per query vector, over the keys it sees). Softmax scale at the end.
+        for (int kb = 0; kb < tm.nb; ++kb) {
+          if (tm.a[kb] >= tm.b[kb]) continue;
+          const int n0 = tm.a[kb] * VW, nn = (tm.b[kb] - tm.a[kb]) * VW;
+          gemm<true>(MRND, DP, nn, w.st + kb * MRND * BQ + n0, BQ, 1, w.dor + hh * tile + n0 * DP,
+                     DP, dv_base + (j0 + kb * MRND) * ldc, ldc);
+          gemm<true>(MRND, DP, nn, w.dpt + kb * MRND * BQ + n0, BQ, 1, w.qr + hh * tile + n0 * DP,
+                     DP, dk_base + (j0 + kb * MRND) * ldc, ldc);
+        }
+        float* dqh = w.dqt + hh * tile;
+        if (tm.uniform) {
+          const int jl = tm.jlo[va], jh = tm.jhi[va];
+          gemm<true>(DP, (vb - va) * VW, jh - jl, w.kp + jl * DP, 1, DP, w.dpt + jl * BQ + va * VW, BQ,
+                     dqh + va * VW, BQ);
+        } else {
+          for (int vv = va; vv < vb; ++vv) {
+            const int jl = tm.jlo[vv], jh = tm.jhi[vv];
+            gemm<true>(DP, VW, jh - jl, w.kp + jl * DP, 1, DP, w.dpt + jl * BQ + vv * VW, BQ,
+                       dqh + vv * VW, BQ);
+          }
+        }
       }
     }
     for (int hh = 0; hh < group; ++hh) {
