@@ -325,19 +325,22 @@ def phases(args, device: str, d: int, dtype: torch.dtype) -> int:
 
             methods["sdpa_mask"] = (sdpa_fwd, sdpa_bwd)
         best = {n: [float("inf"), float("inf")] for n in methods}
+        cpu = {n: [float("inf"), float("inf")] for n in methods}
         for rnd in range(args.warmup + args.repeats):
             for name, (fwd, bwd) in methods.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fwd()
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
                 if name == "sdpa_mask":
                     sdpa_prepare()
-                t2 = time.perf_counter()
+                t2, c2 = time.perf_counter(), time.process_time()
                 bwd()
-                t3 = time.perf_counter()
+                t3, c3 = time.perf_counter(), time.process_time()
                 if rnd >= args.warmup:
                     best[name][0] = min(best[name][0], t1 - t0)
                     best[name][1] = min(best[name][1], t3 - t2)
+                    cpu[name][0] = min(cpu[name][0], c1 - c0)
+                    cpu[name][1] = min(cpu[name][1], c3 - c2)
         head = f"batch={batch} seq={seq} window={window}"
         first = next(iter(best))
         for name, (f, b) in best.items():
@@ -346,7 +349,8 @@ def phases(args, device: str, d: int, dtype: torch.dtype) -> int:
                 ratio = (f" | vs {first}: fwd {f / best[first][0]:.2f}x bwd {b / best[first][1]:.2f}x "
                          f"fwd+bwd {(f + b) / sum(best[first]):.2f}x")
             print(f"{head} {name:14s} forward {f * 1e3:8.2f} ms  backward {b * 1e3:8.2f} ms  "
-                  f"fwd+bwd {(f + b) * 1e3:8.2f} ms  ({fwd_flops / f / 1e9:.0f} / "
+                  f"fwd+bwd {(f + b) * 1e3:8.2f} ms  (cpu {cpu[name][0] * 1e3:.1f} + "
+                  f"{cpu[name][1] * 1e3:.1f} ms; {fwd_flops / f / 1e9:.0f} / "
                   f"{2.5 * fwd_flops / b / 1e9:.0f} GFLOP/s){ratio}", flush=True)
     print(f"# load average after: {os.getloadavg()[0]:.1f}", flush=True)
     return 0
