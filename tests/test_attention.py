@@ -168,6 +168,20 @@ def test_bf16_matches_float64(case, isa):
     _check_case(case, torch.bfloat16, 1e-2, seed=7)
 
 
+# Training-like lengths: many full 64x64 tiles between the two half-masked edge tiles of each
+# query tile, GQA groups of 4 sharing each packed K/V tile, windows on and off the tile grid.
+LONG_CASES = [
+    (1, 1100, 8, 2, 32, 256, None),
+    (1, 777, 8, 2, 32, 200, "sorted"),
+    (2, 600, 4, 1, 48, 130, "unsorted"),
+]
+
+
+@pytest.mark.parametrize("case", LONG_CASES, ids=[str(c) for c in LONG_CASES])
+def test_long_sequences_match_float64(case, isa):
+    _check_case(case, torch.float32, 1e-5, seed=100 + LONG_CASES.index(case))
+
+
 def test_softmax_scale_and_window_matter():
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 90, 4, 32, generator=gen) for _ in range(3))
