@@ -365,7 +365,7 @@ def test_reference_fallback_when_module_missing(monkeypatch, caplog):
 
 def test_thread_count_changes_only_the_dk_dv_summation_order():
     gen = torch.Generator().manual_seed(29)
-    # 2*4*300*64*32 = 4.9M multiply-adds: above the kernel's serial cut-off (1M), so threads share it.
+    # 2*4*300*64*32 = 4.9M multiply-adds: above the kernel's serial cut-off (4.2M), so threads share it.
     q, k, v = (torch.randn(2, 300, n, 32, generator=gen) for n in (4, 2, 2))
     before = torch.get_num_threads()
     results = []

@@ -243,10 +243,11 @@ struct MaskInfo {
 // Threads for a call: small problems run on the calling thread. A parallel region costs a few
 // microseconds on an idle machine but a scheduler time slice per barrier when the cores are
 // oversubscribed (a tiny model's step went from 0.03 s to 0.7 s), while the work it would share
-// is a fraction of a millisecond. The cut-off is about 1M multiply-adds (~0.3 ms on one core).
+// is a fraction of a millisecond. The cut-off is about 4M multiply-adds (~0.05-0.1 ms on one
+// core of the AVX-512 build; it was 1M when a core did a third of that).
 inline int threads_for(const Shape& s, int nthreads) {
   const double work = static_cast<double>(s.B) * s.H * s.S * std::min(s.S, s.window) * s.D;
-  return work < double(1 << 20) ? 1 : std::max(1, nthreads);
+  return work < double(1 << 22) ? 1 : std::max(1, nthreads);
 }
 
 // The query rows of one tile as the masks see them: position, first visible key (INT32_MAX on
