@@ -175,9 +175,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--isas", default=None,
                    help="with --phases: comma-separated ISA builds of our kernel to time "
                         "(default: the one in use)")
-    p.add_argument("--vs-build", type=Path, default=None,
+    p.add_argument("--vs-build", type=Path, action="append", default=[],
                    help="with --phases: also time the _attn_cpu*.so in this directory (another "
-                        "build, e.g. /work/main/megatron_sc2/ops) alternately with ours")
+                        "build, e.g. /work/main/megatron_sc2/ops) alternately with ours; "
+                        "may be repeated")
     p.add_argument("--no-mask", action="store_true", help="with --phases: skip SDPA with the mask")
     p.add_argument("--isa", choices=["avx512", "avx2", "baseline"], default=None,
                    help="force this instruction-set build of our C++ kernel")
@@ -256,7 +257,10 @@ def load_build(directory: Path):
     found = sorted(Path(directory).glob("_attn_cpu*.so"))
     if not found:
         raise SystemExit(f"--vs-build {directory}: no _attn_cpu*.so there")
-    spec = importlib.util.spec_from_file_location("_attn_cpu", found[0])
+    # A distinct qualified name per build (not put in sys.modules); the last component stays
+    # `_attn_cpu`, whose PyInit function the library exports.
+    spec = importlib.util.spec_from_file_location(f"build_{abs(hash(str(directory)))}._attn_cpu",
+                                                  found[0])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -277,9 +281,10 @@ def phases(args, device: str, d: int, dtype: torch.dtype) -> int:
         raise SystemExit(f"C++ kernel not built: {kernels.load_error('_attn_cpu')}")
     isas = args.isas.split(",") if args.isas else [mod.isa()]
     builds = [(f"ours_{isa}", mod, isa) for isa in isas]
-    if args.vs_build:
-        other = load_build(args.vs_build)
-        builds.append((f"other_{other.isa()}", other, other.isa()))
+    for directory in args.vs_build:
+        other = load_build(directory)
+        label = "/".join(directory.resolve().parts[-2:])  # e.g. "megatron_sc2/ops"
+        builds.append((f"{label}_{other.isa()}", other, other.isa()))
     shapes = ([tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")] if args.shapes
               else [(args.batch, int(s), int(w)) for s in args.seqs.split(",")
                     for w in args.windows.split(",")])
@@ -348,7 +353,7 @@ def phases(args, device: str, d: int, dtype: torch.dtype) -> int:
             if name != first:
                 ratio = (f" | vs {first}: fwd {f / best[first][0]:.2f}x bwd {b / best[first][1]:.2f}x "
                          f"fwd+bwd {(f + b) / sum(best[first]):.2f}x")
-            print(f"{head} {name:14s} forward {f * 1e3:8.2f} ms  backward {b * 1e3:8.2f} ms  "
+            print(f"{head} {name:18s} forward {f * 1e3:8.2f} ms  backward {b * 1e3:8.2f} ms  "
                   f"fwd+bwd {(f + b) * 1e3:8.2f} ms  (cpu {cpu[name][0] * 1e3:.1f} + "
                   f"{cpu[name][1] * 1e3:.1f} ms; {fwd_flops / f / 1e9:.0f} / "
                   f"{2.5 * fwd_flops / b / 1e9:.0f} GFLOP/s){ratio}", flush=True)
