@@ -539,10 +539,11 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
                       w.dpt + kb * MRND * BQ + n0, BQ);
         }
         // P^T and dS^T over each query vector's key rows (whole blocks: rows past nk are
-        // padding keys, which the mask zeroes; tiles with such rows are never `full`).
+        // padding, set to zero, as the products below read whole blocks).
         for (int vv = va; vv < vb; ++vv) {
           const vf lv = vload(lsh + vv * VW), dv8 = vload(ddh + vv * VW);
-          for (int j = tm.jlo[vv]; j < tm.jhi[vv]; ++j) {
+          const int jh = std::min(tm.jhi[vv], nk);
+          for (int j = tm.jlo[vv]; j < jh; ++j) {
             float* sp = w.st + j * BQ + vv * VW;
             float* dp = w.dpt + j * BQ + vv * VW;
             vf x = vload(sp);
@@ -550,6 +551,10 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
             const vf p = vexp2(x - lv);
             vstore(sp, p);                            // P^T
             vstore(dp, p * (vload(dp) - dv8));        // dS^T
+          }
+          for (int j = std::max(jh, tm.jlo[vv]); j < tm.jhi[vv]; ++j) {
+            vstore(w.st + j * BQ + vv * VW, vf{});
+            vstore(w.dpt + j * BQ + vv * VW, vf{});
           }
         }
         // dV += P^T dO ; dK += dS^T Q (per key block, over the queries that see it) ;
