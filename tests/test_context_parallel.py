@@ -1,5 +1,5 @@
 """Context parallelism's attention step in one process: the chunk's queries over [halo, chunk]
-keys (queries prefixed with zero rows for our kernels) equal the rows of a full-sequence call,
+keys (fewer queries than keys) equal the rows of a full-sequence call,
 outputs and gradients, on every backend this machine has. The multi-process exchange itself is
 tested in tests/test_parallel.py (tests/dist/parallel_equivalence.py)."""
 

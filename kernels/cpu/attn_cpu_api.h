@@ -10,12 +10,14 @@ struct AttnArgs {
   const void* v = nullptr;
   const void* o = nullptr;     // forward: written; backward: read
   const void* dout = nullptr;  // backward only
-  float* lse = nullptr;        // (B, H, S) fp32, base-2 log-sum-exp of the scaled scores
+  float* lse = nullptr;        // (B, H, Sq) fp32, base-2 log-sum-exp of the scaled scores
   const int64_t* doc = nullptr;
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
-  int64_t B = 0, S = 0, H = 0, KV = 0, D = 0;
+  // S: key length; Sq <= S: query length. Query row t sits at key position t + (S - Sq) (the
+  // queries are the last Sq positions; doc covers the S key positions).
+  int64_t B = 0, S = 0, Sq = 0, H = 0, KV = 0, D = 0;
   int64_t window = 0;  // <= 0: plain causal
   float scale = 1.0f;
   int dtype = 0;  // 0: float32, 1: bfloat16

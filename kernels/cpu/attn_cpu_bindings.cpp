@@ -57,13 +57,17 @@ void run(const AttnArgs& a, bool fwd) {
   fwd ? g_variant->forward(a) : g_variant->backward(a);
 }
 
-void check(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dtype) {
-  if (B < 1 || S < 1 || H < 1 || KV < 1 || D < 1 || H % KV)
+// Sq: query rows (0: S); the queries are the last Sq of the S key positions.
+int64_t check(int64_t B, int64_t S, int64_t Sq, int64_t H, int64_t KV, int64_t D, int dtype) {
+  if (Sq == 0) Sq = S;
+  if (B < 1 || S < 1 || Sq < 1 || Sq > S || H < 1 || KV < 1 || D < 1 || H % KV)
     throw std::invalid_argument("bad attention sizes: B=" + std::to_string(B) + " S=" +
-                                std::to_string(S) + " H=" + std::to_string(H) + " KV=" +
-                                std::to_string(KV) + " D=" + std::to_string(D));
+                                std::to_string(S) + " Sq=" + std::to_string(Sq) + " H=" +
+                                std::to_string(H) + " KV=" + std::to_string(KV) + " D=" +
+                                std::to_string(D) + " (need 1 <= Sq <= S)");
   if (S > INT32_MAX) throw std::invalid_argument("sequence too long");
   if (dtype != 0 && dtype != 1) throw std::invalid_argument("dtype code must be 0 (fp32) or 1 (bf16)");
+  return Sq;
 }
 
 }  // namespace
@@ -90,22 +94,27 @@ PYBIND11_MODULE(_attn_cpu, m) {
   m.def("forward",
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t doc,
            int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int64_t window, double scale,
-           int dtype, int nthreads) {
-          check(B, S, H, KV, D, dtype);
+           int dtype, int nthreads, int64_t Sq) {
+          Sq = check(B, S, Sq, H, KV, D, dtype);
           AttnArgs a;
           a.q = reinterpret_cast<const void*>(q); a.k = reinterpret_cast<const void*>(k);
           a.v = reinterpret_cast<const void*>(v); a.o = reinterpret_cast<const void*>(o);
           a.lse = reinterpret_cast<float*>(lse); a.doc = reinterpret_cast<const int64_t*>(doc);
-          a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D; a.window = window;
+          a.B = B; a.S = S; a.Sq = Sq; a.H = H; a.KV = KV; a.D = D; a.window = window;
           a.scale = static_cast<float>(scale); a.dtype = dtype; a.nthreads = nthreads < 1 ? 1 : nthreads;
           run(a, true);
         },
-        "o, lse <- attention(q, k, v); pointers to contiguous (B,S,H,D) / (B,S,KV,D) / (B,H,S) fp32");
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("doc"),
+        py::arg("B"), py::arg("S"), py::arg("H"), py::arg("KV"), py::arg("D"), py::arg("window"),
+        py::arg("scale"), py::arg("dtype"), py::arg("nthreads"), py::arg("Sq") = 0,
+        "o, lse <- attention(q, k, v); pointers to contiguous q (B,Sq,H,D), k/v (B,S,KV,D), doc "
+        "(B,S) int64, lse (B,H,Sq) fp32; Sq (0: S) queries are the last Sq key positions");
   m.def("backward",
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t dout, uintptr_t lse,
            uintptr_t doc, uintptr_t dq, uintptr_t dk, uintptr_t dv, int64_t B, int64_t S, int64_t H,
-           int64_t KV, int64_t D, int64_t window, double scale, int dtype, int nthreads) {
-          check(B, S, H, KV, D, dtype);
+           int64_t KV, int64_t D, int64_t window, double scale, int dtype, int nthreads,
+           int64_t Sq) {
+          Sq = check(B, S, Sq, H, KV, D, dtype);
           AttnArgs a;
           a.q = reinterpret_cast<const void*>(q); a.k = reinterpret_cast<const void*>(k);
           a.v = reinterpret_cast<const void*>(v); a.o = reinterpret_cast<const void*>(o);
@@ -113,9 +122,13 @@ PYBIND11_MODULE(_attn_cpu, m) {
           a.doc = reinterpret_cast<const int64_t*>(doc);
           a.dq = reinterpret_cast<void*>(dq); a.dk = reinterpret_cast<void*>(dk);
           a.dv = reinterpret_cast<void*>(dv);
-          a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D; a.window = window;
+          a.B = B; a.S = S; a.Sq = Sq; a.H = H; a.KV = KV; a.D = D; a.window = window;
           a.scale = static_cast<float>(scale); a.dtype = dtype; a.nthreads = nthreads < 1 ? 1 : nthreads;
           run(a, false);
         },
-        "dq, dk, dv <- gradients, recomputing scores from the saved log-sum-exp");
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("dout"), py::arg("lse"),
+        py::arg("doc"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("B"), py::arg("S"),
+        py::arg("H"), py::arg("KV"), py::arg("D"), py::arg("window"), py::arg("scale"),
+        py::arg("dtype"), py::arg("nthreads"), py::arg("Sq") = 0,
+        "dq, dk, dv <- gradients, recomputing scores from the saved log-sum-exp (Sq as forward)");
 }

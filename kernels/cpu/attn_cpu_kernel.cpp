@@ -7,7 +7,7 @@ namespace SC2_NS {
 
 static Shape shape_of(const AttnArgs& a) {
   Shape s;
-  s.B = a.B; s.S = a.S; s.H = a.H; s.KV = a.KV; s.D = a.D;
+  s.B = a.B; s.S = a.S; s.Sq = a.Sq; s.off = a.S - a.Sq; s.H = a.H; s.KV = a.KV; s.D = a.D;
   s.DP = (a.D + 15) / 16 * 16;
   s.window = (a.window <= 0 || a.window > a.S) ? a.S : a.window;
   s.scale = a.scale;

@@ -5,10 +5,14 @@
 // and the bindings pick one at run time. The vector width and the register-tile sizes follow the
 // variant's target macros (__AVX512F__, __AVX2__), so nothing else may depend on -march.
 //
-// Layout: q (B, S, H, D), k/v (B, S, KV, D), contiguous; o like q; lse (B, H, S) fp32, holding the
-// log-sum-exp of the scores in base-2 units (scores pre-multiplied by scale * log2(e)).
-// Query i sees keys j with lo[i] <= j <= i, where lo[i] = max(0, i - window + 1, start of i's
-// document run); when document ids are not sorted, each element is also compared by id.
+// Layout: q (B, Sq, H, D), k/v (B, S, KV, D) with Sq <= S, contiguous; o like q; lse (B, H, Sq)
+// fp32, holding the log-sum-exp of the scores in base-2 units (scores pre-multiplied by
+// scale * log2(e)). The queries are the last Sq positions of the key sequence: query row t is at
+// position i = t + off, off = S - Sq (a context-parallel chunk after its halo; off = 0 is plain
+// self-attention). Position i sees keys j with lo[i] <= j <= i, where lo[i] = max(0,
+// i - window + 1, start of i's document run); when document ids (B, S) are not sorted, each
+// element is also compared by id. Masks and tiles work on positions; only the loads and stores
+// of q, o, dO, dQ and lse use query rows.
 //
 // Scores are kept transposed, S^T (keys x queries): one vector holds one key against VW
 // consecutive queries, so the softmax's running max, sum and rescale are plain vector operations
@@ -203,7 +207,8 @@ struct Buf {
 };
 
 struct Shape {
-  int64_t B, S, H, KV, D, DP;
+  int64_t B, S, Sq, H, KV, D, DP;  // S keys, Sq <= S queries
+  int64_t off;     // S - Sq: position of query row 0
   int64_t window;  // effective window (S when plain causal)
   float scale;     // softmax scale
 };
@@ -246,12 +251,12 @@ struct MaskInfo {
 // is a fraction of a millisecond. The cut-off is about 4M multiply-adds (~0.05-0.1 ms on one
 // core of the AVX-512 build; it was 1M when a core did a third of that).
 inline int threads_for(const Shape& s, int nthreads) {
-  const double work = static_cast<double>(s.B) * s.H * s.S * std::min(s.S, s.window) * s.D;
+  const double work = static_cast<double>(s.B) * s.H * s.Sq * std::min(s.S, s.window) * s.D;
   return work < double(1 << 22) ? 1 : std::max(1, nthreads);
 }
 
 // The query rows of one tile as the masks see them: position, first visible key (INT32_MAX on
-// padding rows, which then see nothing) and document rank.
+// padding rows, which then see nothing) and document rank. i0 is the first row's position.
 struct QueryRows {
   alignas(64) int32_t pos[BQ];
   alignas(64) int32_t lo[BQ];
@@ -261,8 +266,9 @@ struct QueryRows {
   bool by_id = false;
   const int32_t* key_rank = nullptr;  // rank of key j at key_rank[j] (this batch row)
 
-  void set(const MaskInfo& mi, const Shape& s, int64_t b, int64_t i0_, int nq_) {
-    i0 = i0_;
+  // Query rows t0 .. t0 + nq_ - 1 (positions from s.off + t0).
+  void set(const MaskInfo& mi, const Shape& s, int64_t b, int64_t t0, int nq_) {
+    i0 = s.off + t0;
     nq = nq_;
     by_id = mi.by_id[b];
     key_rank = by_id ? mi.rank.data() + b * s.S : nullptr;
@@ -344,7 +350,7 @@ static inline void pack_rows(const T* base, const Shape& s, int64_t b, int64_t g
   }
 }
 
-// Query-tile rows of head h transposed into dst (DP x BQ: dst[c * BQ + r]) times mul, and (if
+// Query-tile rows i0 .. i0 + nq - 1 (query rows, not positions) of head h transposed into dst (DP x BQ: dst[c * BQ + r]) times mul, and (if
 // rows) row-major into rows (BQ x DP); padding zero.
 template <typename T>
 static inline void load_tile(const T* base, const Shape& s, int64_t b, int64_t h, int64_t i0, int nq,
@@ -353,7 +359,7 @@ static inline void load_tile(const T* base, const Shape& s, int64_t b, int64_t h
   std::memset(trans, 0, sizeof(float) * DP * BQ);
   if (rows) std::memset(rows, 0, sizeof(float) * BQ * DP);
   for (int r = 0; r < nq; ++r) {
-    const T* src = base + ((b * s.S + i0 + r) * s.H + h) * s.D;
+    const T* src = base + ((b * s.Sq + i0 + r) * s.H + h) * s.D;
     for (int c = 0; c < D; ++c) {
       const float x = to_f32(src[c]);
       trans[c * BQ + r] = x * mul;
@@ -368,7 +374,7 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
   const MaskInfo mi(s, doc);
   const int D = static_cast<int>(s.D), DP = static_cast<int>(s.DP);
   const int group = static_cast<int>(s.H / s.KV);
-  const int64_t nqb = (s.S + BQ - 1) / BQ, ntasks = s.B * s.KV * nqb;
+  const int64_t nqb = (s.Sq + BQ - 1) / BQ, ntasks = s.B * s.KV * nqb;
   const float scale2 = s.scale * 1.4426950408889634f;  // scores in base-2 units
   const size_t tile = static_cast<size_t>(DP) * BQ;
 #pragma omp parallel num_threads(threads_for(s, nthreads))
@@ -384,7 +390,7 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
       // Latest query blocks first: they have the most keys to visit (better load balance).
       const int64_t qb = nqb - 1 - t % nqb, g = (t / nqb) % s.KV, b = t / (nqb * s.KV);
       const int64_t i0 = qb * BQ;
-      const int nq = static_cast<int>(std::min<int64_t>(BQ, s.S - i0));
+      const int nq = static_cast<int>(std::min<int64_t>(BQ, s.Sq - i0));
       rows.set(mi, s, b, i0, nq);
       for (int hh = 0; hh < group; ++hh) {
         load_tile(q, s, b, g * group + hh, i0, nq, scale2, qt + hh * tile, nullptr);
@@ -392,7 +398,7 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
         std::fill(m + hh * BQ, m + (hh + 1) * BQ, -INFINITY);
         std::fill(l + hh * BQ, l + (hh + 1) * BQ, 0.0f);
       }
-      const int64_t klo = mi.lo[b * s.S + i0], khi = i0 + nq;  // keys [klo, khi)
+      const int64_t klo = mi.lo[b * s.S + rows.i0], khi = rows.i0 + nq;  // keys [klo, khi)
       for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, khi - j0));
         if (!tm.set(rows, j0, nk)) continue;
@@ -462,9 +468,9 @@ void forward(const T* q, const T* k, const T* v, T* o, float* lse, const int64_t
         const float* oh = ot + hh * tile;
         for (int r = 0; r < nq; ++r) {
           const float lr = l[hh * BQ + r], inv = 1.0f / lr;
-          T* dst = o + ((b * s.S + i0 + r) * s.H + h) * s.D;
+          T* dst = o + ((b * s.Sq + i0 + r) * s.H + h) * s.D;
           for (int c = 0; c < D; ++c) from_f32(oh[c * BQ + r] * inv, dst + c);
-          lse[(b * s.H + h) * s.S + i0 + r] = m[hh * BQ + r] + std::log2(lr);
+          lse[(b * s.H + h) * s.Sq + i0 + r] = m[hh * BQ + r] + std::log2(lr);
         }
       }
     }
@@ -477,7 +483,7 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
   const MaskInfo mi(s, doc);
   const int D = static_cast<int>(s.D), DP = static_cast<int>(s.DP);
   const int group = static_cast<int>(s.H / s.KV);
-  const int64_t nqb = (s.S + BQ - 1) / BQ;
+  const int64_t nqb = (s.Sq + BQ - 1) / BQ;
   const float scale2 = s.scale * 1.4426950408889634f;
   const int nt = threads_for(s, nthreads);
   const size_t tile = static_cast<size_t>(DP) * BQ;
@@ -501,7 +507,7 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
   auto query_tile = [&](Work& w, int64_t b, int64_t g, int64_t qb, float* dk_base, float* dv_base,
                         int64_t ldc) {
     const int64_t i0 = qb * BQ;
-    const int nq = static_cast<int>(std::min<int64_t>(BQ, s.S - i0));
+    const int nq = static_cast<int>(std::min<int64_t>(BQ, s.Sq - i0));
     w.rows.set(mi, s, b, i0, nq);
     for (int hh = 0; hh < group; ++hh) {
       const int64_t h = g * group + hh;
@@ -517,9 +523,9 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
           acc += vload(w.dot + hh * tile + c * BQ + vv * VW) * vload(w.ot + c * BQ + vv * VW);
         vstore(ddh + vv * VW, acc);
       }
-      for (int r = 0; r < BQ; ++r) lsh[r] = r < nq ? lse[(b * s.H + h) * s.S + i0 + r] : 0.0f;
+      for (int r = 0; r < BQ; ++r) lsh[r] = r < nq ? lse[(b * s.H + h) * s.Sq + i0 + r] : 0.0f;
     }
-    const int64_t klo = mi.lo[b * s.S + i0], khi = i0 + nq;
+    const int64_t klo = mi.lo[b * s.S + w.rows.i0], khi = w.rows.i0 + nq;
     TileMask& tm = w.tm;
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
       const int nk = static_cast<int>(std::min<int64_t>(BK, khi - j0));
@@ -585,7 +591,7 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* dout, con
       const int64_t h = g * group + hh;
       const float* dqh = w.dqt + hh * tile;
       for (int r = 0; r < nq; ++r) {
-        T* dst = dq + ((b * s.S + i0 + r) * s.H + h) * s.D;
+        T* dst = dq + ((b * s.Sq + i0 + r) * s.H + h) * s.D;
         for (int c = 0; c < D; ++c) from_f32(dqh[c * BQ + r] * s.scale, dst + c);
       }
     }

@@ -1,9 +1,11 @@
 """Sliding-window grouped-query attention: the one entry point the model calls.
 
 `sliding_window_attention(q, k, v, window=None, softmax_scale=None, document_ids=None)`:
-q (batch, seq, heads, head_dim), k/v (batch, seq, kv_heads, head_dim) -> (batch, seq, heads,
-head_dim). Query i sees keys i - window < j <= i (window=None: plain causal); with
-`document_ids` (batch, seq) it also sees only keys of its own document.
+q (batch, sq, heads, head_dim), k/v (batch, seq, kv_heads, head_dim) with sq <= seq -> (batch,
+sq, heads, head_dim). The queries are the last sq positions of the key sequence (sq < seq: a
+context-parallel chunk after its halo; usually sq == seq): query row t is position
+i = t + seq - sq and sees keys i - window < j <= i (window=None: plain causal); with
+`document_ids` (batch, seq), given for the keys, it also sees only keys of its own document.
 
 Backends, chosen per call: the CUDA kernel for CUDA tensors (fp16/bf16, head dim 64 or 128), the
 C++ kernel for CPU tensors (fp32/bf16), else the PyTorch SDPA reference below (said once in the
@@ -30,16 +32,19 @@ from megatron_sc2.ops.kernel_calls import (_CPU_DTYPES, _CUDA_DTYPES, _CUDA_HEAD
 
 
 def window_mask(seq: int, window: Optional[int], device: torch.device,
-                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                document_ids: Optional[torch.Tensor] = None,
+                queries: Optional[int] = None) -> torch.Tensor:
     """Boolean mask, True where query i may attend key j: i - window < j <= i (and, with
-    document_ids, same document). Shape (seq, seq), or (batch, 1, seq, seq) with documents."""
-    i = torch.arange(seq, device=device)[:, None]
+    document_ids (batch, seq), same document). `queries` (default seq): only the last that many
+    positions are query rows. Shape (queries, seq), or (batch, 1, queries, seq) with documents."""
+    nq = seq if queries is None else queries
+    i = torch.arange(seq - nq, seq, device=device)[:, None]
     j = torch.arange(seq, device=device)[None, :]
     mask = j <= i
     if window is not None:
         mask = mask & (j > i - window)
     if document_ids is not None:
-        same = document_ids[:, :, None] == document_ids[:, None, :]
+        same = document_ids[:, seq - nq:, None] == document_ids[:, None, :]
         mask = (mask[None] & same)[:, None]
     return mask
 
@@ -47,14 +52,16 @@ def window_mask(seq: int, window: Optional[int], device: torch.device,
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         window: Optional[int] = None, softmax_scale: Optional[float] = None,
                         document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """PyTorch SDPA with an explicit boolean mask: the fallback, and what the kernels must equal."""
+    """PyTorch SDPA with an explicit boolean mask: the fallback, and what the kernels must equal.
+    With fewer queries than keys they are the last positions (SDPA's own is_causal would align
+    them with the first keys instead, so the mask is explicit then)."""
     h, kvh = q.shape[2], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if window is None and document_ids is None:
+    if window is None and document_ids is None and q.shape[1] == k.shape[1]:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=softmax_scale,
                                              enable_gqa=h != kvh)
     else:
-        mask = window_mask(q.shape[1], window, q.device, document_ids)
+        mask = window_mask(k.shape[1], window, q.device, document_ids, queries=q.shape[1])
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale,
                                              enable_gqa=h != kvh)
     return out.transpose(1, 2)
@@ -76,9 +83,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[i
     b, s, h, d = q.shape
     if k.shape != v.shape:
         raise AttentionInputError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if (k.shape[0], k.shape[1], k.shape[3]) != (b, s, d):
+    if (k.shape[0], k.shape[3]) != (b, d):
         raise AttentionInputError(f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} "
-                                  "in batch, seq or head_dim")
+                                  "in batch or head_dim")
+    sk = k.shape[1]
+    if s > sk:
+        raise AttentionInputError(f"attention: q has more positions ({s}) than k/v ({sk}); the "
+                                  "queries must be the last positions of the key sequence")
     kvh = k.shape[2]
     if kvh == 0 or h % kvh:
         raise AttentionInputError(f"attention: query heads ({h}) must be a multiple of kv heads "
@@ -94,10 +105,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[i
         raise AttentionInputError(f"attention: softmax_scale must be a finite number, "
                                   f"got {softmax_scale!r}")
     if document_ids is not None:
-        if not isinstance(document_ids, torch.Tensor) or tuple(document_ids.shape) != (b, s):
+        if not isinstance(document_ids, torch.Tensor) or tuple(document_ids.shape) != (b, sk):
             shape = tuple(document_ids.shape) if isinstance(document_ids, torch.Tensor) else None
             raise AttentionInputError(f"attention: document_ids must have shape (batch, seq) = "
-                                      f"{(b, s)}, got {shape}")
+                                      f"{(b, sk)} (the key positions), got {shape}")
         if document_ids.is_floating_point() or document_ids.is_complex():
             raise AttentionInputError(f"attention: document_ids must be integers, "
                                       f"got {document_ids.dtype}")
@@ -158,7 +169,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return reference_attention(q, k, v, window, softmax_scale, document_ids)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     doc = None if document_ids is None else document_ids.to(torch.int64).contiguous()
-    win = 0 if window is None or window >= q.shape[1] else int(window)
+    win = 0 if window is None or window >= k.shape[1] else int(window)
     if backend == "meta":
         return swa_forward(q.contiguous(), k.contiguous(), v.contiguous(), doc, win, scale)[0]
     with torch.autocast(q.device.type, enabled=False):

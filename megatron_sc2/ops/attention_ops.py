@@ -5,10 +5,11 @@ and the meta device see them as ops with a schema instead of opaque Python.
     torch.ops.megatron_sc2.swa_backward(q, k, v, o, lse, doc, grad_out, window, scale)
         -> (dq, dk, dv)
 
-q (batch, seq, heads, head_dim), k/v (batch, seq, kv_heads, head_dim), one floating dtype the
-device's kernel takes (the entry point in attention.py checks and converts); doc int64 (batch,
-seq) or None; window 0 for plain causal; lse (batch, heads, seq) fp32, the base-2
-log-sum-exp the backward recomputes the scores from. Each op has a CPU kernel (`_attn_cpu`), a
+q (batch, sq, heads, head_dim), k/v (batch, seq, kv_heads, head_dim) with sq <= seq (the
+queries are the last sq positions of the key sequence), one floating dtype the device's kernel
+takes (the entry point in attention.py checks and converts); doc int64 (batch, seq) or None, for
+the keys; window 0 for plain causal; lse (batch, heads, sq) fp32, the base-2 log-sum-exp the
+backward recomputes the scores from. Each op has a CPU kernel (`_attn_cpu`), a
 CUDA kernel (`_attn_cuda`, on the current stream), a fake (shape-only) implementation, and the
 forward's autograd formula is the backward op, so a compiled graph holds both as single nodes.
 Outputs are always fresh contiguous tensors (never views of the inputs).
@@ -77,7 +78,7 @@ def _swa_backward_cuda(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         # The key bounds are a few (batch, seq) int ops: recomputed rather than saved.
-        lo, by_id = key_bounds(q.shape[1], window, doc, q.shape[0], q.device)
+        lo, by_id = key_bounds(k.shape[1], window, doc, q.shape[0], q.device)
         dq, dk32, dv32 = cuda_kernel_backward(kernels.cuda_module(), q, k, v, o, lse.contiguous(),
                                               doc, lo, by_id, grad_out, scale,
                                               kernels.cuda_kernel_code(), stream)

@@ -4,6 +4,11 @@ megatron_sc2/ops/attention_ops.py run, and what the emulator tests call directly
 The pybind11 modules take data pointers (as integers), sizes and a stream handle, no torch
 headers (kernels/build.py says why), so every tensor handed to them here is contiguous and of
 the dtype its code names; outputs are allocated here.
+
+Queries may be fewer than keys (q (b, sq, ...), k/v (b, sk, ...), sq <= sk): they are the last sq
+positions of the key sequence, doc (b, sk) is given for the keys and lse is (b, h, sq). The C++
+kernel takes the offset itself; the CUDA kernels take one length, so the queries are padded in
+front with sk - sq zero rows here and those rows' outputs dropped (`_pad_queries`).
 """
 
 from __future__ import annotations
@@ -32,14 +37,22 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 def cpu_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        doc: Optional[torch.Tensor], window: int, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C++ kernel's forward: (o like q, lse (batch, heads, seq) fp32, base-2)."""
+    """The C++ kernel's forward: (o like q, lse (batch, heads, sq) fp32, base-2)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    b, s, h, d = q.shape
+    b, sq, h, d = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
-    mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(doc), b, s, h, k.shape[2], d,
-                window, scale, _CPU_DTYPES[q.dtype], torch.get_num_threads())
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(doc), b, k.shape[1], h,
+                k.shape[2], d, window, scale, _CPU_DTYPES[q.dtype], torch.get_num_threads(),
+                **_query_rows(sq, k.shape[1]))
     return o, lse
+
+
+def _query_rows(sq: int, sk: int) -> dict:
+    """The C++ modules' Sq keyword, given only when it differs from the key length (so a module
+    built before the offset existed, e.g. one bench/attention.py --vs-build loads, still works
+    for sq == sk)."""
+    return {} if sq == sk else {"Sq": sq}
 
 
 def cpu_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -48,13 +61,14 @@ def cpu_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """The matching backward, recomputing the scores from lse: (dq, dk, dv) in q's dtype."""
     q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()
     grad_out = grad_out.to(q.dtype).contiguous()
-    b, s, h, d = q.shape
+    b, sq, h, d = q.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mod.backward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(grad_out), _ptr(lse.contiguous()),
-                 _ptr(doc), _ptr(dq), _ptr(dk), _ptr(dv), b, s, h, k.shape[2], d, window, scale,
-                 _CPU_DTYPES[q.dtype], torch.get_num_threads())
+                 _ptr(doc), _ptr(dq), _ptr(dk), _ptr(dv), b, k.shape[1], h, k.shape[2], d, window,
+                 scale, _CPU_DTYPES[q.dtype], torch.get_num_threads(),
+                 **_query_rows(sq, k.shape[1]))
     return dq, dk, dv
 
 
@@ -115,9 +129,11 @@ def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `_attn_cuda_emu` on CPU tensors (the tests). q/k/v contiguous fp16/bf16, doc int64 or None,
     window 0 for none. `rows_per_warp`: the tensor-core forward's query rows per warp, 16 or 32
     (None: MEGATRON_SC2_MMA_ROWS_PER_WARP, default 16). Returns (o, lse, lo, by_id), what the
-    backward needs."""
-    b, s, h, d = q.shape
-    kvh = k.shape[2]
+    backward needs (lo over the key positions). Fewer queries than keys: padded in front
+    (`_pad_queries`), o and lse cut back to the real query rows."""
+    b, sq, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    q = _pad_queries(q, s - sq)
     kernel = _family_for_scale(kernel, scale)
     if kernel == 0:
         q, k, v = _aligned16(q), _aligned16(k), _aligned16(v)
@@ -127,7 +143,20 @@ def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rows = 0 if kernel != 0 else mma_rows_per_warp() if rows_per_warp is None else rows_per_warp
     mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(lo), _ptr(doc), _ptr(by_id),
                 b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream, kernel, rows)
+    if sq < s:
+        o, lse = o[:, s - sq:].contiguous(), lse[:, :, s - sq:].contiguous()
     return o, lse, lo, by_id
+
+
+def _pad_queries(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t (b, sq, ...) with `rows` zero rows in front: the CUDA kernels take one length for
+    queries and keys, so query row t of an offset call becomes row rows + t of a full-length
+    one, which sees exactly the same keys (the masks are relative to the row). The padding rows
+    have zero dO and zero o, hence zero dS: they add nothing to dK/dV. (The C++ kernel takes the
+    offset itself; the CUDA kernels do not yet, so they pay rows x keys of extra work.)"""
+    if rows == 0:
+        return t
+    return torch.cat([t.new_zeros((t.shape[0], rows) + t.shape[2:]), t], dim=1)
 
 
 def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -138,9 +167,13 @@ def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The matching backward: (dq in q's dtype, dk and dv in fp32, accumulated by the kernel).
     Tensor cores (kernel 0) add dQ atomically into a zeroed fp32 scratch, then cast it into dq;
     `head_splits`: their blocks per (key tile, kv head), 0 for the kernel's choice; `bwd_warps`:
-    their warps per block, 4 or 8 (None: MEGATRON_SC2_MMA_BWD_WARPS, default 4)."""
-    b, s, h, d = q.shape
-    kvh = k.shape[2]
+    their warps per block, 4 or 8 (None: MEGATRON_SC2_MMA_BWD_WARPS, default 4). Fewer queries
+    than keys: q, o, grad_out and lse padded as in the forward, dq cut back."""
+    b, sq, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    if sq < s:
+        q, o, grad_out = (_pad_queries(t, s - sq) for t in (q, o, grad_out))
+        lse = torch.cat([lse.new_zeros((b, h, s - sq)), lse], dim=2)  # rows with dO = 0: unused
     kernel = _family_for_scale(kernel, scale)
     if kernel == 0:
         q, k, v, grad_out = (_aligned16(t) for t in (q, k, v, grad_out))
@@ -153,4 +186,6 @@ def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mod.backward(_ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
                  _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d, scale,
                  _CUDA_DTYPES[q.dtype], stream, kernel, _ptr(dq32), head_splits, warps)
+    if sq < s:
+        dq = dq[:, s - sq:].contiguous()
     return dq, dk32, dv32

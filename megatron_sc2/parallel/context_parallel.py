@@ -12,13 +12,12 @@ Without a window the halo is everything before the chunk: the same point-to-poin
 sends each rank's whole chunk to every later rank (an all-gather that skips the half of the
 blocks causality never reads); `apply_context_parallel` logs which exchange a run uses.
 
-Attention itself is our kernel (megatron_sc2.ops) on the key sequence [halo, chunk]. The kernels
-take one sequence length for queries and keys, so the queries are prefixed with h zero rows: query
-row h + t of the padded call is local query t at absolute position r*L + t, and it sees exactly the
-keys the full-sequence call would give it (window, causality and document ids are all relative to
-the row index). The prefix rows' outputs are dropped; their gradient is zero, so they add nothing
-to dK/dV. Cost: h extra query rows of attention compute per chunk (a query offset inside the
-kernels would remove it; not done yet).
+Attention itself is our kernel (megatron_sc2.ops) with the chunk's L queries against the h + L
+keys [halo, chunk]: the kernel takes fewer queries than keys, the queries being the last
+positions, so local query t sits at key position h + t (absolute r*L + t) and sees exactly the
+keys the full-sequence call would give it (window, causality and document ids are all relative
+to that position). No query rows are padded on the CPU kernel; the CUDA kernels still pad them
+inside the operator (megatron_sc2/ops/kernel_calls.py).
 
 Applied from outside like tensor parallelism: `apply_context_parallel` sets each attention
 module's `core_attention`; the model file stays free of parallelism. Rotary positions are the
@@ -191,14 +190,9 @@ def attention_after_halo(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          window: Optional[int] = None, softmax_scale: Optional[float] = None,
                          document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the chunk's queries q (b, L, ...) over keys k/v (b, h + L, ...) = [halo,
-    chunk], document_ids (b, h + L) or None: our kernel on queries prefixed with h zero rows,
-    whose outputs are dropped (see the module docstring)."""
-    h = k.shape[1] - q.shape[1]
-    if h:
-        q = torch.cat([q.new_zeros((q.shape[0], h) + q.shape[2:]), q], dim=1)
-    out = sliding_window_attention(q, k, v, window=window, softmax_scale=softmax_scale,
-                                   document_ids=document_ids)
-    return out[:, h:]
+    chunk], document_ids (b, h + L) or None: the queries are the last L key positions."""
+    return sliding_window_attention(q, k, v, window=window, softmax_scale=softmax_scale,
+                                    document_ids=document_ids)
 
 
 def apply_context_parallel(module: nn.Module, cp_mesh, window: Optional[int]) -> HaloAttention:
