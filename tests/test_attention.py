@@ -23,19 +23,23 @@ from megatron_sc2.ops.attention import (AttentionInputError, attention_backend, 
                                         sliding_window_attention)
 
 
-def oracle_mask(seq: int, window: Optional[int], docs: Optional[torch.Tensor]) -> torch.Tensor:
-    i = torch.arange(seq)[:, None]
+def oracle_mask(seq: int, window: Optional[int], docs: Optional[torch.Tensor],
+                queries: Optional[int] = None) -> torch.Tensor:
+    """True where query row t (position i = t + seq - queries: the queries are the last
+    positions) may see key j; docs (batch, seq) are the keys' ids."""
+    nq = seq if queries is None else queries
+    i = torch.arange(seq - nq, seq)[:, None]
     j = torch.arange(seq)[None, :]
     ok = (j <= i) & ((j > i - window) if window is not None else True)
-    ok = ok.expand(1 if docs is None else docs.shape[0], seq, seq)
+    ok = ok.expand(1 if docs is None else docs.shape[0], nq, seq)
     if docs is not None:
-        ok = ok & (docs[:, :, None] == docs[:, None, :])
-    return ok[:, None]  # (batch, 1, seq, seq)
+        ok = ok & (docs[:, seq - nq:, None] == docs[:, None, :])
+    return ok[:, None]  # (batch, 1, queries, seq)
 
 
 def oracle(q, k, v, window, docs, scale=None):
-    """float64 SDPA (math backend) with the mask above; q/k/v (b, s, h, d)."""
-    mask = oracle_mask(q.shape[1], window, docs)
+    """float64 SDPA (math backend) with the mask above; q (b, sq, h, d), k/v (b, s, kv, d)."""
+    mask = oracle_mask(k.shape[1], window, docs, q.shape[1])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale,
                                          enable_gqa=q.shape[2] != k.shape[2])
@@ -136,11 +140,13 @@ def test_widest_isa_is_the_default_and_unknown_ones_are_refused():
     assert fresh.stdout.strip() == isas[-1]
 
 
-def _check_case(case, dtype, tol, seed):
+def _check_case(case, dtype, tol, seed, queries: Optional[int] = None):
+    """One case against the oracle; `queries` < seq: only the last that many positions query."""
     b, s, h, kvh, d, window, doc_kind = case
+    sq = s if queries is None else queries
     gen = torch.Generator().manual_seed(seed)
     q, k, v, go = (torch.randn(shape, generator=gen).to(dtype) for shape in
-                   ((b, s, h, d), (b, s, kvh, d), (b, s, kvh, d), (b, s, h, d)))
+                   ((b, sq, h, d), (b, s, kvh, d), (b, s, kvh, d), (b, sq, h, d)))
     docs = make_docs(doc_kind, b, s, gen)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     ref = oracle(*ref_in, window, docs)
@@ -149,7 +155,7 @@ def _check_case(case, dtype, tol, seed):
     assert attention_backend(ours_in[0]) == "cpu"
     out = sliding_window_attention(*ours_in, window=window, document_ids=docs)
     out.backward(go)
-    assert out.dtype == dtype and out.shape == (b, s, h, d)
+    assert out.dtype == dtype and out.shape == (b, sq, h, d)
     errs = {"out": rel_err(out, ref)}
     for name, a, r in zip("qkv", ours_in, ref_in):
         assert a.grad.dtype == dtype
@@ -180,6 +186,101 @@ LONG_CASES = [
 @pytest.mark.parametrize("case", LONG_CASES, ids=[str(c) for c in LONG_CASES])
 def test_long_sequences_match_float64(case, isa):
     _check_case(case, torch.float32, 1e-5, seed=100 + LONG_CASES.index(case))
+
+
+# Fewer queries than keys (a context-parallel chunk after its halo): (case, queries). Windows
+# below and above the query count, offsets on and off the 64-row tile grid, one query, all.
+OFFSET_CASES = [
+    ((1, 100, 4, 2, 16, 20, None), 37),
+    ((2, 150, 4, 2, 32, 64, None), 1),
+    ((1, 200, 8, 2, 32, 130, "sorted"), 64),
+    ((2, 190, 6, 3, 24, 30, "sorted"), 100),
+    ((1, 260, 4, 1, 48, 80, "unsorted"), 129),
+    ((2, 77, 4, 2, 16, None, "unsorted"), 50),
+    ((1, 300, 8, 2, 64, 400, None), 70),
+    ((1, 90, 2, 1, 8, 1, "sorted"), 45),
+    ((2, 120, 4, 2, 16, 33, "sorted"), 120),
+    ((1, 1023, 4, 1, 16, 512, None), 512),  # CP4 rank 3's shape (L = w, w - 1 halo), scaled
+]
+OFFSET_IDS = [f"{c}-q{n}" for c, n in OFFSET_CASES]
+
+
+@pytest.mark.parametrize("case,queries", OFFSET_CASES, ids=OFFSET_IDS)
+def test_offset_queries_fp32_match_float64(case, queries, isa):
+    _check_case(case, torch.float32, 1e-5, seed=300 + OFFSET_CASES.index((case, queries)),
+                queries=queries)
+
+
+@pytest.mark.parametrize("case,queries", OFFSET_CASES[:-1], ids=OFFSET_IDS[:-1])
+def test_offset_queries_bf16_match_float64(case, queries, isa):
+    _check_case(case, torch.bfloat16, 1e-2, seed=400, queries=queries)
+
+
+def test_offset_queries_equal_the_last_rows_of_the_full_call():
+    # The offset call is the full call's last rows (outputs and dq), and its dk/dv are the full
+    # call's when only those rows carry gradient: against our own kernel, tighter than float64.
+    gen = torch.Generator().manual_seed(31)
+    b, s, sq, w = 2, 333, 140, 90
+    q, k, v = (torch.randn(b, s, n, 32, generator=gen) for n in (6, 2, 2))
+    docs = make_docs("sorted", b, s, gen)
+    go = torch.randn(b, s, 6, 32, generator=gen)
+    go[:, :s - sq] = 0
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_full = sliding_window_attention(*full, window=w, document_ids=docs)
+    out_full.backward(go)
+    part = [q[:, s - sq:].clone().requires_grad_(), k.clone().requires_grad_(),
+            v.clone().requires_grad_()]
+    out = sliding_window_attention(*part, window=w, document_ids=docs)
+    out.backward(go[:, s - sq:])
+    assert rel_err(out, out_full[:, s - sq:].double()) <= 1e-6
+    assert rel_err(part[0].grad, full[0].grad[:, s - sq:].double()) <= 1e-6
+    for a, r in zip(part[1:], full[1:]):
+        assert rel_err(a.grad, r.grad.double()) <= 1e-6
+
+
+def test_offset_keys_outside_the_chunks_window_are_never_read():
+    # Keys before the window of the first query are NaN: the offset call must not touch them.
+    b, s, sq, w = 1, 500, 100, 64
+    gen = torch.Generator().manual_seed(37)
+    q = torch.randn(b, sq, 4, 16, generator=gen)
+    k, v = (torch.randn(b, s, 2, 16, generator=gen) for _ in range(2))
+    first = s - sq - w + 1  # the first key query row 0 sees
+    k[:, :first] = float("nan")
+    v[:, :first] = float("nan")
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sliding_window_attention(*xs, window=w)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(xs[0].grad).all()
+    assert torch.isfinite(xs[1].grad[:, first:]).all() and torch.isfinite(xs[2].grad[:, first:]).all()
+    ref = oracle(q.double(), k[:, first:].double(), v[:, first:].double(), w, None)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_offset_reference_path_matches_the_kernel(monkeypatch):
+    # The SDPA fallback takes the same offset (its explicit mask; SDPA's is_causal would align
+    # the queries with the first keys instead).
+    gen = torch.Generator().manual_seed(41)
+    q = torch.randn(2, 30, 4, 16, generator=gen)
+    k, v = (torch.randn(2, 75, 2, 16, generator=gen) for _ in range(2))
+    docs = make_docs("unsorted", 2, 75, gen)
+    for window, ids in ((None, None), (12, None), (None, docs), (50, docs)):
+        fast = sliding_window_attention(q, k, v, window=window, document_ids=ids)
+        monkeypatch.setenv("MEGATRON_SC2_ATTENTION", "reference")
+        slow = sliding_window_attention(q, k, v, window=window, document_ids=ids)
+        monkeypatch.delenv("MEGATRON_SC2_ATTENTION")
+        ref = oracle(q.double(), k.double(), v.double(), window, ids)
+        assert rel_err(slow, ref) <= 1e-5 and rel_err(fast, ref) <= 1e-5, (window, ids is None)
+
+
+def test_offset_sizes_are_checked_by_the_module():
+    # The pybind11 module itself refuses Sq > S (a caller bypassing the Python checks).
+    mod = kernels.cpu_module()
+    q = torch.zeros(1, 5, 1, 8)
+    k = torch.zeros(1, 4, 1, 8)
+    o, lse = torch.empty_like(q), torch.empty(1, 1, 5)
+    with pytest.raises(ValueError, match="Sq <= S"):
+        mod.forward(q.data_ptr(), k.data_ptr(), k.data_ptr(), o.data_ptr(), lse.data_ptr(), 0,
+                    1, 4, 1, 1, 8, 0, 1.0, 0, 1, Sq=5)
 
 
 def test_softmax_scale_and_window_matter():
@@ -323,7 +424,11 @@ def test_model_uses_kernel_and_trains():
 
 @pytest.mark.parametrize("args,kwargs,match", [
     (((1, 8, 4, 16), (1, 8, 3, 16), (1, 8, 3, 16)), {}, "multiple of kv heads"),
-    (((1, 8, 4, 16), (1, 9, 2, 16), (1, 9, 2, 16)), {}, "do not match q"),
+    (((1, 8, 4, 16), (1, 8, 2, 8), (1, 8, 2, 8)), {}, "do not match q"),
+    (((2, 8, 4, 16), (1, 9, 2, 16), (1, 9, 2, 16)), {}, "do not match q"),
+    (((1, 9, 4, 16), (1, 8, 2, 16), (1, 8, 2, 16)), {}, r"q has more positions \(9\) than k/v"),
+    (((1, 6, 4, 16), (1, 8, 2, 16), (1, 8, 2, 16)), {"document_ids": torch.zeros(1, 6)},
+     r"shape \(batch, seq\) = \(1, 8\) \(the key positions\)"),
     (((1, 8, 4, 16), (1, 8, 2, 16), (1, 8, 1, 16)), {}, "k .* and v .* differ"),
     (((8, 4, 16), (8, 2, 16), (8, 2, 16)), {}, "4-d tensor"),
     (((1, 8, 4, 16), (1, 8, 2, 16), (1, 8, 2, 16)), {"window": 0}, "positive int"),

@@ -49,6 +49,33 @@ def test_backward_op_passes_torch_opcheck():
     torch.library.opcheck(BWD, (q, k, v, o, lse, _docs(), grad_out, 5, 0.25))
 
 
+@pytest.mark.parametrize("window,with_docs", [(0, False), (4, True)])
+def test_offset_ops_pass_torch_opcheck(window, with_docs):
+    # Fewer queries (the last 7 positions) than keys (20): lse is (b, h, 7), dk/dv like k.
+    q, k, v = _inputs()
+    q = q.detach()[:, 13:].clone().requires_grad_()
+    doc = _docs() if with_docs else None
+    torch.library.opcheck(FWD, (q, k, v, doc, window, 0.25))
+    o, lse = FWD(q.detach(), k.detach(), v.detach(), doc, window, 0.25)
+    assert o.shape == q.shape and lse.shape == (2, 4, 7)
+    torch.library.opcheck(BWD, (q.detach(), k.detach(), v.detach(), o, lse, doc,
+                                torch.randn_like(o), window, 0.25))
+
+
+def test_offset_op_gradients_equal_the_sdpa_reference():
+    ours = _inputs(seed=5)
+    ours[0] = ours[0].detach()[:, 9:].clone().requires_grad_()
+    theirs = [t.detach().double().requires_grad_() for t in ours]
+    o, _ = attention_ops.swa_forward(*ours, _docs(), 6, 0.3)
+    ref = reference_attention(*theirs, window=6, softmax_scale=0.3, document_ids=_docs())
+    dout = torch.randn(o.shape, generator=torch.Generator().manual_seed(6))
+    (o * dout).sum().backward()
+    (ref * dout.double()).sum().backward()
+    for a, b in [(o, ref)] + [(x.grad, y.grad) for x, y in zip(ours, theirs)]:
+        assert a.shape == b.shape
+        assert (a.double() - b).abs().max() / b.abs().max() <= 1e-5
+
+
 def test_op_gradients_equal_the_sdpa_reference():
     # Through the registered autograd formula (the backward op), in fp32 and bf16.
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
@@ -76,6 +103,10 @@ def test_ops_run_on_meta_and_fake_tensors():
         fq, fk, fv = (torch.empty(2, 9, n, 8, dtype=torch.bfloat16) for n in (4, 1, 1))
         fo, flse = FWD(fq, fk, fv, torch.zeros(2, 9, dtype=torch.int64), 3, 0.1)
         assert fo.shape == fq.shape and fo.dtype == torch.bfloat16 and flse.shape == (2, 4, 9)
+        fo, flse = FWD(fq[:, 5:], fk, fv, None, 3, 0.1)  # fewer queries than keys
+        assert fo.shape == (2, 4, 4, 8) and flse.shape == (2, 4, 4)
+        fdq, fdk, _ = BWD(fq[:, 5:], fk, fv, fo, flse, None, fo, 3, 0.1)
+        assert fdq.shape == (2, 4, 4, 8) and fdk.shape == fk.shape
     # A whole model on the meta device runs its forward through the fake implementation.
     with torch.device("meta"):
         model = StarCoder2(preset("starcoder2-tiny"))
