@@ -44,12 +44,13 @@ def run_emulated(kernel_code: int, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  window: Optional[int], doc: Optional[torch.Tensor], dout: torch.Tensor,
                  scale: Optional[float] = None) -> tuple[torch.Tensor, ...]:
     """Forward and backward of CUDA kernel family `kernel_code` (0 tensor cores, 1 SIMT) on the
-    emulator, called as `_CudaAttention` calls `_attn_cuda`. q (b, s, h, d), k/v (b, s, kv, d)
-    CPU fp16/bf16; window None or >= 1; doc (b, s) ids or None. Returns (o, dq) in q's dtype and
+    emulator, called as `_CudaAttention` calls `_attn_cuda`. q (b, sq, h, d), k/v (b, s, kv, d)
+    with sq <= s (the queries are the last positions), CPU fp16/bf16; window None or >= 1; doc
+    (b, s) ids or None. Returns (o, dq) in q's dtype and
     (dk, dv) in fp32 as the kernel accumulated them. The inputs are NaN-padded copies."""
     mod = emu()
     q, k, v, dout = (nan_padded(t) for t in (q, k, v, dout.to(q.dtype)))
-    s = q.shape[1]
+    s = k.shape[1]
     win = 0 if window is None or window >= s else int(window)
     sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     doc = None if doc is None else doc.to(torch.int64).contiguous()
@@ -224,10 +225,14 @@ def case_inputs(case, seed, dtype):
     return q, k, v, go, make_docs(doc_kind, b, s, gen)
 
 
-def check_against_oracle(kernel_code: int, case, seed: int, dtype: torch.dtype) -> dict:
-    """Runs `case` through kernel family `kernel_code` on the emulator; the errors vs float64."""
+def check_against_oracle(kernel_code: int, case, seed: int, dtype: torch.dtype,
+                         queries: Optional[int] = None) -> dict:
+    """Runs `case` through kernel family `kernel_code` on the emulator; the errors vs float64.
+    `queries`: only the last that many positions are queries (an offset call)."""
     window = case[5]
     q, k, v, go, docs = case_inputs(case, seed, dtype)
+    if queries is not None:
+        q, go = q[:, -queries:].contiguous(), go[:, -queries:].contiguous()
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     ref = oracle(*ref_in, window, docs)
     ref.backward(go.double())
@@ -244,6 +249,19 @@ def check_against_oracle(kernel_code: int, case, seed: int, dtype: torch.dtype) 
 def test_simt_kernels_match_float64(case, dtype):
     emu()
     check_against_oracle(SIMT, case, EMU_CASES.index(case), dtype)
+
+
+# Fewer queries than keys (context parallelism's chunk after its halo), on both families.
+OFFSET_EMU_CASES = [((2, 100, 4, 2, 64, 16, None), 37), ((1, 150, 4, 1, 128, 70, "sorted"), 64),
+                    ((1, 97, 2, 1, 64, None, "unsorted"), 1)]
+
+
+@pytest.mark.parametrize("kernel_code", [SIMT, MMA], ids=["simt", "mma"])
+@pytest.mark.parametrize("case,queries", OFFSET_EMU_CASES,
+                         ids=[f"{c}-q{n}" for c, n in OFFSET_EMU_CASES])
+def test_offset_queries_match_float64(kernel_code, case, queries):
+    emu()
+    check_against_oracle(kernel_code, case, 50, torch.bfloat16, queries=queries)
 
 
 def test_simt_lse_is_the_base2_logsumexp():
