@@ -9,6 +9,14 @@ and CP2 x DP2 and the windows given (--windows, 0 = none), profiling one trainin
 Measured = every `gloo:send` message of the step (the halo exchange is the only point-to-point
 traffic without a pipeline), floating-point K/V messages and int64 document-id messages
 apart, summed over all ranks. The last table is analytical only: the real 16k shapes.
+
+    python bench/cp_halo.py --rank-attention [--seq 16384] [--windows 4096] [--cp 4] [--rank 3]
+        [--heads 8] [--kv-heads 2] [--head-dim 32] [--dtype fp32|bf16] [--repeats 5]
+
+instead times one CP rank's attention call (the C++ kernel's operators, forward and backward
+apart, this process's threads): its L = seq / cp queries against the h + L keys [halo, chunk],
+as context_parallel.py calls it now (a query offset), against what it did before (the queries
+prefixed with h zero rows, their outputs dropped), side by side, alternating, median of repeats.
 """
 
 from __future__ import annotations
@@ -116,6 +124,53 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+def rank_attention(args) -> None:
+    """Padded (before) vs offset (now) attention of one CP rank: the medians and their ratio."""
+    import math
+    import statistics
+    import time
+
+    from megatron_sc2.ops import attention_ops, kernels
+    from megatron_sc2.parallel.context_parallel import halo_length
+
+    seq, window = args.seq or 16384, int((args.windows or "4096").split(",")[0]) or None
+    chunk = seq // args.cp
+    h = halo_length(args.rank, chunk, window)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    g = torch.Generator().manual_seed(0)
+    d = args.head_dim
+    q = torch.randn(1, chunk, args.heads, d, generator=g).to(dtype)
+    k, v = (torch.randn(1, h + chunk, args.kv_heads, d, generator=g).to(dtype) for _ in range(2))
+    go = torch.randn(1, chunk, args.heads, d, generator=g).to(dtype)
+    pad = lambda t: torch.cat([t.new_zeros((1, h) + t.shape[2:]), t], dim=1)  # noqa: E731
+    win = 0 if window is None or window >= h + chunk else window
+    scale = 1.0 / math.sqrt(d)
+    calls = {"padded (before)": (pad(q), pad(go)), "offset (now)": (q, go)}
+    times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "bwd": []} for n in calls}
+    for rep_ in range(args.repeats + 1):  # the first round warms up
+        for name, (qq, gg) in calls.items():
+            t0 = time.perf_counter()
+            o, lse = attention_ops.swa_forward(qq, k, v, None, win, scale)
+            t1 = time.perf_counter()
+            attention_ops.swa_backward(qq, k, v, o, lse, None, gg, win, scale)
+            t2 = time.perf_counter()
+            if rep_:
+                times[name]["fwd"].append(t1 - t0)
+                times[name]["bwd"].append(t2 - t1)
+    print(f"one CP rank's attention: sequence {seq}, window {window}, CP{args.cp}, rank "
+          f"{args.rank} ({chunk} queries, halo {h}), {args.heads}/{args.kv_heads} heads, head dim "
+          f"{d}, batch 1, {args.dtype}, C++ kernel {kernels.cpu_module().isa()}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| call | forward ms | backward ms | forward + backward ms |")
+    print("|---|---|---|---|")
+    med = {n: {p: statistics.median(x) * 1e3 for p, x in t.items()} for n, t in times.items()}
+    for name, m in med.items():
+        print(f"| {name} | {m['fwd']:.1f} | {m['bwd']:.1f} | {m['fwd'] + m['bwd']:.1f} |")
+    a, b = med["padded (before)"], med["offset (now)"]
+    print(f"| padded / offset | {a['fwd'] / b['fwd']:.2f}x | {a['bwd'] / b['bwd']:.2f}x | "
+          f"{(a['fwd'] + a['bwd']) / (b['fwd'] + b['bwd']):.2f}x |")
+
+
 def real_shapes() -> list[dict]:
     """Analytical K/V bytes per sample per step at 16k, CP 4, bf16, for each preset."""
     out = []
@@ -133,12 +188,26 @@ def real_shapes() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="starcoder2-demo")
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--seq", type=int, help="default 256 (16384 with --rank-attention)")
     ap.add_argument("--gbs", type=int, default=4)
-    ap.add_argument("--windows", default="32,128,0")
+    ap.add_argument("--windows", help="default 32,128,0 (4096 with --rank-attention)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--rank-attention", action="store_true",
+                    help="time one CP rank's attention call, padded queries vs the query offset")
+    ap.add_argument("--cp", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.rank_attention:
+        rank_attention(args)
+        return
+    args.seq = args.seq or 256
+    args.windows = args.windows or "32,128,0"
     if args.worker:
         worker(args)
         return

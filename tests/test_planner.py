@@ -91,6 +91,22 @@ def test_halo_is_the_window_not_the_sequence():
     assert planner._halo_tokens(causal, 16384, 4) == 16384 - 4096
 
 
+def test_cp_attention_memory_counts_the_halo_only_on_keys_and_per_sample():
+    # The kernel takes the chunk's L queries against [halo, chunk]: only K/V grow by the halo
+    # (bf16, kv heads x head dim each), not q, o or the log-sum-exp; and each sample of a
+    # micro-batch brings its own halo, so CP activations are linear in the micro-batch.
+    cfg = preset("starcoder2-7b")
+    halo = planner._halo_tokens(cfg, 16384, 4)
+    grow = (planner.layer_activation_bytes(cfg, 4096, 1, False, None, halo)
+            - planner.layer_activation_bytes(cfg, 4096, 1, False, None, 0))
+    assert grow == 2 * 2 * cfg.num_query_groups * cfg.head_dim * halo
+    one, two = (planner.estimate_memory(cfg, planner.Layout(tp=1, pp=1, dp=1, cp=4,
+                                                            micro_batch_size=m,
+                                                            global_batch_size=m), 16384)
+                for m in (1, 2))
+    assert two.activations == 2 * one.activations
+
+
 def test_plan_command_prints_table_and_writes_a_config_train_reads(tmp_path, capsys):
     out = tmp_path / "run.yaml"
     assert cli.main(["plan", "--model", "starcoder2-7b", "--seq-length", "16384", "--gpus", "64",

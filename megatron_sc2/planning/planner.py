@@ -20,8 +20,11 @@ over the GPU's links. It ranks layouts; it is not a measurement.
 
 Context parallelism (CP) is planned with the halo cost model (a rank holding a contiguous chunk
 receives the w - 1 preceding positions' K/V from the rank(s) before it), which is what `train
---context-parallel-size` does (parallel/context_parallel.py). Not modelled: our kernels take the
-halo as extra zero query rows, so attention's query-side activations and FLOPs grow by the halo.
+--context-parallel-size` does (parallel/context_parallel.py): a rank's attention saves its L
+queries, outputs and log-sum-exp (the kernel takes fewer queries than keys, no padding rows) and
+the h + L keys/values [halo, chunk]; its time is the model FLOPs, which count each query's
+visible keys once. (The CUDA kernels still pad the queries inside the operator, transiently: h
+extra query rows of compute, not saved for backward.)
 """
 
 from __future__ import annotations
@@ -214,7 +217,8 @@ def stage_shapes(cfg: ModelConfig, tp: int, pp: int, virtual: int = 1) -> list[S
 def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, sp: bool,
                            recompute: Optional[str], halo: int = 0) -> int:
     """Bytes one layer saves for backward for `tokens` tokens of one micro-batch (bf16 autocast).
-    `halo`: extra key/value positions received under context parallelism."""
+    `halo`: extra key/value positions received under context parallelism (all samples'); the
+    queries, outputs and log-sum-exp stay at `tokens` (the kernel takes fewer queries than keys)."""
     h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
     seq_split = tp if (sp and tp > 1) else 1
     heads = cfg.num_attention_heads // tp
@@ -309,7 +313,7 @@ def _forward_peak(cfg: ModelConfig, layout: Layout, seq_length: int, stage: int,
     optimizer = 8 * p // shard
     tokens = layout.micro_batch_size * seq_length // cp
     sp = layout.sequence_parallel and tp > 1
-    halo = _halo_tokens(cfg, seq_length, cp)
+    halo = _halo_tokens(cfg, seq_length, cp) * layout.micro_batch_size  # every sample's halo
     per_layer = layer_activation_bytes(cfg, tokens, tp, sp, layout.recompute, halo)
     held = in_flight_microbatches(layout.pp, layout.virtual_stages, layout.num_microbatches, stage)
     acts = int(shape.layers * per_layer * held)
