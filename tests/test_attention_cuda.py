@@ -143,6 +143,43 @@ def test_cuda_large_shapes_match_float64(case, family, monkeypatch):
     assert max(errs.values()) <= 1e-2, (case, family, errs)
 
 
+# Fewer queries than keys (the last positions): the context-parallel call, CP4 rank 3's shape at
+# 16k / window 4096 (4096 queries against 8191 keys) and a small one with unsorted documents.
+OFFSET_GPU_CASES = [  # (batch, keys, queries, heads, kv_heads, head_dim, window, documents)
+    (1, 8191, 4096, 8, 2, 128, 4096, None),
+    (2, 300, 77, 6, 2, 64, 50, "unsorted"),
+    (1, 500, 130, 4, 1, 128, None, "sorted"),
+]
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", OFFSET_GPU_CASES, ids=[str(c) for c in OFFSET_GPU_CASES])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_offset_queries_match_float64(case, family, monkeypatch):
+    for name, value in FAMILIES[family].items():
+        monkeypatch.setenv(name, value)
+    b, s, sq, h, kvh, d, window, doc_kind = case
+    gen = torch.Generator().manual_seed(s + sq)
+    q, go = (torch.randn(b, sq, h, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
+    k, v = (torch.randn(b, s, kvh, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
+    docs = make_docs(doc_kind, b, s, gen)
+    mask = oracle_mask(s, window, docs, sq).cuda()
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in ref_in), attn_mask=mask, enable_gqa=h != kvh).transpose(1, 2)
+    ref.backward(go.double())
+    ours_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = sliding_window_attention(*ours_in, window=window,
+                                   document_ids=None if docs is None else docs.cuda())
+    out.backward(go)
+    torch.cuda.synchronize()
+    errs = {"out": rel_err(out, ref)}
+    for name, a, r in zip("qkv", ours_in, ref_in):
+        errs[f"d{name}"] = rel_err(a.grad, r.grad)
+    assert max(errs.values()) <= 1e-2, (case, family, errs)
+
+
 @needs_gpu
 @pytest.mark.gpu
 def test_cuda_model_forward_matches_cpu():

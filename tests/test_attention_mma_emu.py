@@ -46,7 +46,7 @@ def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout:
     `bwd_warps`: the backward's 4 or 8 warps (of 16 keys) per block. The inputs are NaN-padded
     copies, so reads out of bounds show up."""
     q, k, v, dout = (nan_padded(t) for t in (q, k, v, dout))
-    s, d = q.shape[1], q.shape[3]
+    s, d = k.shape[1], q.shape[3]
     win = 0 if window is None or window >= s else window
     doc = None if docs is None else docs.to(torch.int64).contiguous()
     scale = 1.0 / math.sqrt(d)
@@ -58,11 +58,12 @@ def run(mod, q, k, v, window: Optional[int], docs: Optional[torch.Tensor], dout:
 
 
 def oracle_lse(q, k, window, docs) -> torch.Tensor:
-    """(b, h, s) float64: log2 of sum_j 2^(q.k_j * scale * log2 e) over the visible keys."""
-    b, s, h, d = q.shape
+    """(b, h, sq) float64: log2 of sum_j 2^(q.k_j * scale * log2 e) over the visible keys (q may
+    hold only the last sq positions)."""
+    b, sq, h, d = q.shape
     kk = k.double().repeat_interleave(h // k.shape[2], dim=2)
     x = torch.einsum("bihd,bjhd->bhij", q.double(), kk) / math.sqrt(d) / math.log(2.0)
-    x = x.masked_fill(~oracle_mask(s, window, docs), float("-inf"))
+    x = x.masked_fill(~oracle_mask(k.shape[1], window, docs, sq), float("-inf"))
     return torch.logsumexp(x * math.log(2.0), dim=-1) / math.log(2.0)
 
 
@@ -114,6 +115,29 @@ def test_mma_matches_float64(emu, case, dtype, shape):
             "dv": rel_err(dv, rdv)}
     assert all(e <= TOL[dtype] for e in errs.values()), (case, errs)
     # Scores come from exact fp16/bf16 products summed in fp32: lse is fp32-accurate.
+    assert (lse.double() - oracle_lse(q, k, window, docs)).abs().max().item() <= 1e-4
+
+
+# Fewer queries than keys (the last positions; context parallelism's chunk after its halo):
+# (case, queries), offsets on and off the 64-key tiles, windows below and above the query count.
+OFFSET_CASES = [((2, 200, 4, 2, 64, 70, None), 64), ((1, 333, 4, 1, 128, 100, "sorted"), 130),
+                ((2, 150, 2, 2, 64, None, "unsorted"), 1), ((1, 129, 6, 2, 64, 20, "sorted"), 77)]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(16, 8)], ids=lambda s: f"fwd{s[0]}-bwd{s[1]}")
+@pytest.mark.parametrize("case,queries", OFFSET_CASES,
+                         ids=[f"{c}-q{n}" for c, n in OFFSET_CASES])
+def test_mma_offset_queries_match_float64(emu, case, queries, shape):
+    window = case[5]
+    q, k, v, go, docs = inputs(case, torch.bfloat16, 60 + OFFSET_CASES.index((case, queries)))
+    q, go = q[:, -queries:].contiguous(), go[:, -queries:].contiguous()
+    o, lse, dq, dk, dv = run(emu, q, k, v, window, docs, go, rows_per_warp=shape[0],
+                             bwd_warps=shape[1], head_splits=1 + (shape[1] == 8))
+    assert o.shape == q.shape and lse.shape == (case[0], case[2], queries)
+    ref, (rdq, rdk, rdv) = reference(q, k, v, go, window, docs)
+    errs = {"out": rel_err(o, ref), "dq": rel_err(dq, rdq), "dk": rel_err(dk, rdk),
+            "dv": rel_err(dv, rdv)}
+    assert all(e <= TOL[torch.bfloat16] for e in errs.values()), (case, queries, errs)
     assert (lse.double() - oracle_lse(q, k, window, docs)).abs().max().item() <= 1e-4
 
 

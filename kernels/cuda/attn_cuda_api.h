@@ -4,8 +4,11 @@
 #include <cstdint>
 #include <string>
 
+// S: key positions; Sq <= S: query rows, the last Sq positions (query row t is position
+// t + S - Sq). Everything indexed by position (lo, doc, k, v, dk, dv) has S rows; q, o, dout, dq,
+// dq32, lse and delta have Sq.
 struct CudaAttnArgs {
-  const void* q = nullptr;      // (B, S, H, D) fp16/bf16, contiguous
+  const void* q = nullptr;      // (B, Sq, H, D) fp16/bf16, contiguous
   const void* k = nullptr;      // (B, S, KV, D)
   const void* v = nullptr;      // (B, S, KV, D)
   void* o = nullptr;            // forward output (B, S, H, D)
@@ -23,7 +26,7 @@ struct CudaAttnArgs {
   int head_splits = 0;          // backward, tensor cores: blocks per (key tile, kv head); 0: auto
   int fwd_rows_per_warp = 0;    // forward, tensor cores: query rows per warp, 16 or 32; 0: 16
   int bwd_warps = 0;            // backward, tensor cores: warps (16 keys each) per block, 4 or 8; 0: 4
-  int64_t B = 0, S = 0, H = 0, KV = 0, D = 0;
+  int64_t B = 0, S = 0, Sq = 0, H = 0, KV = 0, D = 0;
   float scale = 1.0f;
   int dtype = 0;  // 0: float16, 1: bfloat16
   int kernel = 0; // 0: tensor cores (mma.sync, attn_cuda_mma.cuh), 1: SIMT (attn_cuda_kernel.cu)

@@ -22,7 +22,13 @@ namespace py = pybind11;
 
 namespace {
 
-void check_sizes(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dtype, int kernel) {
+// Sq: query rows (0: S), the last Sq of the S key positions; returns it resolved.
+int64_t check_sizes(int64_t B, int64_t S, int64_t Sq, int64_t H, int64_t KV, int64_t D, int dtype,
+                    int kernel) {
+  if (Sq == 0) Sq = S;
+  if (Sq < 1 || Sq > S)
+    throw std::invalid_argument("CUDA attention: need 1 <= Sq <= S, got Sq=" + std::to_string(Sq) +
+                                " S=" + std::to_string(S));
   if (B < 1 || S < 1 || H < 1 || KV < 1 || H % KV || (D != 64 && D != 128))
     throw std::invalid_argument("CUDA attention: bad sizes B=" + std::to_string(B) + " S=" +
                                 std::to_string(S) + " H=" + std::to_string(H) + " KV=" +
@@ -32,6 +38,7 @@ void check_sizes(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, int dty
     throw std::invalid_argument("CUDA attention: sizes beyond the launch grid");
   if (dtype != 0 && dtype != 1) throw std::invalid_argument("CUDA attention: dtype code 0 (fp16) or 1 (bf16)");
   if (kernel != 0 && kernel != 1) throw std::invalid_argument("CUDA attention: kernel code 0 (tensor cores) or 1 (SIMT)");
+  return Sq;
 }
 
 void raise_if(const std::string& err) {
@@ -58,14 +65,14 @@ PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
   m.def("forward",
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t lo,
            uintptr_t doc, uintptr_t by_id, int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D,
-           double scale, int dtype, uintptr_t stream, int kernel, int rows_per_warp) {
-          check_sizes(B, S, H, KV, D, dtype, kernel);
+           double scale, int dtype, uintptr_t stream, int kernel, int rows_per_warp, int64_t Sq) {
+          Sq = check_sizes(B, S, Sq, H, KV, D, dtype, kernel);
           CudaAttnArgs a;
           a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
           a.fwd_rows_per_warp = rows_per_warp;
           a.o = as<void>(o); a.lse = as<float>(lse); a.lo = as<const int32_t>(lo);
           a.doc = as<const int64_t>(doc); a.by_id = as<const uint8_t>(by_id);
-          a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D;
+          a.B = B; a.S = S; a.Sq = Sq; a.H = H; a.KV = KV; a.D = D;
           a.scale = static_cast<float>(scale); a.dtype = dtype; a.stream = stream; a.kernel = kernel;
           std::string err;
           {
@@ -77,13 +84,15 @@ PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("lo"),
         py::arg("doc"), py::arg("by_id"), py::arg("B"), py::arg("S"), py::arg("H"), py::arg("KV"),
         py::arg("D"), py::arg("scale"), py::arg("dtype"), py::arg("stream"), py::arg("kernel"),
-        py::arg("rows_per_warp") = 0);  // kernel 0: query rows per warp, 16 or 32 (0: 16)
+        py::arg("rows_per_warp") = 0,  // kernel 0: query rows per warp, 16 or 32 (0: 16)
+        py::arg("Sq") = 0);            // query rows (0: S): q, o, lse hold the last Sq positions
   m.def("backward",
         [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t lse, uintptr_t delta,
            uintptr_t lo, uintptr_t doc, uintptr_t by_id, uintptr_t dq, uintptr_t dk, uintptr_t dv,
            int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, double scale, int dtype,
-           uintptr_t stream, int kernel, uintptr_t dq32, int head_splits, int bwd_warps) {
-          check_sizes(B, S, H, KV, D, dtype, kernel);
+           uintptr_t stream, int kernel, uintptr_t dq32, int head_splits, int bwd_warps,
+           int64_t Sq) {
+          Sq = check_sizes(B, S, Sq, H, KV, D, dtype, kernel);
           CudaAttnArgs a;
           a.q = as<const void>(q); a.k = as<const void>(k); a.v = as<const void>(v);
           a.dq32 = as<float>(dq32);
@@ -93,7 +102,7 @@ PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
           a.lo = as<const int32_t>(lo); a.doc = as<const int64_t>(doc);
           a.by_id = as<const uint8_t>(by_id);
           a.dq = as<void>(dq); a.dk = as<float>(dk); a.dv = as<float>(dv);
-          a.B = B; a.S = S; a.H = H; a.KV = KV; a.D = D;
+          a.B = B; a.S = S; a.Sq = Sq; a.H = H; a.KV = KV; a.D = D;
           a.scale = static_cast<float>(scale); a.dtype = dtype; a.stream = stream; a.kernel = kernel;
           std::string err;
           {
@@ -108,5 +117,6 @@ PYBIND11_MODULE(SC2_CUDA_MODULE_NAME, m) {
         py::arg("dtype"), py::arg("stream"), py::arg("kernel"),
         py::arg("dq32") = uintptr_t{0},    // kernel 0: zeroed fp32 (B, S, H, D) scratch for dQ
         py::arg("head_splits") = 0,        // kernel 0: blocks per (key tile, kv head); 0: auto
-        py::arg("bwd_warps") = 0);         // kernel 0: warps per block, 4 or 8 (0: 4)
+        py::arg("bwd_warps") = 0,          // kernel 0: warps per block, 4 or 8 (0: 4)
+        py::arg("Sq") = 0);                // query rows (0: S), as the forward
 }

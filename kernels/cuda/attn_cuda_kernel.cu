@@ -3,6 +3,8 @@
 // One thread block per (query tile of BQ rows, head, batch); 8 warps, each owning BQ/8 query
 // rows. Key tiles of 32 rows are staged in shared memory; in the score phase lane l owns key l of
 // the tile, in the accumulation phase lane l owns head-dim columns [l*D/32, (l+1)*D/32).
+// Queries may be fewer than keys (a.Sq <= a.S, the last positions): blocks cover query rows,
+// masks and key tiles work on positions (row + S - Sq).
 // Only tiles from lo[first query] to the last query are visited (blocks outside the window or
 // the document are never read). GQA: head h reads kv head h / (H/KV) directly.
 // The backward recomputes scores from the saved log-sum-exp; dK/dV of a tile are summed over the
@@ -50,8 +52,8 @@ __global__ void __launch_bounds__(WARPS * 32) forward_kernel(Params p) {
   T* Vs = Ks + BKT * KP;
   const CudaAttnArgs& a = p.a;
   const int64_t qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t g = h / (a.H / a.KV), i0 = qb * BQ;
-  const int nq = static_cast<int>(a.S - i0 < BQ ? a.S - i0 : BQ);
+  const int64_t g = h / (a.H / a.KV), t0 = qb * BQ, i0 = t0 + (a.S - a.Sq);  // row, position
+  const int nq = static_cast<int>(a.Sq - t0 < BQ ? a.Sq - t0 : BQ);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(WARPS * 32) forward_kernel(Params p) {
 
   for (int e = tid; e < BQ * D; e += blockDim.x) {
     const int r = e / D, c = e % D;
-    Qs[e] = r < nq ? q[((b * a.S + i0 + r) * a.H + h) * D + c] : fromf<T>(0.0f);
+    Qs[e] = r < nq ? q[((b * a.Sq + t0 + r) * a.H + h) * D + c] : fromf<T>(0.0f);
   }
   float o[ROWS][CPL], m[ROWS], l[ROWS];
 #pragma unroll
@@ -127,11 +129,11 @@ __global__ void __launch_bounds__(WARPS * 32) forward_kernel(Params p) {
   for (int r = 0; r < ROWS; ++r) {
     const int row = warp * ROWS + r;
     if (row >= nq) continue;
-    const int64_t i = i0 + row;
+    const int64_t t = t0 + row;
     const float inv = 1.0f / l[r];
 #pragma unroll
-    for (int c = 0; c < CPL; ++c) out[((b * a.S + i) * a.H + h) * D + lane * CPL + c] = fromf<T>(o[r][c] * inv);
-    if (lane == 0) a.lse[(b * a.H + h) * a.S + i] = m[r] + log2f(l[r]);
+    for (int c = 0; c < CPL; ++c) out[((b * a.Sq + t) * a.H + h) * D + lane * CPL + c] = fromf<T>(o[r][c] * inv);
+    if (lane == 0) a.lse[(b * a.H + h) * a.Sq + t] = m[r] + log2f(l[r]);
   }
 }
 
@@ -148,8 +150,8 @@ __global__ void __launch_bounds__(WARPS * 32) backward_kernel(Params p) {
   T* Vs = Ks + BKT * KP;                         // BKT * KP
   const CudaAttnArgs& a = p.a;
   const int64_t qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t g = h / (a.H / a.KV), i0 = qb * BQ;
-  const int nq = static_cast<int>(a.S - i0 < BQ ? a.S - i0 : BQ);
+  const int64_t g = h / (a.H / a.KV), t0 = qb * BQ, i0 = t0 + (a.S - a.Sq);  // row, position
+  const int nq = static_cast<int>(a.Sq - t0 < BQ ? a.Sq - t0 : BQ);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
@@ -158,7 +160,7 @@ __global__ void __launch_bounds__(WARPS * 32) backward_kernel(Params p) {
 
   for (int e = tid; e < BQ * D; e += blockDim.x) {
     const int r = e / D, c = e % D;
-    const int64_t off = ((b * a.S + i0 + r) * a.H + h) * D + c;
+    const int64_t off = ((b * a.Sq + t0 + r) * a.H + h) * D + c;
     Qs[e] = r < nq ? q[off] : fromf<T>(0.0f);
     dOs[e] = r < nq ? dout[off] : fromf<T>(0.0f);
   }
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(WARPS * 32) backward_kernel(Params p) {
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = warp * ROWS + r;
-    const int64_t idx = (b * a.H + h) * a.S + i0 + row;
+    const int64_t idx = (b * a.H + h) * a.Sq + t0 + row;
     lse[r] = row < nq ? a.lse[idx] : 0.0f;
     delta[r] = row < nq ? a.delta[idx] : 0.0f;
 #pragma unroll
@@ -248,7 +250,7 @@ __global__ void __launch_bounds__(WARPS * 32) backward_kernel(Params p) {
     if (row >= nq) continue;
 #pragma unroll
     for (int c = 0; c < CPL; ++c)
-      dqo[((b * a.S + i0 + row) * a.H + h) * D + lane * CPL + c] = fromf<T>(dq[r][c] * a.scale);
+      dqo[((b * a.Sq + t0 + row) * a.H + h) * D + lane * CPL + c] = fromf<T>(dq[r][c] * a.scale);
   }
 }
 
@@ -264,7 +266,7 @@ template <typename T, int D>
 std::string launch(const CudaAttnArgs& a, bool fwd) {
   if (a.kernel == 0) return sc2_mma::launch<T, D>(a, fwd);
   Params p{a, a.scale * 1.4426950408889634f};
-  const dim3 grid(static_cast<unsigned>((a.S + BQ - 1) / BQ), static_cast<unsigned>(a.H),
+  const dim3 grid(static_cast<unsigned>((a.Sq + BQ - 1) / BQ), static_cast<unsigned>(a.H),
                   static_cast<unsigned>(a.B));
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
   constexpr int KP = D + 2;

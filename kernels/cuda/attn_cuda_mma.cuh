@@ -2,7 +2,9 @@
 // style of FlashAttention-2. Same contract as the SIMT kernels in attn_cuda_kernel.cu: q
 // (B,S,H,D), k/v (B,S,KV,D) fp16/bf16; query i sees key j iff lo[b,i] <= j <= i and, where
 // by_id[b], doc[b,i] == doc[b,j]; lse (B,H,S) is the base-2 log-sum-exp of the scores times
-// scale*log2(e), so either family's forward feeds either family's backward.
+// scale*log2(e), so either family's forward feeds either family's backward. Queries may be
+// fewer than keys (Sq <= S, the last positions): q, o, dout, dq32, lse and delta are indexed by
+// query row t = position - (S - Sq); masks, lo, doc and the key tiles by position.
 //
 // Forward: one block per (64 MT query rows, head, batch), 4 warps of 16 MT rows (MT = 1, the
 // default, or 2: rows_per_warp 16 or 32). Key tiles of 64 rows (32 for MT = 2 with D = 128): K and
@@ -161,14 +163,15 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   const CudaAttnArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t S = a.S, H = a.H, KV = a.KV;
-  const int64_t b = blockIdx.z, h = blockIdx.y, i0 = static_cast<int64_t>(blockIdx.x) * BQ;
+  const int64_t b = blockIdx.z, h = blockIdx.y, t0 = static_cast<int64_t>(blockIdx.x) * BQ;
+  const int64_t Sq = a.Sq, i0 = t0 + (S - Sq);  // first query row, its position
   const int64_t kvh = h / (H / KV);
-  const int nq = static_cast<int>(min64(S - i0, BQ));
+  const int nq = static_cast<int>(min64(Sq - t0, BQ));
   const bool by_id = a.by_id != nullptr && a.by_id[b] != 0;
   const int32_t* lo = a.lo + b * S;
   const int64_t* doc = a.doc == nullptr ? nullptr : a.doc + b * S;
 
-  load_tile<T, D, BQ, LD>(Qs, static_cast<const T*>(a.q) + ((b * S + i0) * H + h) * D, H * D, nq, tid);
+  load_tile<T, D, BQ, LD>(Qs, static_cast<const T*>(a.q) + ((b * Sq + t0) * H + h) * D, H * D, nq, tid);
   __syncthreads();
   const int r0 = warp * 16 * MT;
   uint32_t qf[F::kQInRegs ? KT : 1][4];
@@ -350,12 +353,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
     if (t == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        if (row[mt][r] < S) a.lse[(b * H + h) * S + row[mt][r]] = m[mt][r] + log2f(l[mt][r]);
+        if (row[mt][r] < S) a.lse[(b * H + h) * Sq + row[mt][r] - (S - Sq)] = m[mt][r] + log2f(l[mt][r]);
     }
   }
   __syncthreads();
   constexpr int kChunks = D / 8;
-  T* out = static_cast<T*>(a.o) + ((b * S + i0) * H + h) * D;
+  T* out = static_cast<T*>(a.o) + ((b * Sq + t0) * H + h) * D;
 #pragma unroll
   for (int it = 0; it < BQ * kChunks / kThreads; ++it) {
     const int e = tid + it * kThreads;
@@ -424,6 +427,7 @@ __global__ void __launch_bounds__(32 * NW) bwd_kernel(const Params p) {
   const CudaAttnArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t S = a.S, H = a.H, KV = a.KV, group = H / KV;
+  const int64_t Sq = a.Sq, qpos = S - Sq;  // query row t is position t + qpos
   const int64_t b = blockIdx.z, kvh = blockIdx.y / p.head_splits, j0 = static_cast<int64_t>(blockIdx.x) * BK;
   // This block's query heads of the group: [hfirst, hfirst + nheads).
   const int64_t hfirst = (blockIdx.y % p.head_splits) * static_cast<int64_t>(p.heads_per_split);
@@ -439,35 +443,37 @@ __global__ void __launch_bounds__(32 * NW) bwd_kernel(const Params p) {
   load_tile<T, D, BK, LD, NT>(Ks, static_cast<const T*>(a.k) + koff, KV * D, nk, tid);
   load_tile<T, D, BK, LD, NT>(Vs, static_cast<const T*>(a.v) + koff, KV * D, nk, tid);
 
-  // Queries that can see a key of this block: [j0, iend), iend the first i with lo[i] > last key.
+  // Queries that can see a key of this block: positions [ibeg, iend), ibeg = max(j0, first query
+  // position), iend the first i with lo[i] > last key.
   const int64_t jlast = j0 + nk - 1;
-  int64_t lo_i = j0, hi_i = S;
+  const int64_t ibeg = j0 > qpos ? j0 : qpos;
+  int64_t lo_i = ibeg, hi_i = S;
   while (lo_i < hi_i) {
     const int64_t mid = (lo_i + hi_i) / 2;
     if (lo[mid] > jlast) hi_i = mid; else lo_i = mid + 1;
   }
   const int64_t iend = lo_i;
-  // Steps: each of the block's query heads times the query tiles of [j0, iend).
-  const int64_t tiles = (iend - j0 + kBwdRows - 1) / kBwdRows, steps = nheads * tiles;
+  // Steps: each of the block's query heads times the query tiles of [ibeg, iend).
+  const int64_t tiles = (iend - ibeg + kBwdRows - 1) / kBwdRows, steps = nheads * tiles;
 
   // Step `st` as (head, first row); fetch its Q, dO and row inputs into registers.
   TileRegs<D, kBwdRows, NT> qr, dor;
   RowRegs rr;
   auto step_rows = [&](int64_t st, int64_t& h, int64_t& i0, int& nq) {
     h = kvh * group + hfirst + st / tiles;
-    i0 = j0 + (st % tiles) * kBwdRows;
+    i0 = ibeg + (st % tiles) * kBwdRows;  // a position
     nq = static_cast<int>(min64(S - i0, kBwdRows));
   };
   auto fetch = [&](int64_t st) {
     int64_t h, i0;
     int nq;
     step_rows(st, h, i0, nq);
-    const int64_t qoff = ((b * S + i0) * H + h) * D;
+    const int64_t qoff = ((b * Sq + i0 - qpos) * H + h) * D;
     qr.fetch(qg + qoff, H * D, nq, tid);
     dor.fetch(dog + qoff, H * D, nq, tid);
     if (tid < kBwdRows) {
       const bool valid = tid < nq;
-      const int64_t idx = (b * H + h) * S + i0 + tid;
+      const int64_t idx = (b * H + h) * Sq + i0 - qpos + tid;
       rr.lse = valid ? a.lse[idx] : INFINITY;  // padded rows: P = 0
       rr.delta = valid ? a.delta[idx] : 0.0f;
       rr.lo = lo[min64(i0 + tid, S - 1)];
@@ -495,7 +501,7 @@ __global__ void __launch_bounds__(32 * NW) bwd_kernel(const Params p) {
     constexpr int kRowStep = NT / D;
     const int r0 = tid / D, c = tid % D;
     const float* src = dQ0 + (st & 1) * kBwdRows * LDQ + r0 * LDQ + c;
-    float* dst = a.dq32 + ((b * S + i0 + r0) * H + h) * D + c;
+    float* dst = a.dq32 + ((b * Sq + i0 - qpos + r0) * H + h) * D + c;
 #pragma unroll 4
     for (int r = r0; r < nq; r += kRowStep) {
       atomicAdd(dst, *src);
@@ -682,7 +688,7 @@ template <typename T, int D, int MT>
 std::string launch_fwd(const Params& p) {
   using F = FwdShape<T, D, MT>;
   const CudaAttnArgs& a = p.a;
-  const dim3 grid(static_cast<unsigned>((a.S + F::kRows - 1) / F::kRows), static_cast<unsigned>(a.H),
+  const dim3 grid(static_cast<unsigned>((a.Sq + F::kRows - 1) / F::kRows), static_cast<unsigned>(a.H),
                   static_cast<unsigned>(a.B));
   cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, D, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(F::kBytes));
@@ -719,7 +725,7 @@ std::string launch_bwd(Params p) {
     err = cudaGetLastError();
   }
   if (err == cudaSuccess) {
-    const int64_t pairs = a.B * a.S * a.H * D / 2;
+    const int64_t pairs = a.B * a.Sq * a.H * D / 2;
     const int64_t blocks = (pairs + 255) / 256;
     const dim3 cgrid(static_cast<unsigned>(blocks < 4096 ? blocks : 4096));
     SC2_LAUNCH(cgrid, 256, 0, stream, dq_cast_kernel<T>)(a.dq32, static_cast<T*>(a.dq), pairs, a.scale);

@@ -7,8 +7,7 @@ the dtype its code names; outputs are allocated here.
 
 Queries may be fewer than keys (q (b, sq, ...), k/v (b, sk, ...), sq <= sk): they are the last sq
 positions of the key sequence, doc (b, sk) is given for the keys and lse is (b, h, sq). The C++
-kernel takes the offset itself; the CUDA kernels take one length, so the queries are padded in
-front with sk - sq zero rows here and those rows' outputs dropped (`_pad_queries`).
+and CUDA kernels take the offset themselves (their `Sq` argument; no padding rows).
 """
 
 from __future__ import annotations
@@ -129,34 +128,21 @@ def cuda_kernel_forward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `_attn_cuda_emu` on CPU tensors (the tests). q/k/v contiguous fp16/bf16, doc int64 or None,
     window 0 for none. `rows_per_warp`: the tensor-core forward's query rows per warp, 16 or 32
     (None: MEGATRON_SC2_MMA_ROWS_PER_WARP, default 16). Returns (o, lse, lo, by_id), what the
-    backward needs (lo over the key positions). Fewer queries than keys: padded in front
-    (`_pad_queries`), o and lse cut back to the real query rows."""
+    backward needs (lo over the key positions). q may hold fewer rows than k (the last
+    positions)."""
     b, sq, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
-    q = _pad_queries(q, s - sq)
     kernel = _family_for_scale(kernel, scale)
     if kernel == 0:
         q, k, v = _aligned16(q), _aligned16(k), _aligned16(v)
     lo, by_id = key_bounds(s, window, doc, b, q.device)
     o = torch.empty_like(q)
-    lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     rows = 0 if kernel != 0 else mma_rows_per_warp() if rows_per_warp is None else rows_per_warp
     mod.forward(_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(lo), _ptr(doc), _ptr(by_id),
-                b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream, kernel, rows)
-    if sq < s:
-        o, lse = o[:, s - sq:].contiguous(), lse[:, :, s - sq:].contiguous()
+                b, s, h, kvh, d, scale, _CUDA_DTYPES[q.dtype], stream, kernel, rows,
+                **_query_rows(sq, s))
     return o, lse, lo, by_id
-
-
-def _pad_queries(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """t (b, sq, ...) with `rows` zero rows in front: the CUDA kernels take one length for
-    queries and keys, so query row t of an offset call becomes row rows + t of a full-length
-    one, which sees exactly the same keys (the masks are relative to the row). The padding rows
-    have zero dO and zero o, hence zero dS: they add nothing to dK/dV. (The C++ kernel takes the
-    offset itself; the CUDA kernels do not yet, so they pay rows x keys of extra work.)"""
-    if rows == 0:
-        return t
-    return torch.cat([t.new_zeros((t.shape[0], rows) + t.shape[2:]), t], dim=1)
 
 
 def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -167,17 +153,14 @@ def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The matching backward: (dq in q's dtype, dk and dv in fp32, accumulated by the kernel).
     Tensor cores (kernel 0) add dQ atomically into a zeroed fp32 scratch, then cast it into dq;
     `head_splits`: their blocks per (key tile, kv head), 0 for the kernel's choice; `bwd_warps`:
-    their warps per block, 4 or 8 (None: MEGATRON_SC2_MMA_BWD_WARPS, default 4). Fewer queries
-    than keys: q, o, grad_out and lse padded as in the forward, dq cut back."""
+    their warps per block, 4 or 8 (None: MEGATRON_SC2_MMA_BWD_WARPS, default 4). q, o,
+    grad_out and lse may hold fewer rows than k (the last positions), lo covers the keys."""
     b, sq, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
-    if sq < s:
-        q, o, grad_out = (_pad_queries(t, s - sq) for t in (q, o, grad_out))
-        lse = torch.cat([lse.new_zeros((b, h, s - sq)), lse], dim=2)  # rows with dO = 0: unused
     kernel = _family_for_scale(kernel, scale)
     if kernel == 0:
         q, k, v, grad_out = (_aligned16(t) for t in (q, k, v, grad_out))
-    delta = (grad_out.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (b, h, s)
+    delta = (grad_out.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (b, h, sq)
     dq = torch.empty_like(q)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -185,7 +168,6 @@ def cuda_kernel_backward(mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     warps = 0 if kernel != 0 else mma_bwd_warps() if bwd_warps is None else bwd_warps
     mod.backward(_ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), _ptr(delta), _ptr(lo),
                  _ptr(doc), _ptr(by_id), _ptr(dq), _ptr(dk32), _ptr(dv32), b, s, h, kvh, d, scale,
-                 _CUDA_DTYPES[q.dtype], stream, kernel, _ptr(dq32), head_splits, warps)
-    if sq < s:
-        dq = dq[:, s - sq:].contiguous()
+                 _CUDA_DTYPES[q.dtype], stream, kernel, _ptr(dq32), head_splits, warps,
+                 **_query_rows(sq, s))
     return dq, dk32, dv32

@@ -16,8 +16,8 @@ Attention itself is our kernel (megatron_sc2.ops) with the chunk's L queries aga
 keys [halo, chunk]: the kernel takes fewer queries than keys, the queries being the last
 positions, so local query t sits at key position h + t (absolute r*L + t) and sees exactly the
 keys the full-sequence call would give it (window, causality and document ids are all relative
-to that position). No query rows are padded on the CPU kernel; the CUDA kernels still pad them
-inside the operator (megatron_sc2/ops/kernel_calls.py).
+to that position). No query rows are padded (the C++ kernel and both CUDA families take the
+offset), so a rank does attention work for its own L queries only.
 
 Applied from outside like tensor parallelism: `apply_context_parallel` sets each attention
 module's `core_attention`; the model file stays free of parallelism. Rotary positions are the

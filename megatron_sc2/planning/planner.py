@@ -23,8 +23,7 @@ receives the w - 1 preceding positions' K/V from the rank(s) before it), which i
 --context-parallel-size` does (parallel/context_parallel.py): a rank's attention saves its L
 queries, outputs and log-sum-exp (the kernel takes fewer queries than keys, no padding rows) and
 the h + L keys/values [halo, chunk]; its time is the model FLOPs, which count each query's
-visible keys once. (The CUDA kernels still pad the queries inside the operator, transiently: h
-extra query rows of compute, not saved for backward.)
+visible keys once (the kernels compute no padding rows).
 """
 
 from __future__ import annotations
