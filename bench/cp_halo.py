@@ -12,11 +12,13 @@ apart, summed over all ranks. The last table is analytical only: the real 16k sh
 
     python bench/cp_halo.py --rank-attention [--seq 16384] [--windows 4096] [--cp 4] [--rank 3]
         [--heads 8] [--kv-heads 2] [--head-dim 32] [--dtype fp32|bf16] [--repeats 5]
+        [--device cpu|cuda]
 
-instead times one CP rank's attention call (the C++ kernel's operators, forward and backward
-apart, this process's threads): its L = seq / cp queries against the h + L keys [halo, chunk],
-as context_parallel.py calls it now (a query offset), against what it did before (the queries
-prefixed with h zero rows, their outputs dropped), side by side, alternating, median of repeats.
+instead times one CP rank's attention call (the kernels' operators, forward and backward apart;
+on the CPU with this process's threads, with --device cuda on the GPU, synchronized): its
+L = seq / cp queries against the h + L keys [halo, chunk] as context_parallel.py calls it now
+(a query offset), against what it did before (the queries prefixed with h zero rows, their
+outputs dropped), side by side, alternating, median of repeats.
 """
 
 from __future__ import annotations
@@ -137,11 +139,14 @@ def rank_attention(args) -> None:
     chunk = seq // args.cp
     h = halo_length(args.rank, chunk, window)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     d = args.head_dim
-    q = torch.randn(1, chunk, args.heads, d, generator=g).to(dtype)
-    k, v = (torch.randn(1, h + chunk, args.kv_heads, d, generator=g).to(dtype) for _ in range(2))
-    go = torch.randn(1, chunk, args.heads, d, generator=g).to(dtype)
+    q = torch.randn(1, chunk, args.heads, d, generator=g).to(dev, dtype)
+    k, v = (torch.randn(1, h + chunk, args.kv_heads, d, generator=g).to(dev, dtype)
+            for _ in range(2))
+    go = torch.randn(1, chunk, args.heads, d, generator=g).to(dev, dtype)
     pad = lambda t: torch.cat([t.new_zeros((1, h) + t.shape[2:]), t], dim=1)  # noqa: E731
     win = 0 if window is None or window >= h + chunk else window
     scale = 1.0 / math.sqrt(d)
@@ -149,18 +154,24 @@ def rank_attention(args) -> None:
     times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "bwd": []} for n in calls}
     for rep_ in range(args.repeats + 1):  # the first round warms up
         for name, (qq, gg) in calls.items():
+            sync()
             t0 = time.perf_counter()
             o, lse = attention_ops.swa_forward(qq, k, v, None, win, scale)
+            sync()
             t1 = time.perf_counter()
             attention_ops.swa_backward(qq, k, v, o, lse, None, gg, win, scale)
+            sync()
             t2 = time.perf_counter()
             if rep_:
                 times[name]["fwd"].append(t1 - t0)
                 times[name]["bwd"].append(t2 - t1)
     print(f"one CP rank's attention: sequence {seq}, window {window}, CP{args.cp}, rank "
           f"{args.rank} ({chunk} queries, halo {h}), {args.heads}/{args.kv_heads} heads, head dim "
-          f"{d}, batch 1, {args.dtype}, C++ kernel {kernels.cpu_module().isa()}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+          f"{d}, batch 1, {args.dtype}, " + (
+              f"C++ kernel {kernels.cpu_module().isa()}, {torch.get_num_threads()} threads"
+              if dev.type == "cpu" else f"{torch.cuda.get_device_name()}, "
+              f"{'simt' if kernels.cuda_kernel_code() == 1 else 'mma'} kernels")
+          + f", median of {args.repeats}")
     print("| call | forward ms | backward ms | forward + backward ms |")
     print("|---|---|---|---|")
     med = {n: {p: statistics.median(x) * 1e3 for p, x in t.items()} for n, t in times.items()}
@@ -202,6 +213,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
     if args.rank_attention:
         rank_attention(args)

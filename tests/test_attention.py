@@ -251,7 +251,7 @@ def test_offset_keys_outside_the_chunks_window_are_never_read():
     out = sliding_window_attention(*xs, window=w)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(xs[0].grad).all()
-    assert torch.isfinite(xs[1].grad[:, first:]).all() and torch.isfinite(xs[2].grad[:, first:]).all()
+    assert all(torch.isfinite(x.grad[:, first:]).all() for x in xs[1:])
     ref = oracle(q.double(), k[:, first:].double(), v[:, first:].double(), w, None)
     assert rel_err(out, ref) <= 1e-5
 

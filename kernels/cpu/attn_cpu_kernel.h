@@ -350,8 +350,8 @@ static inline void pack_rows(const T* base, const Shape& s, int64_t b, int64_t g
   }
 }
 
-// Query-tile rows i0 .. i0 + nq - 1 (query rows, not positions) of head h transposed into dst (DP x BQ: dst[c * BQ + r]) times mul, and (if
-// rows) row-major into rows (BQ x DP); padding zero.
+// Query-tile rows i0 .. i0 + nq - 1 (query rows, not positions) of head h transposed into dst
+// (DP x BQ: dst[c * BQ + r]) times mul, and (if rows) row-major into rows (BQ x DP); padding zero.
 template <typename T>
 static inline void load_tile(const T* base, const Shape& s, int64_t b, int64_t h, int64_t i0, int nq,
                              float mul, float* trans, float* rows) {
