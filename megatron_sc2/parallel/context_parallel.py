@@ -171,6 +171,9 @@ class HaloAttention:
     _ids_key: Optional[torch.Tensor] = field(default=None, repr=False)
     _ids_full: Optional[torch.Tensor] = field(default=None, repr=False)
 
+    # Under --compile the exchange is not traced: a compiled block breaks its graph here and
+    # runs the exchange and the attention eagerly (wrappers.compile_blocks, fullgraph=False).
+    @torch.compiler.disable
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  window: Optional[int] = None, softmax_scale: Optional[float] = None,
                  document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

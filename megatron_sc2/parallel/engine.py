@@ -123,7 +123,7 @@ class Engine:
             from megatron_sc2.parallel.wrappers import compile_blocks
 
             for chunk in chunks:
-                compile_blocks(chunk.layers.values())
+                compile_blocks(chunk.layers.values(), fullgraph=layout.cp == 1)
         if layout.dp * layout.cp > 1:
             from torch.distributed.fsdp import fully_shard
 

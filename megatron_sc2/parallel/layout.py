@@ -145,11 +145,6 @@ def layout_from_args(cfg: "TrainConfigLike", world_size: int, model: ModelConfig
         # tensor to DTensor's redistribute (AttributeError '_local_tensor'); refused until fixed.
         raise ConfigError("--compile is not supported with --tensor-model-parallel-size > 1 yet "
                           "(compiled tensor-parallel blocks fail in backward); drop one of them")
-    if getattr(cfg, "compile", False) and cp > 1:
-        # The halo exchange (point-to-point inside an autograd Function) is not traced or tested
-        # under torch.compile.
-        raise ConfigError("--compile is not supported with --context-parallel-size > 1 yet; "
-                          "drop one of them")
     mbs = cfg.micro_batch_size
     gbs = cfg.global_batch_size if cfg.global_batch_size is not None else mbs * dp
     virtual = 1

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 
-def compile_blocks(blocks: Iterable[nn.Module]) -> None:
-    """torch.compile each block in place (fullgraph: a graph break in a block is a bug; our
-    attention is a torch.library operator, megatron_sc2/ops/attention_ops.py)."""
+def compile_blocks(blocks: Iterable[nn.Module], fullgraph: bool = True) -> None:
+    """torch.compile each block in place. fullgraph (the default): a graph break in a block is
+    a bug (our attention and linear layers are torch.library operators, megatron_sc2/ops/).
+    Context parallelism passes fullgraph=False: its halo exchange (point-to-point sends inside
+    an autograd Function) runs eagerly between the compiled graphs before and after it."""
     for block in blocks:
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=fullgraph)
 
 
 def fsdp_mixed_precision(bf16: bool):

@@ -279,9 +279,11 @@ def main() -> int:
         if key not in refs:
             refs[key] = reference_run(cfg, batches)
         ref_losses, ref_grads, ref_norms, ref_valid = refs[key]
+        compiling = "compile" in spec.split(".")
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         try:
             losses, grads, norms, valid, halo_bytes = parallel_run(
-                cfg, layout, batches, compile="compile" in spec.split("."))
+                cfg, layout, batches, compile=compiling)
             loss_err = max(rel(a, b) for a, b in zip(losses, ref_losses))
             norm_err = max(rel(a, b) for a, b in zip(norms, ref_norms))
             grad_err = 0.0
@@ -294,9 +296,13 @@ def main() -> int:
             ok = (loss_err <= 1e-5 and grad_err <= 1e-5 and norm_err <= 1e-5 and valid_err <= 1e-5
                   and len(grads) > 0)
             extra = {}
+            if compiling:  # the blocks really ran compiled graphs (not all eager fallbacks)
+                extra["compiled_graphs"] = (torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                                            - graphs_before)
+                ok = ok and extra["compiled_graphs"] > 0
             if layout.cp > 1 and layout.recompute_granularity is None:
                 # The exchange moved exactly the halo (K/V forward, dK/dV back), nothing more.
-                extra = {"halo_bytes": halo_bytes, "expected_halo_bytes": expected_halo_bytes(cfg, layout)}
+                extra.update(halo_bytes=halo_bytes, expected_halo_bytes=expected_halo_bytes(cfg, layout))
                 ok = ok and halo_bytes == extra["expected_halo_bytes"] and halo_bytes > 0
             result = {"layout": spec, "ok": ok, **extra, "loss_rel_err": loss_err,
                       "grad_rel_err": grad_err, "norm_rel_err": norm_err, "valid_rel_err": valid_err,
