@@ -5,7 +5,9 @@ and the search index rebuilt from it no longer finds the removed code."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,4 +95,104 @@ def test_remove_needs_provenance_and_a_list(dataset, capsys):
                     "--output-prefix", str(tmp / "o")], "missing.txt")
     one_line_error(["remove", "--data-path", str(tmp / "d_text_document"), "--repos", str(tmp / "r.txt"),
                     "--output-prefix", str(tmp / "d_text_document")], "--output-prefix")
+    assert sorted(p.name for p in tmp.iterdir() if ".tmp-" in p.name) == []
+
+
+def _files(prefix) -> list[bytes]:
+    return [open(f"{prefix}{ext}", "rb").read() for ext in (".bin", ".idx", ".prov")]
+
+
+def test_sharded_remove_merges_to_the_one_process_output(dataset, capsys):
+    """Shards of several counts (more shards than documents included: empty shards) merge into
+    the one-process output byte for byte, report included; a finished shard re-run is skipped,
+    one made from another list is made again, never appended to."""
+    tmp, _ = dataset
+    prefix = str(tmp / "d_text_document")
+    repos = tmp / "optout.txt"
+    repos.write_text("owner1-repo1\nowner2-repo5\nowner0-repo3\nnobody/else\n")
+    common = ["remove", "--data-path", prefix, "--repos", str(repos), "--json"]
+    assert cli_main([*common, "--output-prefix", str(tmp / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert len(one["removed"]) == 3 and one["documents_out"] == IndexedDataset(prefix).num_documents - 3
+    for n in (3, 11):
+        out = str(tmp / f"n{n}")
+        for i in range(n):
+            assert cli_main([*common, "--output-prefix", out, "--shard", f"{i}/{n}"]) == 0
+        parts = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert sum(p["documents_in"] for p in parts) == one["documents_in"]
+        assert (tmp / f"n{n}.shard-00000-of-{n:05d}.json").is_file()
+        assert cli_main([*common, "--output-prefix", out, "--merge"]) == 0
+        merged = json.loads(capsys.readouterr().out)
+        assert merged == {**one, "output": out}
+        assert _files(out) == _files(tmp / "one")
+    # re-running a finished shard: skipped, its files untouched; the merge again gives the same bytes
+    shard1 = tmp / "n3.shard-00001-of-00003.bin"
+    stamp = shard1.stat().st_mtime_ns
+    assert cli_main([*common, "--output-prefix", str(tmp / "n3"), "--shard", "1/3"]) == 0
+    assert "skipped" in capsys.readouterr().err and shard1.stat().st_mtime_ns == stamp
+    # made from another list: overwritten (now with nothing removed), and the merge refuses the mix
+    (tmp / "none.txt").write_text("nobody/else\n")
+    assert cli_main(["remove", "--data-path", prefix, "--repos", str(tmp / "none.txt"), "--output-prefix",
+                     str(tmp / "n3"), "--shard", "1/3"]) == 0
+    assert "skipped" not in capsys.readouterr().err
+    assert IndexedDataset(tmp / "n3.shard-00001-of-00003").num_documents == len(range(8 * 1 // 3, 8 * 2 // 3))
+    assert cli_main([*common, "--output-prefix", str(tmp / "n3"), "--merge"]) == 2
+    assert "repository list" in capsys.readouterr().err
+    assert cli_main([*common, "--output-prefix", str(tmp / "n3"), "--shard", "1/3"]) == 0
+    assert cli_main([*common, "--output-prefix", str(tmp / "n3"), "--merge", "--num-shards", "3"]) == 0
+    assert _files(tmp / "n3") == _files(tmp / "one")
+    # the slurm scripts: an array of N tasks with --shard auto, then the merge
+    capsys.readouterr()
+    assert cli_main([*common, "--output-prefix", str(tmp / "q"), "--submit-shards", "4", "--dry-run"]) == 0
+    array = (tmp / "q.slurm" / "remove-build.sbatch").read_text()
+    merge = (tmp / "q.slurm" / "remove-merge.sbatch").read_text()
+    assert "--array=0-3" in array and array.rstrip().endswith("--shard auto")
+    assert "--merge --num-shards 4" in merge and not (tmp / "q.bin").exists()
+
+
+def test_sharded_remove_refuses_bad_shards(dataset, capsys, monkeypatch):
+    tmp, _ = dataset
+    d, j = str(tmp / "d_text_document"), str(tmp / "j_text_document")
+    repos = tmp / "optout.txt"
+    repos.write_text("owner1-repo1\n")
+    out = str(tmp / "o")
+
+    def one_line_error(argv, needle):
+        capsys.readouterr()
+        assert cli_main(["remove", "--repos", str(repos), "--output-prefix", out, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert not any(Path(out + ext).exists() for ext in (".bin", ".idx", ".prov")), "half-written output"
+
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    for spec in ("3/3", "-1/3", "1/0", "a/b"):
+        one_line_error(["--data-path", d, f"--shard={spec}"], f"--shard {spec}")
+    one_line_error(["--data-path", d, "--shard", "auto"], "SLURM_ARRAY_TASK_ID")
+    one_line_error(["--data-path", d, "--shard", "0/2", "--merge"], "--merge")
+    one_line_error(["--data-path", d, "--merge"], "no shards to merge")
+    assert cli_main(["remove", "--data-path", d, "--repos", str(repos), "--output-prefix", out, "--shard", "0/2"]) == 0
+    one_line_error(["--data-path", d, "--merge"], "o.shard-00001-of-00002.json: missing (1 of 2")
+    assert cli_main(["remove", "--data-path", d, "--repos", str(repos), "--output-prefix", out, "--shard", "1/2"]) == 0
+    one_line_error(["--data-path", j, "--merge"], "another dataset")
+    one_line_error(["--data-path", d, "--merge", "--num-shards", "3"], "o.shard-00000-of-00003.json: missing")
+    (tmp / "r2.txt").write_text("owner1-repo1\nowner2-repo2\n")
+    capsys.readouterr()
+    assert cli_main(["remove", "--data-path", d, "--repos", str(tmp / "r2.txt"), "--output-prefix", out,
+                     "--merge"]) == 2
+    assert "o.shard-00000-of-00002.json: shard made with another repository list" in capsys.readouterr().err
+    # stale shards beside a later run with another count
+    assert cli_main(["remove", "--data-path", d, "--repos", str(repos), "--output-prefix", out, "--shard", "0/3"]) == 0
+    one_line_error(["--data-path", d, "--merge"], "different shard counts [2, 3]")
+    # a shard whose files do not match its report, a corrupt report
+    shard = tmp / "o.shard-00001-of-00002"
+    saved = Path(f"{shard}.prov").read_bytes()
+    Path(f"{shard}.prov").write_bytes(saved[:40])
+    one_line_error(["--data-path", d, "--merge", "--num-shards", "2"], "o.shard-00001-of-00002.prov: truncated")
+    Path(f"{shard}.prov").write_bytes(saved)
+    Path(f"{shard}.json").write_text("{not json")
+    one_line_error(["--data-path", d, "--merge", "--num-shards", "2"], "o.shard-00001-of-00002.json: corrupt")
+    assert cli_main(["remove", "--data-path", d, "--repos", str(repos), "--output-prefix", out, "--shard", "1/2"]) == 0
+    # the dataset changed after the shards were made
+    os.utime(f"{d}.idx", ns=(1, 1))
+    one_line_error(["--data-path", d, "--merge", "--num-shards", "2"], "as it was before it changed")
     assert sorted(p.name for p in tmp.iterdir() if ".tmp-" in p.name) == []

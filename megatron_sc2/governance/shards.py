@@ -53,9 +53,11 @@ def _directives(name: str, log: str, time: Optional[str], partition: Optional[st
 
 def submit_sharded(tool: str, build_args: Sequence[str], merge_args: Sequence[str], shards: int, log_dir: Path,
                    time: Optional[str] = None, partition: Optional[str] = None, cpus: Optional[int] = None,
-                   dry_run: bool = False) -> ArraySubmission:
+                   dry_run: bool = False, build_sub: Sequence[str] = ("build",),
+                   merge_sub: Sequence[str] = ("merge",)) -> ArraySubmission:
     """Submit `megatron-sc2 TOOL build BUILD_ARGS --shard auto` as an array of `shards` tasks and
-    `megatron-sc2 TOOL merge MERGE_ARGS` after it."""
+    `megatron-sc2 TOOL merge MERGE_ARGS` after it (a tool without subcommands, like `remove`,
+    passes empty `build_sub`/`merge_sub` and says `--merge` in MERGE_ARGS)."""
     if shards < 1:
         raise ConfigError(f"--submit-shards must be at least 1, got {shards}")
     log_dir = log_dir.resolve()
@@ -63,9 +65,9 @@ def submit_sharded(tool: str, build_args: Sequence[str], merge_args: Sequence[st
     py = [sys.executable, "-m", "megatron_sc2.cli", tool]
     workdir = Path.cwd()
     array = _script(_directives(f"{tool}-build", str(log_dir / f"{tool}-build-%A_%a.out"), time, partition, cpus)
-                    + [f"#SBATCH --array=0-{shards - 1}"], [*py, "build", *build_args, "--shard", "auto"], workdir)
+                    + [f"#SBATCH --array=0-{shards - 1}"], [*py, *build_sub, *build_args, "--shard", "auto"], workdir)
     merge = _script(_directives(f"{tool}-merge", str(log_dir / f"{tool}-merge-%j.out"), time, partition, None),
-                    [*py, "merge", *merge_args], workdir)
+                    [*py, *merge_sub, *merge_args], workdir)
     sub = ArraySubmission(log_dir / f"{tool}-build.sbatch", log_dir / f"{tool}-merge.sbatch")
     sub.array_script.write_text(array)
     sub.merge_script.write_text(merge)
