@@ -237,7 +237,7 @@ def merge_shards(prefix: str, repos: Sequence[str], output_prefix: str,
                 raise DataError(f"{rp}: shard of {ident['dataset']} as it was before it changed "
                                 "(sizes or modification times differ); re-run the shards")
             expect = [ds.num_documents * i // n, ds.num_documents * (i + 1) // n]
-            if meta["shard"] != [i, n] or span != expect:
+            if meta["shard"] != [i, n] or span != expect or rep["documents_in"] != expect[1] - expect[0]:
                 raise DataError(f"{rp}: covers documents {span}, not shard {i}/{n}'s {expect}")
             _check_shard_pair(shard_prefix(out, i, n), meta)
             removed.update(rep["removed"])
