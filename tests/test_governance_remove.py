@@ -169,6 +169,9 @@ def test_sharded_remove_refuses_bad_shards(dataset, capsys, monkeypatch):
         one_line_error(["--data-path", d, f"--shard={spec}"], f"--shard {spec}")
     one_line_error(["--data-path", d, "--shard", "auto"], "SLURM_ARRAY_TASK_ID")
     one_line_error(["--data-path", d, "--shard", "0/2", "--merge"], "--merge")
+    one_line_error(["--data-path", d, "--shard", "0/2", "--submit-shards", "2", "--dry-run"], "--submit-shards")
+    one_line_error(["--data-path", d, "--submit-shards", "0", "--dry-run"], "--submit-shards must be at least 1")
+    one_line_error(["--data-path", d, "--num-shards", "2"], "--num-shards goes with --merge")
     one_line_error(["--data-path", d, "--merge"], "no shards to merge")
     assert cli_main(["remove", "--data-path", d, "--repos", str(repos), "--output-prefix", out, "--shard", "0/2"]) == 0
     one_line_error(["--data-path", d, "--merge"], "o.shard-00001-of-00002.json: missing (1 of 2")
@@ -195,4 +198,11 @@ def test_sharded_remove_refuses_bad_shards(dataset, capsys, monkeypatch):
     # the dataset changed after the shards were made
     os.utime(f"{d}.idx", ns=(1, 1))
     one_line_error(["--data-path", d, "--merge", "--num-shards", "2"], "as it was before it changed")
+    for i in range(2):  # made again (not skipped) from the dataset as it is now, then merged
+        assert cli_main(["remove", "--data-path", d, "--repos", str(repos), "--output-prefix", out,
+                         "--shard", f"{i}/2"]) == 0
+        assert "skipped" not in capsys.readouterr().err
+    assert cli_main(["remove", "--data-path", d, "--repos", str(repos), "--output-prefix", out, "--merge",
+                     "--num-shards", "2"]) == 0
+    assert IndexedDataset(out).num_documents == IndexedDataset(d).num_documents - 1
     assert sorted(p.name for p in tmp.iterdir() if ".tmp-" in p.name) == []
