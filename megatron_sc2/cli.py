@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from megatron_sc2.errors import run_user_main
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("megatron_sc2.data.prep.preprocess", "tokenize a corpus into Megatron .bin/.idx"),
+    "preprocess": ("megatron_sc2.preprocess_command", "tokenize a corpus into Megatron .bin/.idx"),
     "train-tokenizer": ("megatron_sc2.data.prep.train_tokenizer", "train a byte-level BPE tokenizer with StarCoder2's special tokens"),
     "clean": ("megatron_sc2.data.prep.clean.main", "near/exact dedup, PII redaction, decontamination, licence/language filters"),
     "merge": ("megatron_sc2.data.prep.merge", "merge several .bin/.idx datasets into one"),

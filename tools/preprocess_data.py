@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_sc2.cli import run_user_main  # noqa: E402
-from megatron_sc2.data.prep.preprocess import main  # noqa: E402
+from megatron_sc2.preprocess_command import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_user_main(main, sys.argv[1:], prog="preprocess_data.py"))

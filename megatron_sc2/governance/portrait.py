@@ -48,9 +48,16 @@ def shard_path(directory: str | os.PathLike, shard: int, num_shards: int) -> Pat
     return Path(directory) / "shards" / f"portrait-{shard:05d}-of-{num_shards:05d}.bloom"
 
 
+def document_window_bound(lengths: np.ndarray, ids: np.ndarray) -> int:
+    """The capacity share of one document: its tokens' characters (`TokenText.char_lengths`,
+    ids past the table counted as its last entry) / 50. `window_bound` sums exactly this."""
+    ids = np.minimum(np.asarray(ids, dtype=np.int64), len(lengths) - 1)
+    return int(lengths[ids].sum()) // WINDOW
+
+
 def window_bound(datasets: Sequence[IndexedDataset], text: TokenText, chunk: int = 1 << 24) -> int:
     """An upper bound of the windows a build inserts: per document, its tokens' characters / 50
-    (streamed over the `.bin`, memory flat)."""
+    (`document_window_bound`, streamed over the `.bin`, memory flat)."""
     lengths = text.char_lengths()
     total = 0
     for ds in datasets:
@@ -73,6 +80,26 @@ def index_windows(segment: str) -> list[str]:
     """The non-overlapping windows a build inserts for one text segment."""
     s = normalize(segment)
     return [s[j:j + WINDOW] for j in range(0, len(s) - WINDOW + 1, WINDOW)]
+
+
+def document_windows(text: TokenText, ids: np.ndarray) -> tuple[list[str], int]:
+    """The windows one document's tokens put into the filter (each segment between special
+    tokens normalized and cut from its start), and the normalized characters they came from.
+    The one routine of both builds: from a finished dataset and during preprocessing."""
+    windows: list[str] = []
+    chars = 0
+    for seg in text.segments(ids):
+        s = normalize(seg)
+        chars += len(s)
+        windows.extend(s[j:j + WINDOW] for j in range(0, len(s) - WINDOW + 1, WINDOW))
+    return windows, chars
+
+
+def filter_meta(prefixes: Sequence[str], documents: int, tokenizer_path: str | os.PathLike) -> dict[str, Any]:
+    """The header of a whole filter: the dataset prefixes as given, their document count and
+    the (resolved) tokenizer; nothing that depends on how or in how many shards it was built."""
+    return {"datasets": [strip_suffix(str(p)) for p in prefixes], "documents": int(documents),
+            "tokenizer": str(tokenizer_path)}
 
 
 @dataclass
@@ -117,20 +144,89 @@ def build(prefixes: Sequence[str], tokenizer, output: str | os.PathLike, error_r
     for di, first, end in document_ranges(datasets, i, n):
         ds = datasets[di]
         for d in range(first, end):
-            for seg in text.segments(ds.document(d)):
-                s = normalize(seg)
-                chars += len(s)
-                pending.extend(s[j:j + WINDOW] for j in range(0, len(s) - WINDOW + 1, WINDOW))
+            windows, c = document_windows(text, ds.document(d))
+            pending.extend(windows)
+            chars += c
             docs += 1
             if len(pending) >= BATCH_WINDOWS:
                 builder.add_digests(window_digests(pending))
                 pending = []
     builder.add_digests(window_digests(pending))
-    meta = {"datasets": [d.prefix for d in datasets], "documents": sum(d.num_documents for d in datasets),
-            "tokenizer": str(tok.path), "shard": [i, n] if shard else None, "windows": builder.inserted}
+    meta = filter_meta([d.prefix for d in datasets], sum(d.num_documents for d in datasets), tok.path)
+    if shard:
+        meta.update(shard=[i, n], windows=builder.inserted)
     out = shard_path(output, i, n) if shard else filter_path(output)
-    write_filter(out, params, builder.packed(), meta if shard else _final_meta(meta))
+    write_filter(out, params, builder.packed(), meta)
     return BuildReport(out, params, docs, builder.inserted, chars, time.perf_counter() - t0)
+
+
+class PreprocessPortrait:
+    """The portrait `preprocess --portrait DIR` writes of the documents it writes: the same
+    windows (`document_windows` of each document's tokens, as in the `.bin`) and the same
+    capacity (`document_window_bound` summed) as `portrait build` over the finished dataset, so
+    the very same file, byte for byte. Window digests go to a temporary file as documents are
+    written (the capacity is known only at the end); `stage` sizes the filter and inserts them.
+    It is a companion of the last output pair: staged and renamed with it, aborted with it."""
+
+    def __init__(self, directory: str | os.PathLike, error_rate: float = 0.001):
+        BloomParams.for_capacity(1, error_rate, WINDOW)  # a bad rate fails before any work
+        self.directory = Path(directory)
+        self.error_rate = error_rate
+        self.path = filter_path(self.directory)
+        self._tmp_digests = self.directory / f"{FILTER_NAME}.digests.tmp-{os.getpid()}"
+        self._tmp_filter = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        self._f = None
+        self.capacity = 0
+        self.windows = 0
+        self.documents = 0
+
+    def open(self, prefixes: Sequence[str], tok) -> None:
+        """Before the first document: the outputs this portrait describes, and their tokenizer."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._f = open(self._tmp_digests, "wb")
+        except OSError as e:
+            raise DataError(f"--portrait {self.directory}: cannot write there ({e.strerror or e})") from None
+        self.prefixes = [str(p) for p in prefixes]
+        self.tokenizer_path = tok.path
+        self.text = TokenText(tok)
+        self.lengths = self.text.char_lengths()
+
+    def prepare(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+        """(window digests, capacity share) of one document's tokens; runs in the encoder threads."""
+        windows, _ = document_windows(self.text, ids)
+        return window_digests(windows), document_window_bound(self.lengths, ids) if len(ids) else 0
+
+    def add(self, prepared: tuple[np.ndarray, int]) -> None:
+        """One written document, in order (the writer thread)."""
+        digests, bound = prepared
+        self._f.write(np.ascontiguousarray(digests, dtype="<u8").tobytes())
+        self.capacity += bound
+        self.windows += len(digests)
+        self.documents += 1
+
+    def stage(self) -> tuple[Path, Path]:
+        self._f.flush()
+        self._f.close()
+        params = BloomParams.for_capacity(self.capacity, self.error_rate, WINDOW)
+        builder = BitBuilder(params)
+        step = BATCH_WINDOWS * 16
+        with open(self._tmp_digests, "rb") as f:
+            while chunk := f.read(step):
+                builder.add_digests(np.frombuffer(chunk, dtype="<u8").reshape(-1, 2))
+        self._tmp_digests.unlink()
+        write_filter(self._tmp_filter, params, builder.packed(),
+                     filter_meta(self.prefixes, self.documents, self.tokenizer_path))
+        return self._tmp_filter, self.path
+
+    def abort(self) -> None:
+        if self._f is not None and not self._f.closed:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+        for p in (self._tmp_digests, self._tmp_filter):
+            p.unlink(missing_ok=True)
 
 
 def _final_meta(meta: dict[str, Any]) -> dict[str, Any]:

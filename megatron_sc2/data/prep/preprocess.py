@@ -23,7 +23,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -70,6 +70,24 @@ class PreprocessSummary:
         return out
 
 
+class DocumentObserver(Protocol):
+    """Something made from every document preprocess writes (the membership portrait of
+    governance/, wired in from above by `megatron-sc2 preprocess --portrait`). `prepare` runs in
+    the encoder threads on a document's tokens exactly as written (end-of-document included),
+    `add` in the writer, in document order. It is a companion of the last output pair: staged
+    and renamed with it, aborted with it (see `IndexedWriter`)."""
+
+    def open(self, prefixes: Sequence[str], tok: Tokenizer) -> None: ...
+
+    def prepare(self, ids: np.ndarray) -> Any: ...
+
+    def add(self, prepared: Any) -> None: ...
+
+    def stage(self) -> tuple[Optional[Path], Path]: ...
+
+    def abort(self) -> None: ...
+
+
 def _chunks(docs: Iterable[Document]) -> Iterator[list[Document]]:
     chunk: list[Document] = []
     size = 0
@@ -88,12 +106,14 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                append_eod: bool = False, workers: int = 1, repo_context: bool = False, seed: int = 1234,
                skip_malformed: bool = False, filters: Optional[FileFilters] = None,
                progress: bool = True, use_fast_encoder: bool = True,
-               parse_special_tokens: bool = False) -> PreprocessSummary:
+               parse_special_tokens: bool = False,
+               observers: Sequence[DocumentObserver] = ()) -> PreprocessSummary:
     """Tokenize `inputs` (paths/globs) or `repositories` into `{prefix}_{key}_document.bin/.idx`.
 
     Repository documents (directories, `repositories`, `repo_context`) always end in the
     end-of-document token, as StarCoder2's format has it. With `parse_special_tokens`
-    (Megatron's behaviour) special-token text in documents becomes control tokens."""
+    (Megatron's behaviour) special-token text in documents becomes control tokens. Each of
+    `observers` sees every written document's tokens (`DocumentObserver`)."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     tok.use_fast = use_fast_encoder
     if workers < 1:
@@ -174,6 +194,15 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
         per_key = [encode_texts(chunk, k) for k in keys]
         return [[per_key[j][i] for j in range(len(keys))] for i in range(len(chunk))]
 
+    def as_written(doc: Document, ids: np.ndarray) -> np.ndarray:
+        return np.append(ids, tok.eod) if len(ids) and (append_eod or doc.repo) else ids
+
+    def encode_observed(chunk: list[Document]) -> tuple[list[list[np.ndarray]], list[list[Optional[list[Any]]]]]:
+        encoded = encode(chunk)
+        seen = [[None if ids is None else [o.prepare(as_written(doc, ids)) for o in observers] for ids in per_key]
+                for doc, per_key in zip(chunk, encoded)]
+        return encoded, seen
+
     from tqdm import tqdm
 
     total = None
@@ -186,11 +215,14 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
     sidecars: dict[str, ProvenanceWriter] = {}  # where each document came from (PREFIX.prov)
     file_sep, specials = tok.special_ids.get("file_sep"), sorted(set(tok.special_ids.values()))
     try:
+        for o in observers:
+            o.open([outputs[k] for k in keys], tok)
         for k in keys:
             sidecars[k] = ProvenanceWriter(outputs[k])
-            writers[k] = IndexedWriter(outputs[k], dtype, companions=[sidecars[k]])
+            last = [*observers] if k == keys[-1] else []  # appear with the last pair, when all are complete
+            writers[k] = IndexedWriter(outputs[k], dtype, companions=[sidecars[k], *last])
     except BaseException as e:
-        for w in [*writers.values(), *sidecars.values()]:
+        for w in [*writers.values(), *sidecars.values(), *observers]:
             w.abort()
         bar.close()
         if isinstance(e, OSError):
@@ -204,7 +236,8 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
             def drain_one() -> None:
                 nonlocal last_bytes
                 chunk, fut = pending.popleft()
-                for doc, ids_per_key in zip(chunk, fut.result()):
+                encoded, seen = fut.result() if observers else (fut.result(), None)
+                for i, (doc, ids_per_key) in enumerate(zip(chunk, encoded)):
                     if any(ids is None for ids in ids_per_key):
                         continue  # could not be tokenized; counted as malformed
                     if all(len(ids) == 0 for ids in ids_per_key):
@@ -224,12 +257,17 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
                             writers[k].add_document(ids)
                             summary.tokens += len(ids)
                         sidecars[k].add_document(doc.origin, doc.where, ids, doc.repo, file_sep, specials)
+                    if seen is not None:
+                        for per_observer in seen[i]:
+                            for o, prepared in zip(observers, per_observer):
+                                o.add(prepared)
                     summary.documents += 1
                 bar.update(stats.input_bytes - last_bytes)
                 last_bytes = stats.input_bytes
 
+            task = encode_observed if observers else encode
             for chunk in _chunks(docs):
-                pending.append((chunk, pool.submit(encode, chunk)))
+                pending.append((chunk, pool.submit(task, chunk)))
                 while len(pending) > 2 * workers:
                     drain_one()
             while pending:
@@ -244,6 +282,9 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
         for w in [*writers.values(), *sidecars.values()]:
             if not w._done:
                 w.abort()
+        if not all(w._done for w in writers.values()):
+            for o in observers:
+                o.abort()
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -289,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace, observers: Sequence[DocumentObserver] = ()) -> int:
+    """The command on parsed flags (`megatron-sc2 preprocess` adds `--portrait` above this)."""
     if args.split_sentences:
         raise ConfigError("--split-sentences is not supported (code has no sentences)")
     if args.vocab_file or args.merge_file:
@@ -304,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          append_eod=args.append_eod, workers=args.workers, repo_context=args.repo_context,
                          seed=args.seed, skip_malformed=args.skip_malformed, filters=filters,
                          progress=not args.no_progress, use_fast_encoder=not args.no_fast_encoder,
-                         parse_special_tokens=args.parse_special_tokens)
+                         parse_special_tokens=args.parse_special_tokens, observers=observers)
     for line in summary.lines():
         print(line, file=sys.stderr)
     return 0
