@@ -294,3 +294,116 @@ def test_tools_script_runs_without_torch(tmp_path, starcoder2_tokenizer_path):
     assert IndexedDataset(tmp_path / "o_text_document").num_documents == len(TEXTS)
     bad = subprocess.run(args[:5] + [str(tmp_path / "missing.jsonl")] + args[6:], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "input not found" in bad.stderr
+
+
+def _code_texts(n: int, seed: int = 0) -> list[str]:
+    """Code-like documents: indentation, CRLF, tabs, non-ASCII, quoted special-token text."""
+    import random
+
+    rng = random.Random(seed)
+    lines = ["def f(x):\n", "    return x + 12\r\n", "\tpass  # é λ 7\n", "x = 1  <|endoftext|> y\n",
+             "\n\n", "class A(object):   \n", "        print('héllo wörld', [i for i in range(9)])\n"]
+    return ["".join(rng.choice(lines) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def _portrait_equals_build(tmp_path, tokp, inputs: list[str], extra: list[str], name: str) -> Path:
+    """preprocess --portrait with 2 workers, then `portrait build` over its output: the same file."""
+    from megatron_sc2.governance.portrait import filter_path
+
+    prefix = tmp_path / name
+    args = ["preprocess", "--input", *inputs, "--output-prefix", str(prefix), "--tokenizer-model", tokp,
+            "--workers", "2", "--no-progress", *extra]
+    assert cli_main([*args, "--portrait", str(tmp_path / f"{name}-pre")]) == 0
+    data = [(tmp_path / f"{name}_text_document{e}").read_bytes() for e in (".bin", ".idx", ".prov")]
+    assert cli_main([*args[:4], str(tmp_path / f"{name}-plain"), *args[5:]]) == 0  # the flag changes no byte
+    assert data == [(tmp_path / f"{name}-plain_text_document{e}").read_bytes() for e in (".bin", ".idx", ".prov")]
+    assert cli_main(["portrait", "build", "--data-path", f"{prefix}_text_document", "--tokenizer-model", tokp,
+                     "--output", str(tmp_path / f"{name}-built")]) == 0
+    pre = filter_path(tmp_path / f"{name}-pre").read_bytes()
+    assert pre == filter_path(tmp_path / f"{name}-built").read_bytes()
+    assert sorted(p.name for p in (tmp_path / f"{name}-pre").iterdir()) == ["portrait.bloom"]  # no temporaries
+    return tmp_path / f"{name}-pre"
+
+
+def _windows(text: str) -> list[str]:
+    """Data Portraits' windows of one text, written here from the rules (not the package's)."""
+    import re
+
+    s = re.sub(r"[\r\n]+", "\n", text)
+    s = re.sub(r"[^\S\n]+", " ", s).replace("\n ", "\n").strip()
+    return [s[j:j + 50] for j in range(0, len(s) - 49, 50)]
+
+
+def test_portrait_during_preprocess_is_the_portrait_build_file(tmp_path, starcoder2_tokenizer_path):
+    """JSONL (more than one encoder chunk, 2 workers) and a directory of repositories: the
+    portrait written while preprocessing is byte for byte `portrait build` of the finished
+    dataset, and every window of every input text is in it (no false negatives)."""
+    from megatron_sc2.governance.bloom import BloomFilter
+
+    tokp = str(starcoder2_tokenizer_path)
+    texts = _code_texts(1300)
+    inp = _jsonl(tmp_path / "in.jsonl", texts)
+    d = _portrait_equals_build(tmp_path, tokp, [str(inp)], ["--append-eod"], "j")
+    bf = BloomFilter.open(d / "portrait.bloom")
+    windows = [w for t in texts for w in _windows(t)]
+    assert len(windows) > 5000 and bf.contains(windows).all()
+    assert bf.meta["documents"] == len(texts) and bf.meta["datasets"] == [str(tmp_path / "j_text_document")]
+    # repositories in StarCoder2's format: one document per repository, a window never crosses a file
+    files = {}
+    for r, code in enumerate(_code_texts(60, seed=1)):
+        p = tmp_path / "repos" / f"repo{r // 3}" / "src" / f"m{r % 3}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(code, newline="")
+        files[p] = code
+    d = _portrait_equals_build(tmp_path, tokp, [str(tmp_path / "repos")], ["--seed", "3"], "r")
+    bf = BloomFilter.open(d / "portrait.bloom")
+    # a file's segment is its code, or `path\ncode` in a document with metadata (<repo_name>)
+    forms = [(_windows(code), _windows(f"src/{p.name}\n{code}")) for p, code in files.items()]
+    assert sum(len(a) for a, _ in forms) > 300
+    assert all(bf.contains(a).all() or bf.contains(b).all() for a, b in forms)
+    assert sum(bool(b) and bf.contains(b).all() for _, b in forms) >= 10  # both forms occur
+    # Megatron's behaviour: quoted special-token text becomes a control token and cuts the segment
+    _portrait_equals_build(tmp_path, tokp, [str(inp)], ["--append-eod", "--parse-special-tokens"], "s")
+
+
+def test_portrait_flag_failures_leave_nothing(tmp_path, starcoder2_tokenizer_path, capsys):
+    tokp = str(starcoder2_tokenizer_path)
+    bad = tmp_path / "in.jsonl"
+    bad.write_text("".join(json.dumps({"text": t}) + "\n" for t in _code_texts(1100)) + '{"text": "broken\n')
+    base = ["preprocess", "--input", str(bad), "--output-prefix", str(tmp_path / "bad"), "--tokenizer-model", tokp,
+            "--workers", "2", "--no-progress"]
+
+    def one_line(argv, needle):
+        capsys.readouterr()
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+
+    one_line([*base, "--portrait", str(tmp_path / "p")], "in.jsonl:1101: malformed JSON")
+    assert not list(tmp_path.glob("bad*")) and list((tmp_path / "p").iterdir()) == []
+    one_line([*base, "--portrait", str(tmp_path / "q"), "--portrait-error-rate", "1.5"], "--error-rate")
+    assert not (tmp_path / "q").exists()
+    (tmp_path / "afile").write_text("x")
+    one_line([*base, "--portrait", str(tmp_path / "afile")], "afile")
+    assert not list(tmp_path.glob("bad*"))
+
+
+def test_portrait_failing_at_the_end_takes_the_dataset_with_it(tmp_path, tok, monkeypatch):
+    """The portrait is staged with the last output pair: when writing it fails, neither it nor
+    the dataset appears, and an older dataset and portrait stay as they were."""
+    from megatron_sc2.governance import portrait
+
+    inp = _jsonl(tmp_path / "in.jsonl", _code_texts(50))
+    preprocess(str(tmp_path / "o"), tok, [str(inp)], progress=False,
+               observers=[portrait.PreprocessPortrait(tmp_path / "p")])
+    old = [p.read_bytes() for p in sorted(tmp_path.glob("o_*"))] + [(tmp_path / "p" / "portrait.bloom").read_bytes()]
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(portrait, "write_filter", disk_full)
+    with pytest.raises(OSError):
+        preprocess(str(tmp_path / "o"), tok, [str(_jsonl(tmp_path / "new.jsonl", _code_texts(60, 2)))],
+                   progress=False, observers=[portrait.PreprocessPortrait(tmp_path / "p")])
+    assert [p.read_bytes() for p in sorted(tmp_path.glob("o_*"))] + [(tmp_path / "p" / "portrait.bloom").read_bytes()] == old
+    assert not [p for p in [*tmp_path.iterdir(), *(tmp_path / "p").iterdir()] if ".tmp-" in p.name]
