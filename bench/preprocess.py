@@ -17,6 +17,12 @@ compared byte for byte with Megatron's pass that flag, and a default run is time
 instead times this tree's tool against another checkout's, interleaved (no Megatron needed):
 the check that a change did not slow the fast path down.
 
+    python bench/preprocess.py --portrait --repeat 3
+
+instead times `--portrait DIR` (the membership portrait written while preprocessing) against
+what a user runs otherwise: preprocess, then `portrait build` over its output; interleaved, and
+checks that both portraits are the same file and that the flag leaves the dataset unchanged.
+
 Megatron-LM (tag core_v0.16.1) is not a dependency: it is run from its own source tree for
 this bench only. Its training package imports `six` and `triton` at start-up; if they are
 not in this environment, point `--extra-pythonpath` at a directory that has them.
@@ -116,7 +122,11 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of each tool; the best time is kept")
     p.add_argument("--baseline-tree", default=None,
                    help="instead: time this tree's tool against the one in this checkout, interleaved")
+    p.add_argument("--portrait", action="store_true",
+                   help="instead: time preprocess --portrait against preprocess + portrait build, interleaved")
     args = p.parse_args()
+    if args.portrait:
+        return bench_portrait(args)
     if args.indices:
         return bench_indices(int(args.indices), args.seq_length, args.epochs)
     if args.baseline_tree:
@@ -208,7 +218,11 @@ def bench_against_tree(args) -> int:
           f"load average after {os.getloadavg()[0]:.1f}")
     same = all((out / f"base_text_document{e}").read_bytes() == (out / f"newparse_text_document{e}").read_bytes()
                for e in (".bin", ".idx"))
-    print(f"--parse-special-tokens output byte-identical to the baseline tree's: {'yes' if same else 'NO'}")
+    same_default = all((out / f"base_text_document{e}").read_bytes() == (out / f"new_text_document{e}").read_bytes()
+                       for e in (".bin", ".idx"))
+    print(f"--parse-special-tokens output byte-identical to the baseline tree's: {'yes' if same else 'NO'}; "
+          f"default output byte-identical to the baseline tree's (a baseline that already keeps special-token "
+          f"text as text): {'yes' if same_default else 'NO'}")
     import numpy as np
 
     from megatron_sc2.data.indexed import IndexedDataset
@@ -217,7 +231,50 @@ def bench_against_tree(args) -> int:
     differ = sum(not np.array_equal(a.document(i), n.document(i)) for i in range(a.num_documents))
     print(f"default output: {differ} of {a.num_documents} documents differ from the baseline "
           f"(documents quoting special-token text)")
-    return 0 if same else 1
+    return 0 if same or same_default else 1
+
+
+def bench_portrait(args) -> int:
+    """preprocess --portrait DIR against preprocess then `portrait build`, runs interleaved."""
+    import statistics
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "stdlib.jsonl"
+    docs, size = write_corpus(corpus)
+    from megatron_sc2.data.tokenizer import load_tokenizer
+
+    tok_dir = out / "tokenizer"
+    load_tokenizer(args.tokenizer).save_hf(tok_dir)
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="true")
+    pre = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--json-keys", "text",
+           "--append-eod", "--workers", str(args.workers), "--tokenizer-model", str(tok_dir), "--no-progress"]
+    build = [sys.executable, "-m", "megatron_sc2.cli", "portrait", "build", "--data-path",
+             str(out / "withp_text_document"), "--tokenizer-model", str(tok_dir), "--output", str(out / "built")]
+    runs = {"preprocess": [*pre, "--output-prefix", str(out / "plain")],
+            "preprocess --portrait": [*pre, "--output-prefix", str(out / "withp"), "--portrait", str(out / "during")],
+            "portrait build (of its output)": build}
+    print(f"corpus: {docs} files, {size / 1e6:.2f} MB of JSON lines; workers {args.workers}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeat):
+        for name, cmd in runs.items():
+            times[name].append(timed(cmd, env))
+    print(f"{'run':<32} {'best s':>7} {'median s':>9}")
+    for name, ts in times.items():
+        print(f"{name:<32} {min(ts):7.2f} {statistics.median(ts):9.2f}")
+    a, c, b = (min(times[k]) for k in runs)
+    print(f"best times: preprocess {a:.2f} s; with --portrait {c:.2f} s (+{c - a:.2f} s, {c / a:.2f}x); "
+          f"preprocess + portrait build {a + b:.2f} s; ratio (preprocess + build) / (--portrait): "
+          f"{(a + b) / c:.2f}x; load average after {os.getloadavg()[0]:.1f}")
+    from megatron_sc2.governance.portrait import filter_path
+
+    same_filter = filter_path(out / "during").read_bytes() == filter_path(out / "built").read_bytes()
+    same_data = all((out / f"plain_text_document{e}").read_bytes() == (out / f"withp_text_document{e}").read_bytes()
+                    for e in (".bin", ".idx"))
+    print(f"portrait byte-identical to portrait build's: {'yes' if same_filter else 'NO'}; "
+          f"dataset unchanged by the flag: {'yes' if same_data else 'NO'}")
+    return 0 if same_filter and same_data else 1
 
 
 if __name__ == "__main__":

@@ -140,8 +140,9 @@ def _build(corpus, out: Path, **kw) -> BloomFilter:
 
 def test_normalization_matches_the_reference():
     rng = random.Random(1)
-    alphabet = ["a", "b", " ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\xa0", "\u2028", "é", "\x85", "x y"]
-    for _ in range(3000):
+    alphabet = ["a", "b", " ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\xa0", "\u2028", "é", "\x85", "x y",
+                "\n\n\n", "        ", "\t \t", " \r ", "\n \n", "\x1c", "\u3000"]
+    for _ in range(6000):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25)))
         ref, ref_offs = ref_normalize_offsets(s)
         got, offs = normalize_with_offsets(s)
