@@ -364,6 +364,15 @@ def test_portrait_during_preprocess_is_the_portrait_build_file(tmp_path, starcod
     assert sum(bool(b) and bf.contains(b).all() for _, b in forms) >= 10  # both forms occur
     # Megatron's behaviour: quoted special-token text becomes a control token and cuts the segment
     _portrait_equals_build(tmp_path, tokp, [str(inp)], ["--append-eod", "--parse-special-tokens"], "s")
+    # several --json-keys: one portrait of all outputs, as `portrait build` over them in that order
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(json.dumps({"text": a, "code": b}) + "\n" for a, b in zip(texts[:200], texts[200:400])))
+    assert cli_main(["preprocess", "--input", str(two), "--output-prefix", str(tmp_path / "k"), "--tokenizer-model",
+                     tokp, "--json-keys", "text", "code", "--no-progress", "--portrait", str(tmp_path / "k-pre")]) == 0
+    assert cli_main(["portrait", "build", "--data-path", str(tmp_path / "k_text_document"),
+                     str(tmp_path / "k_code_document"), "--tokenizer-model", tokp, "--output",
+                     str(tmp_path / "k-built")]) == 0
+    assert (tmp_path / "k-pre" / "portrait.bloom").read_bytes() == (tmp_path / "k-built" / "portrait.bloom").read_bytes()
 
 
 def test_portrait_flag_failures_leave_nothing(tmp_path, starcoder2_tokenizer_path, capsys):
