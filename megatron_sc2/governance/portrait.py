@@ -12,6 +12,10 @@ The filter's size is fixed before any window is seen, from an upper bound of the
 windows every shard computes alike (the characters of each document's tokens / 50), or from
 `--capacity`; so shards (`--shard i/N`, one slurm array task each) OR into the very filter a
 single build writes.
+
+`preprocess --portrait DIR` (`PreprocessPortrait`) builds the same file from the tokens it
+writes, with the same routines (`document_windows`, `document_window_bound`, `filter_meta`), so
+a large corpus is read once.
 """
 
 from __future__ import annotations
