@@ -125,3 +125,99 @@ def test_sentencepiece_model(tmp_path):
                                    minloglevel=2, max_sentence_length=100000)
     with pytest.raises(DataError, match="no end-of-document token"):
         load_tokenizer(tmp_path / "noeos.model")
+
+
+# -- SentencePiece: special-token text stays text (parse_special=False) ---------------------------
+
+SP_SYMBOLS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<repo_name>",
+              "<file_sep>"]
+SP_VOCAB_SYMBOL = "\t\t"  # a user-defined whitespace run: vocabulary, not special-token text
+SP_CONTROL = "<issue_start>"
+SP_QUOTING = ["x = '<|endoftext|>'\n", "<fim_prefix>a<fim_suffix>b<fim_middle>c", "# <file_sep>x.py\n<repo_name>r",
+              f"s = '<fim_pad>{SP_CONTROL}'  # </s> <s> <unk>\n", "<|endoftext|><|endoftext|>",
+              "é\u00ff<fim_prefix>\U0001F600 <|endoftext|", "  <file_sep>\n    <file_sep>  "]
+
+
+def train_sp_model(out_prefix, model_type: str = "bpe", byte_fallback: bool = True,
+                   normalization: str = "identity", corpus=None):
+    """A tiny real SentencePiece model with StarCoder2's separators as user-defined symbols
+    (so SentencePiece matches them in text), one control symbol and a whitespace-run symbol."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus if corpus is not None else _small_corpus(60_000)),
+        model_prefix=str(out_prefix), vocab_size=400, model_type=model_type,
+        user_defined_symbols=SP_SYMBOLS + [SP_VOCAB_SYMBOL], control_symbols=[SP_CONTROL],
+        byte_fallback=byte_fallback, normalization_rule_name=normalization,
+        remove_extra_whitespaces=normalization != "identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2, max_sentence_length=1_000_000, character_coverage=1.0)
+    return out_prefix.parent / (out_prefix.name + ".model")
+
+
+@pytest.mark.parametrize("model_type,normalization", [("bpe", "identity"), ("unigram", "nmt_nfkc")])
+def test_sentencepiece_special_text_is_text(tmp_path, model_type, normalization):
+    """With parse_special=False no user-defined or control symbol id comes from the text (the
+    text decodes back as it was); texts without such strings, and parse_special=True, give
+    SentencePiece's own ids exactly."""
+    import sentencepiece as spm
+
+    path = train_sp_model(tmp_path / "sp", model_type, normalization=normalization)
+    proc = spm.SentencePieceProcessor(model_file=str(path))
+    tok = load_tokenizer(path)
+    symbol_ids = {proc.piece_to_id(s) for s in SP_SYMBOLS + [SP_CONTROL]} | {proc.eos_id(), proc.bos_id()}
+    assert tok.eod == proc.piece_to_id("<|endoftext|>") and tok.special_ids["file_sep"] == proc.piece_to_id("<file_sep>")
+    texts = SP_QUOTING + ["x = '\uff1cfim_prefix\uff1e'"]  # NFKC spells <fim_prefix> from full-width forms
+    plain = [tok.encode(t, parse_special=False) for t in texts]
+    for t, ids in zip(texts, plain):
+        assert not symbol_ids & set(ids), (t, proc.id_to_piece(ids))
+        assert tok.decode(ids) == tok.decode(proc.encode(t))  # the same text, only not as symbols
+        if normalization == "identity":
+            assert tok.decode(ids) == t
+    assert sum(bool(symbol_ids & set(proc.encode(t))) for t in texts) >= len(texts) - 2  # SentencePiece matches them
+    assert tok.encode_batch(texts, parse_special=False) == plain
+    assert [a.tolist() for a in tok.encode_batch_np(texts, parse_special=False)] == plain
+    # parse_special=True: today's behaviour, SentencePiece's ids exactly
+    assert [tok.encode(t) for t in texts] == tok.encode_batch(texts) == proc.encode(texts)
+    assert [a.tolist() for a in tok.encode_batch_np(texts, parse_special=True)] == proc.encode(texts)
+    # texts holding no symbol string: exactly SentencePiece's ids, vocabulary symbols still matched
+    code = _small_corpus(120_000)[-60:] + SNIPPETS[:4] + ["if x:\n\t\tpass\n"]
+    want = proc.encode(code)
+    assert tok.encode_batch(code, parse_special=False) == want
+    assert [tok.encode(t, parse_special=False) for t in code[:10]] == want[:10]
+    assert any(proc.piece_to_id(SP_VOCAB_SYMBOL) in ids for ids in want)
+
+
+def test_sentencepiece_without_byte_fallback_refuses_what_it_cannot_spell(tmp_path):
+    """A model lacking a symbol's characters (no byte fallback) would write it as <unk>: a
+    one-line DataError instead of lost text; parse_special=True and other texts still work."""
+    corpus = [f"def f{i}(x):\n    return x + {i}\n" for i in range(300)]  # no '|', '<', '>'
+    path = train_sp_model(tmp_path / "nb", byte_fallback=False, corpus=corpus)
+    tok = load_tokenizer(path)
+    s = "y = '<|endoftext|>'\n"
+    with pytest.raises(DataError, match=r"nb\.model: the text holds '<\|endoftext\|>'.*--parse-special-tokens"):
+        tok.encode(s, parse_special=False)
+    with pytest.raises(DataError, match="cannot write"):
+        tok.encode_batch(["ok", s], parse_special=False)
+    assert tok.encode(s) == tok._impl.encode(s) and tok.eod in tok.encode(s)
+    assert tok.encode(corpus[0], parse_special=False) == tok._impl.encode(corpus[0])
+
+
+def test_sentencepiece_special_text_random_mixtures(tmp_path):
+    """Random texts made of symbol strings, their fragments, code and odd characters: each
+    decodes back exactly with no symbol id, and parse_special=True still equals SentencePiece."""
+    import random
+
+    import sentencepiece as spm
+
+    path = train_sp_model(tmp_path / "sp")
+    proc = spm.SentencePieceProcessor(model_file=str(path))
+    tok = load_tokenizer(path)
+    symbol_ids = {proc.piece_to_id(s) for s in SP_SYMBOLS + [SP_CONTROL]}
+    parts = SP_SYMBOLS + [SP_CONTROL, "<", ">", "<fim_", "|>", "<|", "endoftext", " ", "\n", "\t\t", "    ",
+                          "def f(x):", "é", "\U0001F600", "\x00", "12"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 12))) for _ in range(300)]
+    plain = tok.encode_batch(texts, parse_special=False)
+    for t, ids in zip(texts, plain):
+        assert tok.decode(ids) == t and not symbol_ids & set(ids), t
+    assert tok.encode_batch(texts) == proc.encode(texts)

@@ -3,6 +3,11 @@
 The ids are those of the Hugging Face tokenizer (what Megatron's `HuggingFaceTokenizer` and
 `transformers` produce). A faster exact encoder (`fast_encoder.py`) is used for batches when it
 can prove it reproduces these ids; otherwise encoding stays with `tokenizers`.
+
+Special-token text (`parse_special=False`): `tokenizers` encodes it as text with its own
+`encode_special_tokens` switch; a SentencePiece model uses a copy in which its special-token-like
+user-defined symbols can no longer be produced (`sentencepiece_text.py`), its control symbols
+being text already.
 """
 
 from __future__ import annotations
@@ -30,22 +35,34 @@ class Tokenizer:
     _fast: Any = field(default=None, repr=False)
     _fast_checked: bool = field(default=False, repr=False)
     _impl_ordinary: Any = field(default=None, repr=False)
+    _sp_plain: Any = field(default=None, repr=False)
+    _sp_plain_checked: bool = field(default=False, repr=False)
     use_fast: bool = True
 
     # -- encoding --------------------------------------------------------------------------
     # `parse_special=True` (HF's and Megatron's behaviour): special-token text inside the text
     # becomes that control token. `parse_special=False`: it is encoded as the ordinary text it
     # is, so code quoting `<|endoftext|>` is not cut into two documents (preprocessing's default).
+    # SentencePiece: `parse_special=True` is the model as it is (user-defined symbols match
+    # anywhere); `False` writes its special-token-like user-defined symbols (`<...>`) as their
+    # characters (byte fallback where the vocabulary lacks one) and keeps other user-defined
+    # symbols (whitespace runs, digits) as vocabulary. Control symbols never match text.
     def encode(self, text: str, parse_special: bool = True) -> list[int]:
         """Ids of `text`, no BOS/EOS added."""
         if self.backend == "hf":
             return self._hf_for(parse_special).encode(text, add_special_tokens=False).ids
+        plain = None if parse_special else self._sp_plain_encoder()
+        if plain is not None:
+            return list(plain.encode([text])[0])
         return list(self._impl.encode(text))
 
     def encode_batch(self, texts: Sequence[str], parse_special: bool = True) -> list[list[int]]:
         """Ids of each text; identical to `encode` on each, faster."""
         texts = list(texts)
         if self.backend != "hf":
+            plain = None if parse_special else self._sp_plain_encoder()
+            if plain is not None:
+                return [list(ids) for ids in plain.encode(texts)]
             return [list(ids) for ids in self._impl.encode(texts)]
         fast = self.fast_encoder()
         if fast is not None:
@@ -73,6 +90,16 @@ class Tokenizer:
             impl.encode_special_tokens = True
             self._impl_ordinary = impl
         return self._impl_ordinary
+
+    def _sp_plain_encoder(self):
+        """The SentencePiece model that writes special-token text as text, or None when the
+        model has no such symbol (then it already does)."""
+        if not self._sp_plain_checked:
+            from megatron_sc2.data.sentencepiece_text import plain_text_encoder
+
+            self._sp_plain = plain_text_encoder(self._impl, str(self.path))
+            self._sp_plain_checked = True
+        return self._sp_plain
 
     def encode_batch_hf(self, texts: Sequence[str]) -> list[list[int]]:
         """Reference path: `tokenizers`' own batch encoder (used to check the fast one)."""
