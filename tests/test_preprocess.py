@@ -416,3 +416,56 @@ def test_portrait_failing_at_the_end_takes_the_dataset_with_it(tmp_path, tok, mo
                    progress=False, observers=[portrait.PreprocessPortrait(tmp_path / "p")])
     assert [p.read_bytes() for p in sorted(tmp_path.glob("o_*"))] + [(tmp_path / "p" / "portrait.bloom").read_bytes()] == old
     assert not [p for p in [*tmp_path.iterdir(), *(tmp_path / "p").iterdir()] if ".tmp-" in p.name]
+
+
+def test_sentencepiece_special_text_keeps_documents_whole(tmp_path, capsys):
+    """A SentencePiece tokenizer whose <|endoftext|> is a user-defined symbol (matched anywhere
+    by SentencePiece): code quoting it stays one document, the trainer's batch sees one
+    document; `--parse-special-tokens` restores SentencePiece's split (two documents)."""
+    import sentencepiece as spm
+
+    from megatron_sc2.data.batch import get_batch
+    from tests.test_data_tokenizer import train_sp_model
+
+    import torch
+
+    model = train_sp_model(tmp_path / "sp")
+    proc = spm.SentencePieceProcessor(model_file=str(model))
+    tok = load_tokenizer(model)
+    eod = tok.eod
+    assert eod == proc.piece_to_id("<|endoftext|>")
+    texts = ["s = '<|endoftext|>'\nprint(s)\n", "# <fim_prefix>a<fim_middle>b\n", "ok = 1\n"]
+    inp = _jsonl(tmp_path / "in.jsonl", texts)
+
+    def run(prefix, *extra):
+        assert cli_main(["preprocess", "--input", str(inp), "--output-prefix", str(tmp_path / prefix),
+                         "--tokenizer-model", str(model), "--append-eod", "--no-progress", *extra]) == 0
+        ds = IndexedDataset(tmp_path / f"{prefix}_text_document")
+        assert ds.num_documents == len(texts)
+        return [ds.document(i).tolist() for i in range(len(texts))]
+
+    def documents_seen(ids):  # what training makes of the document: document ids at eod
+        b = get_batch(torch.tensor([ids + [eod]]), eod, reset_attention_mask=True)
+        return int(b["document_ids"].max()) + 1
+
+    docs = run("a")
+    for t, ids in zip(texts, docs):
+        assert ids == tok.encode(t, parse_special=False) + [eod] and ids.count(eod) == 1
+        assert tok.decode(ids[:-1]) == t and documents_seen(ids) == 1
+        assert not set(ids[:-1]) & set(tok.special_ids.values())
+    assert docs[2] == proc.encode(texts[2]) + [eod]  # no symbol text: SentencePiece's own ids
+    docs = run("m", "--parse-special-tokens")
+    assert docs == [proc.encode(t) + [eod] for t in texts]
+    assert docs[0].count(eod) == 2 and documents_seen(docs[0]) == 2
+    assert tok.special_ids["fim_prefix"] in docs[1]
+    # Repository documents: one <file_sep> per file however many the code quotes.
+    (tmp_path / "repos" / "r").mkdir(parents=True)
+    (tmp_path / "repos" / "r" / "a.py").write_text("x = '<file_sep>'  # <fim_prefix>\n")
+    (tmp_path / "repos" / "r" / "b.py").write_text("y = '<|endoftext|>'\n")
+    assert cli_main(["preprocess", "--input", str(tmp_path / "repos"), "--output-prefix", str(tmp_path / "r"),
+                     "--tokenizer-model", str(model), "--no-progress"]) == 0
+    ids = IndexedDataset(tmp_path / "r_text_document").document(0).tolist()
+    sid = tok.special_ids
+    assert ids.count(sid["file_sep"]) == 2 and ids.count(eod) == 1 and ids[-1] == eod
+    assert sid["fim_prefix"] not in ids and ids.count(sid["repo_name"]) <= 1
+    capsys.readouterr()
