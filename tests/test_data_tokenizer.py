@@ -194,7 +194,7 @@ def test_sentencepiece_without_byte_fallback_refuses_what_it_cannot_spell(tmp_pa
     path = train_sp_model(tmp_path / "nb", byte_fallback=False, corpus=corpus)
     tok = load_tokenizer(path)
     s = "y = '<|endoftext|>'\n"
-    with pytest.raises(DataError, match=r"nb\.model: the text holds '<\|endoftext\|>'.*--parse-special-tokens"):
+    with pytest.raises(DataError, match=r"nb\.model: cannot write '<\|endoftext\|>'.*--parse-special-tokens"):
         tok.encode(s, parse_special=False)
     with pytest.raises(DataError, match="cannot write"):
         tok.encode_batch(["ok", s], parse_special=False)

@@ -433,6 +433,17 @@ def c_special_token_in_repo_name(w, d):
     return Case(_pre(w, _jsonl(d / "in.jsonl", recs), d / "out", "--repo-context"), "in.jsonl:1")
 
 
+def c_sentencepiece_cannot_spell_special_text(w, d):
+    """A SentencePiece model without byte fallback that lacks the characters of <|endoftext|>
+    cannot write code quoting it as text: one line, not a silent <unk>."""
+    from tests.test_data_tokenizer import train_sp_model
+
+    model = train_sp_model(d / "sp", byte_fallback=False, corpus=[f"x{i} = {i}\n" for i in range(200)])
+    argv = _pre(w, _jsonl(d / "in.jsonl", [{"text": "ok = 1\n"}, {"text": "s = '<|endoftext|>'\n"}]), d / "out")
+    argv[argv.index("--tokenizer-model") + 1] = str(model)
+    return Case(argv, "in.jsonl:2")
+
+
 def c_skip_malformed_keeps_nothing_silent(w, d):
     """--skip-malformed skips and counts bad lines; when nothing is left it still says so."""
     return Case(_pre(w, _jsonl(d / "in.jsonl", [{"text": ["a", 3]}, {"text": None}, '{"text": ' + "[" * 9999]),

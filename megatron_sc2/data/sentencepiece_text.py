@@ -49,10 +49,9 @@ class PlainTextEncoder:
                 for s in self.unspellable:
                     if s in text:
                         raise DataError(
-                            f"{self.source}: the text holds {s!r}, which this SentencePiece model cannot "
-                            "write as ordinary text (no byte fallback; it would become <unk>); encode with "
-                            "special tokens parsed (preprocess --parse-special-tokens) or train the model "
-                            "with byte_fallback")
+                            f"{self.source}: cannot write {s!r} in the text as ordinary text (no byte "
+                            "fallback: it would become <unk>); parse special tokens (preprocess "
+                            "--parse-special-tokens) or use a model trained with byte_fallback")
         return self.processor.encode(list(texts))
 
 
