@@ -165,6 +165,7 @@ def test_sentencepiece_special_text_is_text(tmp_path, model_type, normalization)
     proc = spm.SentencePieceProcessor(model_file=str(path))
     tok = load_tokenizer(path)
     symbol_ids = {proc.piece_to_id(s) for s in SP_SYMBOLS + [SP_CONTROL]} | {proc.eos_id(), proc.bos_id()}
+    symbol_ids.add(proc.unk_id())  # byte fallback: nothing is lost as <unk> either
     assert tok.eod == proc.piece_to_id("<|endoftext|>") and tok.special_ids["file_sep"] == proc.piece_to_id("<file_sep>")
     texts = SP_QUOTING + ["x = '\uff1cfim_prefix\uff1e'"]  # NFKC spells <fim_prefix> from full-width forms
     plain = [tok.encode(t, parse_special=False) for t in texts]
@@ -212,7 +213,7 @@ def test_sentencepiece_special_text_random_mixtures(tmp_path):
     path = train_sp_model(tmp_path / "sp")
     proc = spm.SentencePieceProcessor(model_file=str(path))
     tok = load_tokenizer(path)
-    symbol_ids = {proc.piece_to_id(s) for s in SP_SYMBOLS + [SP_CONTROL]}
+    symbol_ids = {proc.piece_to_id(s) for s in SP_SYMBOLS + [SP_CONTROL]} | {proc.unk_id()}
     parts = SP_SYMBOLS + [SP_CONTROL, "<", ">", "<fim_", "|>", "<|", "endoftext", " ", "\n", "\t\t", "    ",
                           "def f(x):", "é", "\U0001F600", "\x00", "12"]
     rng = random.Random(0)

@@ -48,7 +48,8 @@ class Tokenizer:
     # characters (byte fallback where the vocabulary lacks one) and keeps other user-defined
     # symbols (whitespace runs, digits) as vocabulary. Control symbols never match text.
     def encode(self, text: str, parse_special: bool = True) -> list[int]:
-        """Ids of `text`, no BOS/EOS added."""
+        """Ids of `text`, no BOS/EOS added. `parse_special=False`: special-token text is text,
+        for SentencePiece its `<...>` user-defined symbols too (see the comment above)."""
         if self.backend == "hf":
             return self._hf_for(parse_special).encode(text, add_special_tokens=False).ids
         plain = None if parse_special else self._sp_plain_encoder()
