@@ -222,3 +222,54 @@ def test_sentencepiece_special_text_random_mixtures(tmp_path):
     for t, ids in zip(texts, plain):
         assert tok.decode(ids) == t and not symbol_ids & set(ids), t
     assert tok.encode_batch(texts) == proc.encode(texts)
+    # the reference: SentencePiece itself with a model whose symbol pieces spell text no input holds
+    assert plain == _sp_edited(path.read_bytes(), SP_SYMBOLS, absent=True).encode(texts)
+
+
+def _sp_edited(model: bytes, symbols, absent: bool):
+    """The model with `symbols` no longer matchable: renamed to private-use text nobody types
+    (absent=True: as if the vocabulary lacked them) or made UNUSED keeping their score."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    for i, piece in enumerate(proto.pieces):
+        if piece.piece in symbols:
+            if absent:
+                piece.piece, piece.type = f"\ue000{i}\ue001", 1  # NORMAL
+            else:
+                piece.type = 5  # UNUSED
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def test_sentencepiece_symbol_never_takes_a_merge_from_its_neighbours(tmp_path):
+    """BPE forms pieces by score; an unused symbol piece at its own score (0, the highest) would
+    be formed before the merges its characters take part in without it, and split back after:
+    here '<div' + '>' would lock '>' away from '>\\n'. At the lowest score the ids equal those of a
+    model without the symbol; the naive edit does not (so this test can fail)."""
+    import io
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["<divx>\n" * 5 + "a >\n b>\n<div>\n"] * 300 + ["x = 1\n"] * 100),
+        model_writer=buf, vocab_size=31, model_type="bpe", user_defined_symbols=["<div>"],
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    scores = {"vx": ("<div", -0.1), "div": ("div", -0.05), ">\n": (">\n", -100.0)}  # '<div' early, '>\n' late
+    for piece in proto.pieces:
+        if piece.piece in scores:
+            piece.piece, piece.score = scores[piece.piece]
+    (tmp_path / "div.model").write_bytes(proto.SerializeToString())
+    tok = load_tokenizer(tmp_path / "div.model")
+    model = (tmp_path / "div.model").read_bytes()
+    texts = ["<div>\n", "x<div>>\n", " <div>\n<div>"]
+    want = _sp_edited(model, ["<div>"], absent=True).encode(texts)
+    assert tok.encode_batch(texts, parse_special=False) == want
+    assert _sp_edited(model, ["<div>"], absent=False).encode(texts) != want
+    assert all(tok.decode(ids) == t for t, ids in zip(texts, want))

@@ -8,7 +8,10 @@ SentencePiece's own mechanism for pieces that must never be produced (BPE splits
 back into the pieces it was merged from, after every other merge; unigram and word models skip
 it). Normalization, the dummy prefix and all other pieces and ids are unchanged, so a text that
 holds no such string gets exactly the ids of the original model, and a text that does gets the
-ids the model gives those characters (byte fallback for characters outside the vocabulary).
+ids of the same model without those pieces: the characters' own pieces (byte fallback for
+characters outside the vocabulary). The lowest score matters for BPE: at its own score (0, the
+highest) the unused piece would be formed first and hold its characters away from merges with
+their neighbours before being split back.
 
 Which user-defined symbols are special-token text: those written like a markup token, `<` ...
 `>` with no whitespace inside (`<|endoftext|>`, `<fim_prefix>`, `<file_sep>`, `<start_of_turn>`).
