@@ -203,14 +203,15 @@ def test_sentencepiece_without_byte_fallback_refuses_what_it_cannot_spell(tmp_pa
     assert tok.encode(corpus[0], parse_special=False) == tok._impl.encode(corpus[0])
 
 
-def test_sentencepiece_special_text_random_mixtures(tmp_path):
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_special_text_random_mixtures(tmp_path, model_type):
     """Random texts made of symbol strings, their fragments, code and odd characters: each
     decodes back exactly with no symbol id, and parse_special=True still equals SentencePiece."""
     import random
 
     import sentencepiece as spm
 
-    path = train_sp_model(tmp_path / "sp")
+    path = train_sp_model(tmp_path / "sp", model_type)
     proc = spm.SentencePieceProcessor(model_file=str(path))
     tok = load_tokenizer(path)
     symbol_ids = {proc.piece_to_id(s) for s in SP_SYMBOLS + [SP_CONTROL]} | {proc.unk_id()}
