@@ -73,7 +73,8 @@ WORLD2 = ["tp2", "tp2.sp", "tp2.kv1", "tp2.sp.kv1.untied", "tp2.full", "pp2", "p
           "dp2.selective",
           "meta.tp2.kv1", "meta.pp2",
           "meta.tp2.sp.untied", "dp2.bf16", "dp2.compile", "pp2.compile",
-          "cp2", "cp2.w16", "cp2.docs", "cp2.w0", "cp2.docs.compile"]
+          "cp2", "cp2.w16", "cp2.docs", "cp2.w0", "cp2.docs.compile",
+          "cp2.docs.selective"]
 WORLD4 = ["tp2.pp2", "tp2.pp2.v2", "tp2.dp2", "pp2.dp2", "pp2.dp2.v2", "tp2.sp.pp2",
           "tp2.kv1.dp2.sp", "tp2.pp2.mbs2.full", "tp2.pp2.dp1.docs.full",
           "cp4", "cp4.w4", "cp4.w16.docs", "cp2.tp2.w16", "cp2.tp2.sp.docs", "cp2.pp2",

@@ -77,10 +77,10 @@ def test_every_layout_obeys_the_layout_rules_and_fits_best_first():
         lay.parallel_layout().validate(cfg, 16384 // lay.cp)
         assert 16384 % lay.cp == 0 and cfg.num_attention_heads % lay.tp == 0
         assert p.fits == (p.memory.total <= planner.usable_bytes(H100))
-    # selective recomputation: proposed with data parallelism (dp2.selective equals one process
-    # in test_parallel), not with context parallelism (untested there)
+    # selective recomputation is proposed with data and context parallelism (dp2.selective and
+    # cp2.docs.selective equal one process in test_parallel)
     assert any(p.layout.recompute == "selective" and p.layout.dp > 1 for p in plans)
-    assert not any(p.layout.recompute == "selective" and p.layout.cp > 1 for p in plans)
+    assert any(p.layout.recompute == "selective" and p.layout.cp > 1 for p in plans)
 
 
 def test_halo_is_the_window_not_the_sequence():

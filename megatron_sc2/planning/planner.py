@@ -504,11 +504,6 @@ def candidate_layouts(cfg: ModelConfig, seq_length: int, gpus: int, global_batch
                         if v > 1 and (p < 2 or cfg.num_layers % (p * v)):
                             continue
                         for rc in (None, "selective", "full"):
-                            if rc == "selective" and c > 1:
-                                # Selective recomputation with context parallelism (the halo
-                                # exchange inside the recomputed attention) is not tested
-                                # against one process; with data parallelism it is (dp2.selective).
-                                continue
                             lay = Layout(tp=t, pp=p, dp=d, cp=c, micro_batch_size=mbs,
                                          global_batch_size=global_batch_size, virtual_stages=v,
                                          recompute=rc)
