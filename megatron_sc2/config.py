@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from megatron_sc2.errors import ConfigError
+from megatron_sc2.errors import CommandLineParser, ConfigError
 
 
 @dataclass
@@ -358,7 +358,7 @@ def _flag(name: str) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="megatron-sc2 train", description="Train a StarCoder2 model (Megatron's flag names).",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file setting the same keys (dashes or underscores)")

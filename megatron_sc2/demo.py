@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+from megatron_sc2.errors import CommandLineParser
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "examples" / "demo.yaml"
@@ -172,7 +173,7 @@ def evaluate_export(hf_dir: Path, out_dir: Path, limit: int = 5) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-sc2 demo", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="megatron-sc2 demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="build/demo", help="output directory (default build/demo)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (YAML)")
     parser.add_argument("--vocab-size", type=int, default=8192)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 from typing import Sequence
@@ -21,6 +22,14 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete or does not match the model."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse for every command: a bad or missing flag is a ConfigError (one line naming it,
+    exit status 2, from run_user_main), not argparse's usage block. Subparsers inherit it."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 # Failures of the machine around us rather than of our code: the disk is full or read-only, a

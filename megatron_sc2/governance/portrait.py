@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from megatron_sc2.data.indexed import IndexedDataset, strip_suffix
-from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.errors import CommandLineParser, ConfigError, DataError
 from megatron_sc2.governance.bloom import (BitBuilder, BloomFilter, BloomParams, merge_filters, window_digests,
                                            write_filter)
 from megatron_sc2.governance.corpus_text import TokenText
@@ -391,7 +391,7 @@ def _info_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-sc2 portrait", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 portrait", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the filter (or one shard of it) from datasets")
     b.add_argument("--data-path", nargs="+", required=True, help="dataset prefixes (PREFIX.bin / .idx)")

@@ -35,7 +35,7 @@ import numpy as np
 from megatron_sc2.data.indexed import IndexedDataset, IndexedWriter, strip_suffix
 from megatron_sc2.data.prep.merge import merge_datasets
 from megatron_sc2.data.provenance import Provenance, ProvenanceWriter, provenance_path, require_provenance
-from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.errors import CommandLineParser, ConfigError, DataError
 from megatron_sc2.governance.shards import add_submit_flags, document_ranges, parse_shard, submit_sharded
 
 SHARD_FORMAT = "megatron_sc2.remove-shard"
@@ -271,7 +271,7 @@ def _submit(args: argparse.Namespace, repos: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="megatron-sc2 remove", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 remove", description=__doc__.splitlines()[0])
     p.add_argument("--data-path", required=True, help="dataset prefix (with its .prov sidecar)")
     p.add_argument("--repos", required=True, help="file of repository names to remove, one per line")
     p.add_argument("--output-prefix", required=True)

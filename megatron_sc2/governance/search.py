@@ -28,7 +28,7 @@ import numpy as np
 
 from megatron_sc2.data.indexed import IndexedDataset, strip_suffix
 from megatron_sc2.data.provenance import open_provenance
-from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.errors import CommandLineParser, ConfigError, DataError
 from megatron_sc2.governance.shards import add_submit_flags, document_ranges, parse_shard, submit_main
 
 MANIFEST = "search.json"
@@ -493,7 +493,7 @@ def _find_main(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-sc2 search", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 search", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="index datasets (suffix arrays over their tokens)")
     b.add_argument("--data-path", nargs="+", required=True)

@@ -10,7 +10,6 @@ and shared by every request thread.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 from megatron_sc2.governance.bloom import BloomFilter
 from megatron_sc2.governance.portrait import filter_path, query_text
+from megatron_sc2.errors import CommandLineParser
 
 MAX_BODY = 1 << 20
 
@@ -108,7 +108,7 @@ def make_server(portrait_dir: str, host: str = "127.0.0.1", port: int = 0, max_b
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="megatron-sc2 serve", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 serve", description=__doc__.splitlines()[0])
     p.add_argument("--portrait", required=True, help="portrait directory (from `portrait build`)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_sc2.config import TrainConfig, parse_signal, parse_train_args
-from megatron_sc2.errors import ConfigError, UserError
+from megatron_sc2.errors import CommandLineParser, ConfigError, UserError
 from megatron_sc2.launch.sbatch import JobSpec, render, signal_name
 
 
@@ -32,13 +32,8 @@ class SubmitError(UserError):
     """sbatch is missing or refused the job."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise ConfigError(f"submit: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="megatron-sc2 submit", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 submit", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="training YAML (as for `megatron-sc2 train --config`)")
     p.add_argument("--nodes", type=int, required=True)
     per_node = p.add_mutually_exclusive_group(required=True)

@@ -19,18 +19,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_sc2.config import PRESETS, preset
-from megatron_sc2.errors import ConfigError
+from megatron_sc2.errors import CommandLineParser, ConfigError
 from megatron_sc2.planning import planner
 from megatron_sc2.planning.planner import GIB, GPUS, Plan
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise ConfigError(f"plan: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="megatron-sc2 plan", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 plan", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help=f"one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")

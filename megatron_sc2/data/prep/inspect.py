@@ -4,12 +4,11 @@ its provenance (source, repository, files) when the dataset has a `.prov` sideca
 
 from __future__ import annotations
 
-import argparse
 from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_sc2.errors import ConfigError
+from megatron_sc2.errors import CommandLineParser, ConfigError
 from megatron_sc2.data.indexed import IndexedDataset
 from megatron_sc2.data.provenance import open_provenance
 
@@ -36,7 +35,7 @@ def describe(ds: IndexedDataset, bins: int = 10) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="megatron-sc2 inspect", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 inspect", description=__doc__.splitlines()[0])
     p.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--decode", type=int, action="append", default=[], metavar="N", help="print document N")
     p.add_argument("--tokenizer-model", help="tokenizer to decode with (else ids are printed)")

@@ -4,14 +4,13 @@ temporary name and renamed when complete."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.errors import CommandLineParser, ConfigError, DataError
 from megatron_sc2.data.indexed import IndexedDataset, IndexedWriter, strip_suffix
 from megatron_sc2.data.provenance import NoProvenance, merge_provenance
 
@@ -53,7 +52,7 @@ def _inputs_from_dir(directory: Path) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="megatron-sc2 merge", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 merge", description=__doc__.splitlines()[0])
     p.add_argument("--input", help="(Megatron) a directory: every PREFIX.idx/.bin pair in it, sorted by name")
     p.add_argument("--inputs", nargs="+", help="dataset prefixes to merge, in order")
     p.add_argument("--output-prefix", required=True)

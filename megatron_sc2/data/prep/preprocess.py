@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
-from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.errors import CommandLineParser, ConfigError, DataError
 from megatron_sc2.data.prep.corpus import Repository
 from megatron_sc2.data.indexed import IndexedWriter, optimal_dtype
 from megatron_sc2.data.provenance import ProvenanceWriter
@@ -290,7 +290,7 @@ def preprocess(output_prefix: str, tokenizer: Tokenizer | str, inputs: Sequence[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-sc2 preprocess", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 preprocess", description=__doc__.splitlines()[0])
     g = p.add_argument_group("input data")
     g.add_argument("--input", nargs="+", required=True,
                    help="JSONL (plain/.gz/.zst), parquet, directories of repositories; globs allowed")

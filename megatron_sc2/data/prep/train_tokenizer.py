@@ -7,13 +7,12 @@ the 38 special tokens at ids 0..37, the 256 byte symbols next, then the learned 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-from megatron_sc2.errors import ConfigError, DataError
+from megatron_sc2.errors import CommandLineParser, ConfigError, DataError
 from megatron_sc2.data.special_tokens import STARCODER2_SPECIAL_TOKENS
 
 
@@ -90,7 +89,7 @@ def _iter_input_texts(inputs: Sequence[str], json_key: str) -> Iterator[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="megatron-sc2 train-tokenizer", description=__doc__)
+    p = CommandLineParser(prog="megatron-sc2 train-tokenizer", description=__doc__)
     p.add_argument("--input", nargs="+", required=True,
                    help="JSONL files (plain/.gz/.zst), directories of repositories, or 'stdlib'")
     p.add_argument("--output", required=True, help="output directory (tokenizer.json + HF files)")

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from megatron_sc2.errors import ConfigError
+from megatron_sc2.errors import CommandLineParser, ConfigError
 from megatron_sc2.data.prep.clean.filters import parse_languages, parse_licenses
 from megatron_sc2.data.prep.clean.languages import CORE_LANGUAGES
 from megatron_sc2.data.prep.clean.report import summary_lines
@@ -24,13 +24,8 @@ from megatron_sc2.data.prep.clean.runner import merge, run_local, scan_shard
 from megatron_sc2.data.prep.clean.settings import CleanConfig
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise ConfigError(f"clean: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="megatron-sc2 clean", description=__doc__.splitlines()[0])
+    p = CommandLineParser(prog="megatron-sc2 clean", description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True,
                    help="JSONL (plain/.gz/.zst), parquet, directories of repositories; globs allowed")
     p.add_argument("--output", required=True, help="output directory")
