@@ -36,7 +36,7 @@ from megatron_sc2.data.indexed import IndexedDataset, IndexedWriter, strip_suffi
 from megatron_sc2.data.prep.merge import merge_datasets
 from megatron_sc2.data.provenance import Provenance, ProvenanceWriter, provenance_path, require_provenance
 from megatron_sc2.errors import CommandLineParser, ConfigError, DataError
-from megatron_sc2.governance.shards import add_submit_flags, document_ranges, parse_shard, submit_sharded
+from megatron_sc2.governance.shards import add_submit_flags, document_ranges, parse_shard, submit_main
 
 SHARD_FORMAT = "megatron_sc2.remove-shard"
 SHARD_VERSION = 1
@@ -258,16 +258,8 @@ def _submit(args: argparse.Namespace, repos: Sequence[str]) -> int:
     ds, _, out = _open_input(args.data_path, args.output_prefix)  # bad inputs fail now, not in the queue
     common = ["--data-path", str(Path(ds.prefix).resolve()), "--repos", str(Path(args.repos).resolve()),
               "--output-prefix", str(Path(out).resolve())] + (["--json"] if args.json else [])
-    sub = submit_sharded("remove", common, [*common, "--merge", "--num-shards", str(args.submit_shards)],
-                         args.submit_shards, Path(args.logs or f"{out}.slurm"), args.time, args.partition,
-                         dry_run=args.dry_run, build_sub=(), merge_sub=())
-    if args.dry_run:
-        print(f"wrote {sub.array_script} and {sub.merge_script} (not submitted)", file=sys.stderr)
-    else:
-        print(f"submitted array job {sub.array_job} ({args.submit_shards} shards) and merge job {sub.merge_job}",
-              file=sys.stderr)
-        print(sub.merge_job)
-    return 0
+    return submit_main("remove", args, common, [*common, "--merge", "--num-shards", str(args.submit_shards)],
+                       logs=Path(f"{out}.slurm"), build_sub=(), merge_sub=())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -135,12 +135,15 @@ def add_submit_flags(b: "argparse.ArgumentParser") -> None:
     g.add_argument("--dry-run", action="store_true", help="write the scripts, submit nothing")
 
 
-def submit_main(tool: str, args: "argparse.Namespace", build_args: list[str], merge_args: list[str]) -> int:
+def submit_main(tool: str, args: "argparse.Namespace", build_args: list[str], merge_args: list[str],
+                logs: Optional[Path] = None, **sub_words) -> int:
+    """Submit the array and its merge job (`submit_sharded`) and report them; `logs` defaults
+    to OUTPUT/slurm, `sub_words` (build_sub, merge_sub) to the tool's build/merge subcommands."""
     if args.shard is not None:
         raise ConfigError("--submit-shards and --shard exclude each other (each array task gets --shard auto)")
     sub = submit_sharded(tool, build_args, merge_args, args.submit_shards,
-                         Path(args.logs or Path(args.output) / "slurm"), args.time, args.partition,
-                         dry_run=args.dry_run)
+                         Path(args.logs or logs or Path(args.output) / "slurm"), args.time, args.partition,
+                         dry_run=args.dry_run, **sub_words)
     if args.dry_run:
         print(f"wrote {sub.array_script} and {sub.merge_script} (not submitted)", file=sys.stderr)
     else:
