@@ -108,6 +108,20 @@ def bench_indices(tokens: int, seq_length: int, epochs: int) -> int:
     return 0 if same else 1
 
 
+def prepare_inputs(args) -> tuple[Path, Path, int, int, Path]:
+    """The output folder, the stdlib corpus as JSON lines written into it, its document count
+    and size, and the tokenizer saved there as a HF directory (what every mode runs on)."""
+    from megatron_sc2.data.tokenizer import load_tokenizer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "stdlib.jsonl"
+    docs, size = write_corpus(corpus)
+    tok_dir = out / "tokenizer"
+    load_tokenizer(args.tokenizer).save_hf(tok_dir)
+    return out, corpus, docs, size, tok_dir
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--indices", type=float, default=None, metavar="TOKENS",
@@ -133,14 +147,7 @@ def main() -> int:
         return bench_against_tree(args)
     if not args.megatron_lm_dir or not (Path(args.megatron_lm_dir) / "tools" / "preprocess_data.py").is_file():
         raise SystemExit("set MEGATRON_LM_DIR (or --megatron-lm-dir) to a Megatron-LM source tree (tag core_v0.16.1)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / "stdlib.jsonl"
-    docs, size = write_corpus(corpus)
-    from megatron_sc2.data.tokenizer import load_tokenizer
-
-    tok_dir = out / "tokenizer"
-    load_tokenizer(args.tokenizer).save_hf(tok_dir)
+    out, corpus, docs, size, tok_dir = prepare_inputs(args)
     print(f"corpus: {docs} files of the Python {sys.version.split()[0]} standard library, "
           f"{size / 1e6:.2f} MB of JSON lines; tokenizer {args.tokenizer}; workers {args.workers}; "
           f"cpus {os.cpu_count()}")
@@ -183,14 +190,7 @@ def bench_against_tree(args) -> int:
     (A B A B ...) so that the shared machine's load falls on both alike."""
     import statistics
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / "stdlib.jsonl"
-    docs, size = write_corpus(corpus)
-    from megatron_sc2.data.tokenizer import load_tokenizer
-
-    tok_dir = out / "tokenizer"
-    load_tokenizer(args.tokenizer).save_hf(tok_dir)
+    out, corpus, docs, size, tok_dir = prepare_inputs(args)
     base = Path(args.baseline_tree).resolve()
     common = ["--input", str(corpus), "--json-keys", "text", "--append-eod", "--workers", str(args.workers),
               "--tokenizer-model", str(tok_dir), "--no-progress"]
@@ -238,14 +238,7 @@ def bench_portrait(args) -> int:
     """preprocess --portrait DIR against preprocess then `portrait build`, runs interleaved."""
     import statistics
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / "stdlib.jsonl"
-    docs, size = write_corpus(corpus)
-    from megatron_sc2.data.tokenizer import load_tokenizer
-
-    tok_dir = out / "tokenizer"
-    load_tokenizer(args.tokenizer).save_hf(tok_dir)
+    out, corpus, docs, size, tok_dir = prepare_inputs(args)
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="true")
     pre = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--json-keys", "text",
            "--append-eod", "--workers", str(args.workers), "--tokenizer-model", str(tok_dir), "--no-progress"]
