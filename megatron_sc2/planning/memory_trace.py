@@ -32,8 +32,7 @@ import torch.distributed as dist
 
 from megatron_sc2.config import ModelConfig
 from megatron_sc2.parallel.layout import ParallelLayout
-
-GIB = 2 ** 30
+from megatron_sc2.planning.planner import GIB
 
 
 @dataclass(frozen=True)
